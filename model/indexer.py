@@ -1,0 +1,88 @@
+"""Lightning indexer for CSA layers (spec §4.5): picks, per query, the top-k compressed entries.
+
+I(t, s) = Σ_h w(t, h) · ReLU(q(t, h) · K(s)), with 128-d (Flash) queries from the shared query
+latent, keys from the indexer's own overlapped ratio-4 compressor, and per-head weights from
+`weights_proj`. The Hadamard rotation and FP4 fake-quant of the release only matter for
+quantised inference (an orthogonal rotation leaves dot products unchanged), so the training path
+computes the same scores without them.
+
+Training (V3.2-style, spec §4.5): the indexer's inputs are detached, so it learns only from its
+own KL loss and the model only from the LM loss; selection itself is non-differentiable.
+The KL target is the main attention's probability over compressed entries, summed over heads
+and renormalised over the compressed entries (window and sink mass excluded: the indexer only
+chooses among compressed entries, so only their relative mass is a target). In dense mode the KL
+runs over all visible entries; in sparse mode over the selected set.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention_core import MASKED
+from .compressor import BlockLayout, Compressor
+from .rope import apply_rope
+
+# Queries per chunk are chosen so one chunk's [chunk, heads, entries] tensor stays this small.
+CHUNK_ELEMENTS = 1 << 24
+
+
+class Indexer(nn.Module):
+    def __init__(self, dim: int, q_lora_rank: int, n_heads: int, head_dim: int, ratio: int,
+                 norm_eps: float):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, head_dim
+        self.wq_b = nn.Linear(q_lora_rank, n_heads * head_dim, bias=False)
+        self.weights_proj = nn.Linear(dim, n_heads, bias=False)
+        self.compressor = Compressor(dim, head_dim, ratio, overlap=True, norm_eps=norm_eps)
+
+    def scores(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor,
+               layout: BlockLayout, visible: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        """Index scores `[batch, seq, n_entries]` fp32, MASKED where not visible."""
+        batch, seq, _ = x.shape
+        q = self.wq_b(q_latent).view(batch, seq, self.n_heads, self.head_dim)
+        q = apply_rope(q, positions, freqs).float()  # [batch, seq, heads, d]
+        keys = self.compressor(x, layout, freqs).float()  # [batch, n, d]
+        w = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
+        n = keys.shape[1]
+        chunk = max(1, CHUNK_ELEMENTS // max(1, batch * self.n_heads * n))
+        outs = []
+        for s0 in range(0, seq, chunk):
+            args = (q[:, s0:s0 + chunk], w[:, s0:s0 + chunk], keys)
+            if torch.is_grad_enabled() and q.requires_grad:
+                outs.append(checkpoint(_chunk_scores, *args, use_reentrant=False))
+            else:
+                outs.append(_chunk_scores(*args))
+        scores = torch.cat(outs, dim=1) if outs else q.new_zeros(batch, seq, n)
+        return scores.masked_fill(~visible, MASKED)
+
+    @staticmethod
+    def select(scores: torch.Tensor, visible: torch.Tensor, topk: int) -> torch.Tensor:
+        """Top-k entry ids `[batch, seq, k]`, −1 where fewer than k entries are visible."""
+        k = min(topk, scores.shape[-1])
+        idx = scores.topk(k, dim=-1).indices
+        return torch.where(visible.gather(-1, idx), idx, torch.full_like(idx, -1))
+
+
+def _chunk_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    logits = torch.einsum("bshd,bnd->bshn", q, keys).relu_()  # [batch, chunk, heads, n]
+    return torch.einsum("bshn,bsh->bsn", logits, w)
+
+
+def indexer_kl(attn_probs: torch.Tensor, index_scores: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+    """Mean over queries of KL(target ‖ softmax(index scores)) on the candidate entries.
+
+    attn_probs `[batch, heads, seq, n]` (main attention, any scale; detached here),
+    index_scores `[batch, seq, n]`, mask `[batch, seq, n]` (candidate entries). Queries with no
+    candidate are skipped.
+    """
+    target = attn_probs.detach().float().sum(1).masked_fill(~mask, 0.0)  # [batch, seq, n]
+    total = target.sum(-1, keepdim=True)
+    has = mask.any(-1) & (total.squeeze(-1) > 0)
+    target = target / total.clamp_min(1e-30)
+    log_q = F.log_softmax(index_scores.masked_fill(~mask, MASKED), dim=-1)
+    kl = (target * (target.clamp_min(1e-30).log() - log_q)).masked_fill(~mask, 0.0).sum(-1)
+    return (kl * has).sum() / has.sum().clamp_min(1)

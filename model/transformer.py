@@ -1,0 +1,158 @@
+"""The DeepSeek-V4 model: embedding → hc_mult residual streams → blocks → head collapse → norm →
+head, plus MTP. One forward serves pre-training, SFT, RL (routes replayed) and evaluation.
+
+    out = Transformer(cfg)(input_ids, doc_ids=None, positions=None, routes=None)
+    out.logits, out.mtp_logits, out.balance_loss, out.indexer_loss, out.expert_counts, out.routes
+
+Packed sequences: `doc_ids` `[batch, seq]` separates documents inside a row; positions restart
+per document (derived from doc_ids when not given). No attention, compression group, indexer
+choice or MTP input crosses a document boundary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .attention import AttentionContext
+from .block import Block
+from .config import ModelConfig
+from .mhc import HyperConnectionSite, create_head_collapse, hc_head, init_head_collapse
+from .mtp import MTPBlock
+from .norm import RMSNorm
+from .packing import positions_from_doc_ids
+from .rope import rope_frequencies
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor                # [batch, seq, vocab]
+    mtp_logits: list[torch.Tensor]      # per MTP depth, [batch, seq, vocab]
+    balance_loss: torch.Tensor          # scalar fp32, mean over routed (non-hash) MoE layers
+    indexer_loss: torch.Tensor          # scalar fp32, mean over CSA layers (0 unless requested)
+    expert_counts: torch.Tensor         # [n_blocks, n_routed_experts] tokens per expert
+    routes: list[torch.Tensor]          # per block, [batch, seq, topk] expert ids
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        create_head_collapse(self, cfg.hc_mult, cfg.dim)
+        self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.n_layers + k) for k in range(cfg.n_mtp_layers))
+        self.csa_mode = cfg.csa_mode
+        self.compute_indexer_loss = False
+        self.init_weights()
+
+    # ------------------------------------------------------------------ setup
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Deterministic init from `seed` (default cfg.seed): normal(0, init_std) for matrices,
+        ones for norms, zeros for `ape` and `attn_sink`, mHC as a plain residual (see mhc.py).
+        Output projections (`wo_b`, expert and shared `w2`) are scaled by 1/sqrt(2·blocks), the
+        GPT-2 rule, so the residual stream's variance does not grow with depth.
+        Does nothing on the meta device."""
+        if self.embed.weight.is_meta:
+            return
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
+        std = cfg.init_std
+        out_std = std / math.sqrt(2 * (cfg.n_layers + cfg.n_mtp_layers))
+        for name, module in self.named_modules():
+            if isinstance(module, RMSNorm):
+                module.reset_parameters()
+            elif isinstance(module, (nn.Linear, nn.Embedding)) and "ffn" not in name:
+                s = out_std if name.endswith("wo_b") else std
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * s)
+        for block in [*self.layers, *self.mtp]:
+            block.attn.attn_sink.zero_()
+            for comp in (getattr(block.attn, "compressor", None),
+                         getattr(getattr(block.attn, "indexer", None), "compressor", None)):
+                if comp is not None:
+                    comp.ape.zero_()
+            block.ffn.init_weights(std, gen)
+            for site in ("attn", "ffn"):
+                HyperConnectionSite.init(block, site, cfg.hc_mult, std, gen)
+        init_head_collapse(self, cfg.hc_mult, std, gen)
+        for block in self.mtp:
+            init_head_collapse(block, cfg.hc_mult, std, gen)
+
+    def set_csa_mode(self, mode: str, indexer_loss: bool | None = None) -> None:
+        """Attention phase (spec §10.3): 'dense' CSA (all visible compressed entries) early in
+        training, 'sparse' (indexer top-k) later; `indexer_loss` turns the indexer's KL on."""
+        if mode not in ("dense", "sparse"):
+            raise ValueError(f"csa mode {mode!r}: choose 'dense' or 'sparse'")
+        self.csa_mode = mode
+        if indexer_loss is not None:
+            self.compute_indexer_loss = indexer_loss
+
+    @torch.no_grad()
+    def update_router_biases(self, counts: torch.Tensor, speed: float = 1e-3) -> None:
+        """Aux-loss-free balancing from per-block expert counts `[n_blocks, E]` (summed over
+        micro-batches and data-parallel ranks by the caller)."""
+        for block, c in zip([*self.layers, *self.mtp], counts):
+            block.ffn.update_bias(c, speed)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, routes=None,
+                token_mask: torch.Tensor | None = None) -> ModelOutput:
+        """input_ids `[batch, seq]`; `routes` replays expert ids (one `[batch, seq, topk]` per
+        block, MTP blocks last) instead of the routers' own top-k."""
+        cfg = self.cfg
+        batch, seq = input_ids.shape
+        if doc_ids is None:
+            doc_ids = torch.zeros_like(input_ids)
+        if positions is None:
+            positions = positions_from_doc_ids(doc_ids)
+        n_blocks = cfg.n_layers + cfg.n_mtp_layers
+        if routes is not None and len(routes) != n_blocks:
+            raise ValueError(f"routes: expected {n_blocks} entries (one per block incl. MTP), "
+                             f"got {len(routes)}")
+        freqs = {c: rope_frequencies(cfg, c).to(input_ids.device) for c in (False, True)}
+        ctx = AttentionContext(doc_ids, positions, freqs, self.csa_mode,
+                               self.compute_indexer_loss and torch.is_grad_enabled())
+
+        h = self.embed(input_ids)  # [batch, seq, dim]
+        x = h[:, :, None].expand(-1, -1, cfg.hc_mult, -1).contiguous()  # [batch, seq, hc, dim]
+        auxes = []
+        for i, block in enumerate(self.layers):
+            x, aux = block(x, ctx, input_ids, None if routes is None else routes[i], token_mask)
+            auxes.append(aux)
+        y = hc_head(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, cfg.hc_eps,
+                    cfg.norm_eps)
+        logits = self.head(self.norm(y))
+
+        mtp_logits = []
+        if self.mtp:
+            # token i+1 at position i. A document's last position has no next token of its own;
+            # it re-reads its own token (its MTP target is masked), so nothing crosses documents.
+            same_doc = doc_ids[:, 1:] == doc_ids[:, :-1]
+            next_ids = torch.cat((torch.where(same_doc, input_ids[:, 1:], input_ids[:, :-1]),
+                                  input_ids[:, -1:]), dim=1)
+            next_embeds = self.embed(next_ids)
+            for k, block in enumerate(self.mtp):
+                r = None if routes is None else routes[cfg.n_layers + k]
+                lg, aux = block.predict(x, next_embeds, ctx, next_ids, self.head, r, token_mask)
+                mtp_logits.append(lg)
+                auxes.append(aux)
+
+        routed = [a.balance_loss for i, a in enumerate(auxes) if i >= cfg.n_hash_layers]
+        csa = [a.indexer_loss for a, b in zip(auxes, [*self.layers, *self.mtp])
+               if b.attn.kind == "csa"]
+        zero = logits.new_zeros((), dtype=torch.float32)
+        return ModelOutput(
+            logits=logits,
+            mtp_logits=mtp_logits,
+            balance_loss=torch.stack(routed).mean() if routed else zero,
+            indexer_loss=torch.stack(csa).mean() if csa else zero,
+            expert_counts=torch.stack([a.counts for a in auxes]),
+            routes=[a.routes for a in auxes],
+        )
