@@ -23,7 +23,7 @@ from .compressor import BlockLayout, Compressor
 from .config import CSA_RATIO, ModelConfig
 from .indexer import Indexer, indexer_kl
 from .norm import RMSNorm, rms_normalize
-from .rope import apply_rope, rope_frequencies
+from .rope import apply_rope
 
 
 @dataclass
@@ -70,13 +70,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
         """x: `[batch, seq, dim]` (normed) → (output `[batch, seq, dim]`, indexer KL loss)."""
         cfg = self.cfg
-        batch, seq, _ = x.shape
         freqs = ctx.freqs[self.ratio > 0]
-        q_latent = self.q_norm(self.wq_a(x))  # [batch, seq, q_lora]
-        q = self.wq_b(q_latent).view(batch, seq, cfg.n_heads, cfg.head_dim)
-        q = rms_normalize(q, cfg.norm_eps).to(x.dtype)  # per-head, no weight
-        q = apply_rope(q, ctx.positions, freqs)
-        kv = apply_rope(self.kv_norm(self.wkv(x)), ctx.positions, freqs)  # [batch, seq, c]
+        q_latent, q, kv = self.project_qkv(x, ctx.positions, freqs)
 
         comp = comp_mask = comp_idx = index_scores = None
         if self.ratio:
@@ -101,9 +96,21 @@ class Attention(nn.Module):
                 idx_loss = indexer_kl(p_comp, index_scores, comp_mask)
 
         out = apply_rope(out, ctx.positions, freqs, inverse=True).to(x.dtype)
-        return self._project_out(out), idx_loss
+        return self.project_out(out), idx_loss
 
-    def _project_out(self, o: torch.Tensor) -> torch.Tensor:
+    def project_qkv(self, x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor):
+        """x `[batch, seq, dim]` → (q latent `[batch, seq, q_lora]`, q `[batch, seq, heads, c]`
+        per-head normalised and rotated, shared K=V `[batch, seq, c]` rotated)."""
+        cfg = self.cfg
+        batch, seq, _ = x.shape
+        q_latent = self.q_norm(self.wq_a(x))
+        q = self.wq_b(q_latent).view(batch, seq, cfg.n_heads, cfg.head_dim)
+        q = rms_normalize(q, cfg.norm_eps).to(x.dtype)  # per-head, no weight
+        q = apply_rope(q, positions, freqs)
+        kv = apply_rope(self.kv_norm(self.wkv(x)), positions, freqs)
+        return q_latent, q, kv
+
+    def project_out(self, o: torch.Tensor) -> torch.Tensor:
         """Grouped output: `o_groups` independent maps of (heads/g · c) → o_lora_rank, then wo_b."""
         cfg = self.cfg
         batch, seq = o.shape[:2]

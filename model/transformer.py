@@ -77,7 +77,7 @@ class Transformer(nn.Module):
                          getattr(getattr(block.attn, "indexer", None), "compressor", None)):
                 if comp is not None:
                     comp.ape.zero_()
-            block.ffn.init_weights(std, gen)
+            block.ffn.init_weights(std, gen, w2_std=out_std)
             for site in ("attn", "ffn"):
                 HyperConnectionSite.init(block, site, cfg.hc_mult, std, gen)
         init_head_collapse(self, cfg.hc_mult, std, gen)
