@@ -60,9 +60,14 @@ class Indexer(nn.Module):
 
     @staticmethod
     def select(scores: torch.Tensor, visible: torch.Tensor, topk: int) -> torch.Tensor:
-        """Top-k entry ids `[batch, seq, k]`, −1 where fewer than k entries are visible."""
-        k = min(topk, scores.shape[-1])
-        idx = scores.topk(k, dim=-1).indices
+        """Top-k entry ids `[batch, seq, k]`, −1 where fewer than k entries are visible.
+
+        Ties (common: ReLU makes many scores exactly 0) go to the most recent entry, through a
+        stable sort, so the choice never depends on how many other documents share the row."""
+        n = scores.shape[-1]
+        k = min(topk, n)
+        order = scores.flip(-1).sort(dim=-1, descending=True, stable=True).indices[..., :k]
+        idx = n - 1 - order
         return torch.where(visible.gather(-1, idx), idx, torch.full_like(idx, -1))
 
 

@@ -217,3 +217,12 @@ def test_indexer_loss_trains_only_the_indexer():
         for name, p in att.named_parameters():
             got = p.grad is not None and p.grad.abs().sum() > 0
             assert got == name.startswith("indexer."), (mode, name)
+
+
+def test_indexer_topk_ties_prefer_recent_and_skip_invisible():
+    from model.indexer import Indexer
+    scores = torch.tensor([[[0.0, 0.0, 5.0, 0.0, 0.0, -1e30]]])
+    visible = torch.tensor([[[True, True, True, True, True, False]]])
+    idx = Indexer.select(scores, visible, topk=3)
+    assert idx.tolist() == [[[2, 4, 3]]]
+    assert Indexer.select(scores, visible, topk=6).tolist() == [[[2, 4, 3, 1, 0, -1]]]

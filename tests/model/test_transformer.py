@@ -114,6 +114,10 @@ def test_whole_model_causality(tiny_model):
 
 
 def test_packed_documents_equal_documents_alone(tiny_model):
+    """Each document alone gives the packed row's logits. BLAS rounding depends on the batch
+    shape, which can flip a top-k expert choice at a near-tie; the alone runs therefore replay
+    the packed run's routes (checked to agree on ≥ 97% of choices) so the comparison isolates
+    attention, compression, indexer and MTP."""
     torch.manual_seed(2)
     lengths = [37, 90, 61]
     ids = torch.randint(2, TINY.vocab_size, (1, sum(lengths)))
@@ -122,8 +126,12 @@ def test_packed_documents_equal_documents_alone(tiny_model):
         packed = tiny_model(ids, doc_ids=doc)
         start = 0
         for n in lengths:
-            alone = tiny_model(ids[:, start:start + n])
             sl = slice(start, start + n)
+            own = tiny_model(ids[:, sl])
+            agree = torch.stack([(a[:, sl] == b).float().mean()
+                                 for a, b in zip(packed.routes, own.routes)]).mean()
+            assert agree > 0.97, agree
+            alone = tiny_model(ids[:, sl], routes=[r[:, sl] for r in packed.routes])
             torch.testing.assert_close(packed.logits[:, sl], alone.logits, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(packed.mtp_logits[0][:, sl], alone.mtp_logits[0],
                                        atol=1e-4, rtol=1e-4)
