@@ -1,0 +1,107 @@
+"""Process-group set-up for every launcher: `deepspeed`, `torchrun` and plain `python`.
+
+DeepSpeed's launcher appends `--local_rank=N` to argv (Hydra would reject it) and sets
+LOCAL_RANK; torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python` run gets a one-process
+group on a free local port so the same code path (DeepSpeed engine, collectives) always runs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """Removes `--local_rank=N` / `--local_rank N` (exporting LOCAL_RANK) so Hydra sees only
+    its overrides."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        m = re.fullmatch(r"--local[_-]rank(?:=(\d+))?", arg)
+        if m:
+            value = m.group(1)
+            if value is None and i + 1 < len(argv):
+                value, skip = argv[i + 1], True
+            if value is not None:
+                os.environ.setdefault("LOCAL_RANK", value)
+            continue
+        out.append(arg)
+    return out
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pick_device(preference: str, local_rank: int) -> torch.device:
+    if preference not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device={preference!r}: choose auto, cpu or cuda")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but no CUDA device is visible")
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(device_preference: str = "auto", timeout_s: float = 600) -> DistInfo:
+    """Initialises the default process group (gloo on CPU, nccl on GPU) through DeepSpeed."""
+    if "RANK" not in os.environ:  # plain `python`: a one-process group
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_preference, local_rank)
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed  # after DS_ACCELERATOR is set
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                   timeout=datetime.timedelta(seconds=timeout_s),
+                                   verbose=False)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True if `flag` is set on any rank (every rank gets the same answer: no divergent exits)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    return bool(all_reduce_sum(t).item() > 0)
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def main_print(info: DistInfo | None, *args) -> None:
+    if info is None or info.is_main:
+        print(*args, file=sys.stdout, flush=True)

@@ -1,0 +1,148 @@
+"""Rank-0 logging: tqdm progress line, a JSONL metrics file, wandb (offline by default), and a
+loss-curve PNG at the end. Non-zero ranks get a logger that does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.config import ModelConfig
+
+
+def flops_per_token(cfg: ModelConfig, activated_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6·activated parameters (forward + backward matmuls) plus the
+    attention core: each query scores and mixes its window and its compressed candidates
+    (2 matmuls of 2·heads·c FLOPs per key, ×3 for backward), and the indexer's scores."""
+    attn = 0.0
+    for i in range(cfg.n_layers + cfg.n_mtp_layers):
+        ratio = cfg.compress_ratios[i]
+        keys = min(cfg.window_size, seq_len)
+        if ratio == 4:
+            keys += min(cfg.index_topk, seq_len // ratio)
+            attn += 3 * 2 * cfg.index_n_heads * cfg.index_head_dim * (seq_len / ratio) / 2
+        elif ratio:
+            keys += seq_len / ratio / 2  # causal: half the entries on average
+        attn += 3 * 2 * 2 * cfg.n_heads * cfg.head_dim * keys
+    return 6.0 * activated_params + attn
+
+
+def detect_peak_tflops(device: torch.device) -> float | None:
+    """Dense bf16 peak per device for the GPUs we know; None elsewhere (set it in the config)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in (("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("A100", 312.0),
+                        ("A800", 312.0), ("L40", 181.0), ("4090", 165.0)):
+        if key in name:
+            return tflops
+    return None
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int,
+                 wandb_cfg: Any, config: dict, progress: bool = True):
+        self.enabled = enabled
+        self.history: list[dict[str, Any]] = []
+        self.file = None
+        self.bar = None
+        self.wandb = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = run_dir
+        self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True,
+                            desc="train")
+        self.wandb = self._start_wandb(wandb_cfg, config)
+
+    def _start_wandb(self, cfg: Any, config: dict):
+        if cfg.mode == "disabled":
+            return None
+        try:
+            import wandb
+
+            return wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode,
+                              dir=str(self.run_dir), config=config, resume="allow",
+                              id=self.run_dir.name.replace("/", "_"))
+        except Exception as e:  # noqa: BLE001 - logging must never stop training
+            print(f"wandb could not start ({type(e).__name__}: {e}); continuing without it")
+            return None
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": time.time(), **metrics}
+        self.history.append(record)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        if self.bar is not None and "loss" in metrics:
+            self.bar.n = step
+            parts = {"loss": f"{metrics['loss']:.3f}", "lr": f"{metrics.get('lr', 0):.2e}"}
+            if "tokens_per_s" in metrics:
+                parts["tok/s"] = f"{metrics['tokens_per_s']:.0f}"
+            self.bar.set_postfix(parts, refresh=True)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        self.plot()
+
+    def plot(self) -> None:
+        """loss_curve.png: training loss and held-out loss against steps."""
+        train = [(r["step"], r["loss"]) for r in self.history if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in self.history if "val_loss" in r]
+        if not train:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+        if val:
+            ax.plot(*zip(*val), "o-", label="held-out loss")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.run_dir / "loss_curve.png", dpi=120)
+        plt.close(fig)
+
+
+def memory_bytes(device: torch.device) -> float:
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    import psutil
+
+    return float(psutil.Process(os.getpid()).memory_info().rss)
+
+
+def finite(x: float) -> bool:
+    return not (math.isnan(x) or math.isinf(x))

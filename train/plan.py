@@ -1,0 +1,139 @@
+"""The dry-run planner: parameters, memory per rank and tokens per step, before any allocation.
+
+Memory per rank (bytes per parameter, `p` = parameters resident on the rank):
+- weights: 2 (bf16) or 4 (fp32); bf16 training also keeps an fp32 master copy (+4);
+- gradients: the parameter dtype (bf16 runs also hold fp32 gradients for the master step, +4);
+- optimizer: Muon momentum 4 per Muon parameter, split over data-parallel ranks by whole
+  matrices; AdamW moments 8 per AdamW parameter;
+- routed experts are split over `ep_size` ranks; everything else is replicated.
+Activations are an estimate per micro-batch (documented in `activation_bytes`); they are the
+least exact line, within about 2x of what a profiler shows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from model.config import ModelConfig
+from model.summary import build_meta
+
+# Parameters AdamW trains under the default grouping (1-D tensors and the documented names);
+# used for the optimizer-state estimate only.
+_ADAMW_HINTS = ("embed.", "head.", "norm", "hc_", "attn_sink", "ape", "ffn.gate.weight")
+
+
+@dataclass
+class Plan:
+    world: int
+    dp: int
+    ep: int
+    total_params: int
+    activated_params: int
+    params_per_rank: int
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    tokens_per_step: int
+    micro_batch: int
+    seq_len: int
+    grad_accum: int
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations
+
+    def format(self) -> str:
+        gib = 2 ** 30
+        rows = [
+            f"world {self.world} = data-parallel {self.dp} (expert-parallel {self.ep})",
+            f"parameters: {self.total_params / 1e9:.2f}B total, "
+            f"{self.activated_params / 1e9:.2f}B activated per token, "
+            f"{self.params_per_rank / 1e9:.2f}B resident per rank",
+            f"tokens per step: {self.tokens_per_step:,} "
+            f"(micro-batch {self.micro_batch} x seq {self.seq_len} x accumulation "
+            f"{self.grad_accum} x dp {self.dp})",
+            "memory per rank:",
+            f"  weights      {self.weights / gib:10.2f} GiB",
+            f"  gradients    {self.grads / gib:10.2f} GiB",
+            f"  optimizer    {self.optimizer / gib:10.2f} GiB",
+            f"  activations  {self.activations / gib:10.2f} GiB (estimate)",
+            f"  total        {self.total / gib:10.2f} GiB",
+        ]
+        return "\n".join(rows)
+
+
+def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, dtype_bytes: int,
+                     checkpointing: str) -> float:
+    """Saved activations of one micro-batch. Per token and block without checkpointing:
+    the hc streams a few times over (mHC pre/post in fp32: ~6·hc·d·4), the attention
+    projections and output (~(2·q_lora + 3·heads·c + g·o_lora)·dtype), fp32 softmax over the
+    window (~heads·2w·4) and the MoE (k·(3·inter + d)·dtype). Block checkpointing keeps only each
+    block's input streams plus one block's full set; selective keeps the mHC part."""
+    tokens = micro_batch * seq_len
+    hc_bytes = 6 * cfg.hc_mult * cfg.dim * 4
+    attn = (2 * cfg.q_lora_rank + 3 * cfg.n_heads * cfg.head_dim
+            + cfg.o_groups * cfg.o_lora_rank) * dtype_bytes + cfg.n_heads * 2 * cfg.window_size * 4
+    moe = cfg.n_activated_experts * (3 * cfg.moe_inter_dim + cfg.dim) * dtype_bytes
+    full = hc_bytes + attn + moe
+    blocks = cfg.n_layers + cfg.n_mtp_layers
+    logits = cfg.vocab_size * 4 * (1 + cfg.n_mtp_layers)
+    if checkpointing == "block":
+        per_token = blocks * cfg.hc_mult * cfg.dim * dtype_bytes + full
+    elif checkpointing == "selective":
+        per_token = blocks * hc_bytes + attn + moe
+    else:
+        per_token = blocks * full
+    return tokens * (per_token + logits)
+
+
+def make_plan(cfg: ModelConfig, world: int, ep: int, micro_batch: int, seq_len: int,
+              global_batch: int, bf16: bool, checkpointing: str) -> Plan:
+    if ep < 1 or world % ep:
+        raise ValueError(f"parallel.ep_size={ep} must divide the world size {world}")
+    if cfg.n_routed_experts % ep:
+        raise ValueError(f"parallel.ep_size={ep} must divide n_routed_experts="
+                         f"{cfg.n_routed_experts}")
+    dp = world
+    if global_batch % (micro_batch * dp):
+        raise ValueError(f"batch.global_batch={global_batch} must be a multiple of "
+                         f"data.micro_batch={micro_batch} x data-parallel size {dp}")
+    model = build_meta(cfg)
+    total = activated = resident = muon = adamw = 0
+    frac = cfg.n_activated_experts / cfg.n_routed_experts
+    for name, p in model.named_parameters():
+        n = p.numel()
+        is_mtp = name.startswith("mtp.")
+        is_expert = ".ffn.experts." in name
+        if not is_mtp:
+            total += n
+            if not name.startswith("embed."):
+                activated += n * frac if is_expert else n
+        local = n // ep if is_expert else n
+        resident += local
+        if p.dim() < 2 or any(h in name for h in _ADAMW_HINTS):
+            adamw += local
+        else:
+            muon += local
+    w_bytes = 2 if bf16 else 4
+    weights = resident * (w_bytes + (4 if bf16 else 0))
+    grads = resident * (w_bytes + (4 if bf16 else 0))
+    optimizer = muon * 4 / dp + adamw * 8
+    acts = activation_bytes(cfg, micro_batch, seq_len, w_bytes, checkpointing)
+    return Plan(world, dp, ep, total, int(activated), resident, weights, grads, optimizer, acts,
+                global_batch * seq_len, micro_batch, seq_len, global_batch // (micro_batch * dp))
+
+
+def available_memory(device) -> float:
+    """Bytes a rank may use: the GPU's total memory, or this machine's RAM shared by the local
+    ranks on CPU."""
+    import os
+
+    import torch
+
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    import psutil
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return psutil.virtual_memory().total / max(local, 1)
