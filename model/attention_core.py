@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import kernels
+
 # A finite "minus infinity": masked scores contribute exp(-1e30) = 0 without producing NaN
 # gradients when a query has no visible compressed entry.
 MASKED = -1e30
@@ -62,6 +64,9 @@ def hybrid_attention(q: torch.Tensor, kv: torch.Tensor, doc_ids: torch.Tensor, w
     """
     batch, seq, heads, c = q.shape
     scale = c ** -0.5
+    if kernels.use_triton(q, kv, sink, comp):
+        return _index_list_attention(q, kv, doc_ids, window, sink, scale, comp, comp_mask,
+                                     comp_idx)
     qf, kvf = q.float(), kv.float()
     s_win, keys = window_scores(qf, kvf, doc_ids, window, scale)
     nb = s_win.shape[2]
@@ -93,4 +98,31 @@ def hybrid_attention(q: torch.Tensor, kv: torch.Tensor, doc_ids: torch.Tensor, w
             out = out + torch.einsum("bhsk,bskc->bshc", p_comp, gathered)
         else:
             out = out + torch.einsum("bhsn,bnc->bshc", p_comp, compf)
+    return out, p_comp
+
+
+def _index_list_attention(q, kv, doc_ids, window, sink, scale, comp, comp_mask, comp_idx):
+    """GPU path: the same softmax as one Triton sparse-attention launch over per-query index
+    lists into `cat(kv, comp)` (window slots, then compressed entries). The compressed-entry
+    probabilities for the indexer target are rebuilt from the kernel's log-sum-exp."""
+    seq = q.shape[1]
+    has_comp = comp is not None and comp.shape[1] > 0
+    table = torch.cat((kv, comp.to(kv.dtype)), dim=1) if has_comp else kv
+    idx = kernels.hybrid_indices(doc_ids, window, seq, comp_idx=comp_idx if has_comp else None,
+                                 comp_mask=comp_mask if has_comp else None)
+    out, lse = kernels.sparse_attention(q, table, idx, sink, scale, return_lse=True)
+    if not has_comp:
+        return out, None
+    lse = lse.permute(0, 2, 1)[..., None]  # [batch, heads, seq, 1]
+    with torch.no_grad():  # the indexer's target is detached anyway
+        qf, compf = q.float(), comp.float()
+        if comp_idx is not None:
+            gathered = compf.gather(1, comp_idx.clamp(min=0).flatten(1)[..., None]
+                                    .expand(-1, -1, compf.shape[-1])).view(*comp_idx.shape, -1)
+            s = torch.einsum("bshc,bskc->bhsk", qf, gathered) * scale
+            valid = (comp_idx >= 0)[:, None]
+        else:
+            s = torch.einsum("bshc,bnc->bhsn", qf, compf) * scale
+            valid = comp_mask[:, None]
+        p_comp = torch.exp(s - lse).masked_fill(~valid, 0.0)
     return out, p_comp

@@ -18,6 +18,8 @@ import math
 import torch
 from torch import nn
 
+import kernels
+
 from .norm import rms_normalize
 
 GATE_INIT = 0.01
@@ -55,11 +57,9 @@ def hc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.T
     """
     hc = x.shape[-2]
     m = hc_mixes(x, fn, norm_eps)  # [batch, seq, (2+hc)*hc]
-    base, scale = base.float(), scale.float()
-    pre = torch.sigmoid(scale[0] * m[..., :hc] + base[:hc]) + hc_eps
-    post = 2 * torch.sigmoid(scale[1] * m[..., hc:2 * hc] + base[hc:2 * hc])
-    res = (scale[2] * m[..., 2 * hc:] + base[2 * hc:]).unflatten(-1, (hc, hc))
-    comb = sinkhorn(res, iters, hc_eps)
+    # pre = sigmoid(α0·m + b) + eps, post = 2·sigmoid(α1·m + b), comb = Sinkhorn(α2·m + b):
+    # one Triton launch per site on GPU; `kernels.hc_split_sinkhorn_ref` (= `sinkhorn` here)
+    pre, post, comb = kernels.hc_split_sinkhorn(m, scale.float(), base.float(), hc, iters, hc_eps)
     x_in = torch.einsum("bsj,bsjd->bsd", pre, x.float()).to(x.dtype)
     return x_in, post, comb
 

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+import kernels
 from model.config import ModelConfig
 from model.dispatcher import LocalDispatcher, TokenDispatcher
 
@@ -43,11 +44,7 @@ def swiglu(gate: Tensor, up: Tensor, limit: float) -> Tensor:
     """V4's clamped SwiGLU in fp32 (spec §5.3): the clamp bounds activation outliers so the
     FP8/FP4 quantisation of h stays accurate; the gate is clamped from above only because
     silu is already bounded below. `limit <= 0` disables the clamp (as the reference does)."""
-    gate, up = gate.float(), up.float()
-    if limit > 0:
-        gate = gate.clamp(max=limit)
-        up = up.clamp(min=-limit, max=limit)
-    return F.silu(gate) * up
+    return kernels.swiglu(gate, up, limit)  # Triton on GPU, else the fp32 reference
 
 
 def route_scores(logits: Tensor, score_func: str) -> Tensor:
@@ -288,7 +285,12 @@ class Experts(nn.Module):
         counts = counts.long()
         use_grouped = (self.impl == "grouped_mm"
                        or (self.impl == "auto" and grouped_mm_usable(x, w1)))
-        fn = experts_grouped_mm if use_grouped else experts_padded
+        if use_grouped:
+            fn = experts_grouped_mm
+        elif kernels.use_triton(x, w1):
+            fn = kernels.grouped_swiglu_experts  # Triton grouped GEMMs, same contract
+        else:
+            fn = experts_padded
         return fn(x, counts, weights, w1, w3, w2, self.swiglu_limit)
 
 
