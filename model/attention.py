@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from .attention_core import hybrid_attention
+from .cache import CacheStep, ModelCache
+from .cached_attention import cached_forward
 from .compressor import BlockLayout, Compressor
 from .config import CSA_RATIO, ModelConfig
 from .indexer import Indexer, indexer_kl
@@ -35,6 +37,8 @@ class AttentionContext:
     freqs: dict[bool, torch.Tensor]  # compressed? -> RoPE frequencies
     csa_mode: str = "sparse"
     indexer_loss: bool = False
+    cache: ModelCache | None = None  # incremental decoding (see cached_attention.py)
+    step: CacheStep | None = None    # where this forward's tokens go in `cache`
     _layouts: dict[int, tuple[BlockLayout, torch.Tensor]] = field(default_factory=dict)
 
     def layout(self, ratio: int) -> tuple[BlockLayout, torch.Tensor]:
@@ -48,7 +52,7 @@ class AttentionContext:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.layer_id = cfg, layer_id
         self.kind = cfg.layer_kind(layer_id)
         self.ratio = cfg.compress_ratios[layer_id]
         h, c, g = cfg.n_heads, cfg.head_dim, cfg.o_groups
@@ -69,6 +73,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
         """x: `[batch, seq, dim]` (normed) → (output `[batch, seq, dim]`, indexer KL loss)."""
+        if ctx.cache is not None:
+            return cached_forward(self, x, ctx), x.new_zeros((), dtype=torch.float32)
         cfg = self.cfg
         freqs = ctx.freqs[self.ratio > 0]
         q_latent, q, kv = self.project_qkv(x, ctx.positions, freqs)

@@ -79,12 +79,24 @@ class Compressor(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: BlockLayout, freqs: torch.Tensor) -> torch.Tensor:
         """x: `[batch, seq, dim]` → entries `[batch, n_entries, head_dim]` (RoPE applied)."""
-        batch, seq, _ = x.shape
-        c, m = self.head_dim, self.ratio
+        kv, gate = self.project(x)
+        return self.pool(kv, gate, layout, freqs, x.dtype)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x `[batch, seq, dim]` → (kv, gate logits) fp32 `[batch, seq, coff*c]`, `ape` not yet
+        added. Split from `pool` so the inference cache can keep the projections of a
+        not-yet-complete block and pool it once its last token arrives."""
         xf = x.float()
-        kv = F.linear(xf, self.wkv.weight.float())  # [batch, seq, coff*c]
-        gate = F.linear(xf, self.wgate.weight.float())
-        offsets = torch.arange(m, device=x.device)
+        return F.linear(xf, self.wkv.weight.float()), F.linear(xf, self.wgate.weight.float())
+
+    def pool(self, kv: torch.Tensor, gate: torch.Tensor, layout: BlockLayout, freqs: torch.Tensor,
+             dtype: torch.dtype) -> torch.Tensor:
+        """Projected tokens `[batch, seq, coff*c]` (fp32) → entries `[batch, n_entries, c]` in
+        `dtype`, one per block of `layout` (start indices index the `seq` axis; RoPE at
+        `layout.position`)."""
+        seq = kv.shape[1]
+        c, m = self.head_dim, self.ratio
+        offsets = torch.arange(m, device=kv.device)
         ape = self.ape.float()
 
         def gather_blocks(first: torch.Tensor):  # first: [batch, n]
@@ -104,4 +116,4 @@ class Compressor(nn.Module):
         weights = torch.softmax(z_blk, dim=2)  # per channel over the pooled tokens
         entries = (weights * kv_blk).sum(2)  # [batch, n, c]
         entries = self.norm(entries)
-        return apply_rope(entries, layout.position, freqs).to(x.dtype)
+        return apply_rope(entries, layout.position, freqs).to(dtype)

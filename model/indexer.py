@@ -41,11 +41,26 @@ class Indexer(nn.Module):
     def scores(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor,
                layout: BlockLayout, visible: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         """Index scores `[batch, seq, n_entries]` fp32, MASKED where not visible."""
+        q, w = self.queries(x, q_latent, positions, freqs)
+        keys = self.compressor(x, layout, freqs).float()  # [batch, n, d]
+        return self.score_keys(q, w, keys, visible)
+
+    def queries(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor,
+                freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(queries `[batch, seq, heads, d]` fp32 rotated, head weights `[batch, seq, heads]` fp32
+        with the 1/sqrt(d·heads) scale folded in)."""
         batch, seq, _ = x.shape
         q = self.wq_b(q_latent).view(batch, seq, self.n_heads, self.head_dim)
         q = apply_rope(q, positions, freqs).float()  # [batch, seq, heads, d]
-        keys = self.compressor(x, layout, freqs).float()  # [batch, n, d]
         w = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
+        return q, w
+
+    def score_keys(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
+                   visible: torch.Tensor) -> torch.Tensor:
+        """Queries/weights from `queries` against compressed keys `[batch, n, d]` (fp32) →
+        `[batch, seq, n]`, MASKED where `visible` `[batch, seq, n]` is False. Chunked over
+        queries (and recomputed in backward) so no `[seq, heads, n]` tensor is whole."""
+        batch, seq = q.shape[:2]
         n = keys.shape[1]
         chunk = max(1, CHUNK_ELEMENTS // max(1, batch * self.n_heads * n))
         outs = []

@@ -4,6 +4,12 @@ head, plus MTP. One forward serves pre-training, SFT, RL (routes replayed) and e
     out = Transformer(cfg)(input_ids, doc_ids=None, positions=None, routes=None)
     out.logits, out.mtp_logits, out.balance_loss, out.indexer_loss, out.expert_counts, out.routes
 
+Incremental decoding uses the same forward with a cache (`model/INFERENCE.md`):
+
+    cache = model.new_cache(batch, max_len)
+    model(prompt_ids, token_mask=real, cache=cache)   # ragged prefill, right-padded rows
+    model(next_ids[:, None], cache=cache)             # one token per row at cache.lengths
+
 Packed sequences: `doc_ids` `[batch, seq]` separates documents inside a row; positions restart
 per document (derived from doc_ids when not given). No attention, compression group, indexer
 choice or MTP input crosses a document boundary.
@@ -19,6 +25,7 @@ from torch import nn
 
 from .attention import AttentionContext
 from .block import Block
+from .cache import ModelCache
 from .config import ModelConfig
 from .mhc import HyperConnectionSite, create_head_collapse, hc_head, init_head_collapse
 from .mtp import MTPBlock
@@ -93,6 +100,13 @@ class Transformer(nn.Module):
         if indexer_loss is not None:
             self.compute_indexer_loss = indexer_loss
 
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> ModelCache:
+        """An empty inference cache for `batch` rows of up to `max_len` tokens (model dtype and
+        device by default)."""
+        w = self.embed.weight
+        return ModelCache(self.cfg, batch, max_len, dtype or w.dtype, device or w.device)
+
     @torch.no_grad()
     def update_router_biases(self, counts: torch.Tensor, speed: float = 1e-3) -> None:
         """Aux-loss-free balancing from per-block expert counts `[n_blocks, E]` (summed over
@@ -103,11 +117,25 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, routes=None,
-                token_mask: torch.Tensor | None = None) -> ModelOutput:
+                token_mask: torch.Tensor | None = None, cache: ModelCache | None = None,
+                logits_index: torch.Tensor | None = None) -> ModelOutput:
         """input_ids `[batch, seq]`; `routes` replays expert ids (one `[batch, seq, topk]` per
-        block, MTP blocks last) instead of the routers' own top-k."""
+        block, MTP blocks last; an entry may be None) instead of the routers' own top-k.
+
+        With `cache` (from `new_cache`): the tokens continue each row at `cache.lengths`
+        (`positions`, if given, must equal that), `token_mask` marks each row's real tokens
+        (a prefix; the rest is right padding, computed but not cached), the attention layers
+        append to the cache, and the MTP blocks are skipped (`mtp_logits` is empty).
+        `logits_index` `[batch, k]` computes logits only at those sequence indices
+        (`[batch, k, vocab]`), e.g. each row's last real token in a prefill."""
         cfg = self.cfg
         batch, seq = input_ids.shape
+        step = None
+        if cache is not None:
+            if doc_ids is not None:
+                raise ValueError("doc_ids: not supported with a cache (one document per row)")
+            step = cache.begin(input_ids, positions, token_mask)
+            positions = step.positions
         if doc_ids is None:
             doc_ids = torch.zeros_like(input_ids)
         if positions is None:
@@ -117,8 +145,9 @@ class Transformer(nn.Module):
             raise ValueError(f"routes: expected {n_blocks} entries (one per block incl. MTP), "
                              f"got {len(routes)}")
         freqs = {c: rope_frequencies(cfg, c).to(input_ids.device) for c in (False, True)}
-        ctx = AttentionContext(doc_ids, positions, freqs, self.csa_mode,
-                               self.compute_indexer_loss and torch.is_grad_enabled())
+        indexer_loss = self.compute_indexer_loss and torch.is_grad_enabled() and cache is None
+        ctx = AttentionContext(doc_ids, positions, freqs, self.csa_mode, indexer_loss,
+                               cache=cache, step=step)
 
         h = self.embed(input_ids)  # [batch, seq, dim]
         x = h[:, :, None].expand(-1, -1, cfg.hc_mult, -1).contiguous()  # [batch, seq, hc, dim]
@@ -126,12 +155,17 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.layers):
             x, aux = block(x, ctx, input_ids, None if routes is None else routes[i], token_mask)
             auxes.append(aux)
-        y = hc_head(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, cfg.hc_eps,
+        if cache is not None:
+            cache.commit(step)
+        head_in = x
+        if logits_index is not None:  # [batch, k]: collapse, norm and head only where needed
+            head_in = x.gather(1, logits_index[..., None, None].expand(-1, -1, *x.shape[2:]))
+        y = hc_head(head_in, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, cfg.hc_eps,
                     cfg.norm_eps)
         logits = self.head(self.norm(y))
 
         mtp_logits = []
-        if self.mtp:
+        if self.mtp and cache is None:
             # token i+1 at position i. A document's last position has no next token of its own;
             # it re-reads its own token (its MTP target is masked), so nothing crosses documents.
             same_doc = doc_ids[:, 1:] == doc_ids[:, :-1]

@@ -88,7 +88,9 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, info: DistInfo, model
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     barrier()
-    torch.save(optimizer.state_dict(), tmp / f"optimizer_rank{info.rank}.pt")
+    # each rank writes its own share (Muon momentum of the matrices it owns, AdamW state)
+    shard = getattr(optimizer, "sharded_state_dict", optimizer.state_dict)()
+    torch.save(shard, tmp / f"optimizer_rank{info.rank}.pt")
     torch.save({**trainer_state, "rng": rng_state(), "world": info.world},
                tmp / f"trainer_rank{info.rank}.pt")
     if info.is_main:

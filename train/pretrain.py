@@ -53,8 +53,8 @@ def main(cfg: TrainConfig) -> None:
         os.makedirs(cfg.run_dir, exist_ok=True)
         with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
             f.write(OmegaConf.to_yaml(cfg, resolve=True))
-    task = PretrainTask(cfg, info, model_cfg)
-    Trainer(cfg, info, model_cfg, task).run()
+    trainer = Trainer(cfg, info, model_cfg)  # config and fit checks before any data work
+    trainer.run(PretrainTask(cfg, info, model_cfg))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from optim import build_optimizer, check_zero_stage
 from optim.schedule import LRSchedule, batch_size_ramp, make_scheduler
 
 from . import checkpoint as ckpt
+from . import faults
 from .activation import apply_activation_checkpointing
 from .config import TrainConfig
 from .dist import DistInfo, all_reduce_sum, any_rank, barrier
@@ -78,14 +79,16 @@ def deepspeed_config(cfg: TrainConfig, info: DistInfo, grad_accum: int, bf16: bo
 
 def build_lr_schedule(cfg: TrainConfig) -> LRSchedule:
     s = cfg.schedule
-    decay = s.decay_steps if s.decay_steps is not None else max(1, cfg.steps // 10)
+    # short runs (smoke tests, `steps=` overrides) shrink the preset's windows to fit
+    decay = min(s.decay_steps if s.decay_steps is not None else max(1, cfg.steps // 10), cfg.steps)
     warm = min(s.warmup_steps, cfg.steps - decay)
     return LRSchedule(cfg.steps, warm, decay, s.min_ratio, s.decay)
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, info: DistInfo, model_cfg: ModelConfig, task: Task):
-        self.cfg, self.info, self.model_cfg, self.task = cfg, info, model_cfg, task
+    def __init__(self, cfg: TrainConfig, info: DistInfo, model_cfg: ModelConfig):
+        """Validates everything that can be checked without data or weights."""
+        self.cfg, self.info, self.model_cfg = cfg, info, model_cfg
         validate_recipe(cfg.recipe)
         self.run_dir = Path(cfg.run_dir)
         self.bf16 = (cfg.dtype == "bf16" or (cfg.dtype == "auto" and info.device.type == "cuda"))
@@ -96,6 +99,11 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.bad_in_a_row = 0
+        self.grad_accum(cfg.batch.global_batch)
+        if cfg.batch.ramp_start is not None:
+            self.grad_accum(cfg.batch.ramp_start)
+        check_zero_stage(cfg.parallel.zero_stage)
+        self.check_fit()
 
     # ------------------------------------------------------------------ set-up
     def grad_accum(self, global_batch: int) -> int:
@@ -187,11 +195,15 @@ class Trainer:
         for _ in range(self.gas):
             batch = {k: v.to(info.device, non_blocking=True) for k, v in next(self.loader).items()}
             terms, out = self.task.loss(engine, batch, self.phase)
+            if faults.nan_at(self.step + 1):
+                terms.total = terms.total * float("nan")
+            faults.maybe_raise(info.rank)
             tokens += batch["input_ids"].numel()
             bad |= not bool(torch.isfinite(terms.total))
             engine.backward(terms.total)
-            totals += torch.tensor([float(terms.total), float(terms.lm), float(terms.mtp),
-                                    float(terms.balance), float(terms.indexer)], dtype=torch.float64)
+            totals += torch.tensor([float(t) for t in (terms.total.detach(), terms.lm, terms.mtp,
+                                                       terms.balance, terms.indexer)],
+                                   dtype=torch.float64)
             c = out.expert_counts.detach().float()
             counts = c if counts is None else counts + c
             if not engine.is_gradient_accumulation_boundary():
@@ -266,6 +278,9 @@ class Trainer:
         if path is None:
             return
         state = ckpt.load_checkpoint(path, self.info, self.model, self.optimizer)
+        refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
+        if refresh is not None and self.engine.optimizer is not self.optimizer:
+            refresh()  # bf16: DeepSpeed's fp32 master copies must see the loaded weights
         self.step = state["step"]
         self.scheduler.load_state_dict(state["scheduler"])
         self.skipped_steps = state["skipped_steps"]
@@ -278,9 +293,9 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         self.stop_requested = True
 
-    def run(self) -> None:
+    def run(self, task: Task) -> None:
         cfg, info = self.cfg, self.info
-        self.check_fit()
+        self.task = task
         self.build()
         self.resume()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -319,7 +334,9 @@ class Trainer:
                 if self.due(cfg.logging.eval_every):
                     self.eval_and_sample()
                 stop = any_rank(self.stop_requested, info.device)
-                if self.due(cfg.checkpoint.every) or stop or self.step == cfg.steps:
+                # never checkpoint inside a streak of skipped steps: the last good one stays
+                if self.bad_in_a_row == 0 and (self.due(cfg.checkpoint.every) or stop
+                                               or self.step == cfg.steps):
                     self.save()
                 if stop:
                     self.logger.message(f"stopped by signal at step {self.step}; resume with "

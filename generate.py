@@ -1,0 +1,249 @@
+"""Sample from a checkpoint with the training model (`model.generation.generate`).
+
+    python generate.py ckpt=PATH prompt="Once upon a time" [max_new_tokens=256 temperature=0.6
+                       top_p=1.0 top_k=0 seed=0]
+    python generate.py ckpt=PATH input_file=prompts.txt     # prompts separated by blank lines
+    python generate.py ckpt=PATH interactive=true [mode=thinking reasoning_effort=max]
+
+Other overrides: tokenizer=PATH (default: the checkpoint's tokenizer.json), device=cpu|cuda,
+dtype=bfloat16|float32, chat=true (wrap prompt/input_file prompts as one user message with the
+chat encoding; default: raw text after BOS), bos=false, stop="text" (an extra stop string),
+batch_size=N (input_file), csa_mode=dense|sparse.
+
+Interactive mode is a multi-turn chat encoded with `encoding/` (`mode=chat` or `thinking`);
+`/clear` starts a new conversation and `/exit` quits. Tokens are printed as they come (one
+prompt at a time); prefill and decode tokens/s go to stderr. Bad input (no checkpoint, a
+tokenizer larger than the model's vocabulary, a prompt longer than the context) is an
+`error: ...` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable, TextIO
+
+DEFAULTS: dict[str, Any] = dict(
+    ckpt=None, prompt=None, input_file=None, interactive=False, max_new_tokens=256,
+    temperature=0.6, top_p=1.0, top_k=0, seed=None, tokenizer=None, device=None, dtype=None,
+    chat=False, bos=True, mode="chat", reasoning_effort=None, stop=None, batch_size=16,
+    csa_mode=None,
+)
+_INTS = ("max_new_tokens", "top_k", "seed", "batch_size")
+_FLOATS = ("temperature", "top_p")
+_BOOLS = ("interactive", "chat", "bos")
+
+
+def parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """`key=value` arguments over DEFAULTS, typed; unknown keys and bad values raise ValueError."""
+    opts = dict(DEFAULTS)
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("-").replace("-", "_")
+        if not sep:
+            raise ValueError(f"argument {arg!r}: expected key=value")
+        if key not in DEFAULTS:
+            raise ValueError(f"unknown option {key!r}; options: {', '.join(sorted(DEFAULTS))}")
+        try:
+            if key in _INTS:
+                opts[key] = int(value)
+            elif key in _FLOATS:
+                opts[key] = float(value)
+            elif key in _BOOLS:
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                opts[key] = value.lower() in ("true", "1", "yes")
+            else:
+                opts[key] = value
+        except ValueError:
+            raise ValueError(f"option {key}={value!r}: not a valid "
+                             f"{'integer' if key in _INTS else 'number' if key in _FLOATS else 'boolean'}"
+                             ) from None
+    if opts["ckpt"] is None:
+        raise ValueError("ckpt=PATH is required")
+    modes = sum(bool(opts[k]) for k in ("prompt", "input_file", "interactive"))
+    if modes != 1:
+        raise ValueError("give exactly one of prompt=..., input_file=PATH, interactive=true")
+    if opts["mode"] not in ("chat", "thinking"):
+        raise ValueError(f"mode={opts['mode']!r}: choose chat or thinking")
+    return opts
+
+
+def load(opts: dict[str, Any]):
+    """(model, tokenizer), checked against each other."""
+    import torch
+
+    from encoding.tokenizer import load_tokenizer
+    from model.weights import load_pretrained
+
+    device = opts["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = None
+    if opts["dtype"]:
+        dtype = getattr(torch, opts["dtype"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype={opts['dtype']!r}: not a torch dtype")
+    if not os.path.exists(opts["ckpt"]):
+        raise FileNotFoundError(f"checkpoint not found: {opts['ckpt']}")
+    tok_path = opts["tokenizer"] or os.path.join(opts["ckpt"], "tokenizer.json")
+    if not os.path.exists(tok_path):
+        raise FileNotFoundError(f"no tokenizer at {tok_path} (pass tokenizer=PATH)")
+    tokenizer = load_tokenizer(tok_path)
+    model = load_pretrained(opts["ckpt"], device=device, dtype=dtype).eval()
+    if opts["csa_mode"]:
+        model.set_csa_mode(opts["csa_mode"])
+    check_vocab(tokenizer, model.cfg.vocab_size, tok_path)
+    return model, tokenizer
+
+
+def check_vocab(tokenizer, vocab_size: int, source: str) -> None:
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"tokenizer/model vocab mismatch: {source} has {len(tokenizer)} tokens, "
+                         f"the model's embedding has {vocab_size} rows")
+    if tokenizer.eos_token_id is None or tokenizer.eos_token_id >= vocab_size:
+        raise ValueError(f"{source}: EOS token id {tokenizer.eos_token_id} is not in the model "
+                         f"vocabulary ({vocab_size})")
+
+
+def encode_prompt(tokenizer, text: str, opts: dict[str, Any]) -> list[int]:
+    if opts["chat"]:
+        from encoding import encode_messages
+        text = encode_messages([{"role": "user", "content": text}], thinking_mode=opts["mode"],
+                               reasoning_effort=opts["reasoning_effort"])
+        return tokenizer.encode(text, add_special_tokens=False)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return ([tokenizer.bos_token_id] if opts["bos"] and tokenizer.bos_token_id is not None
+            else []) + ids
+
+
+def check_context(ids: list[int], max_seq_len: int, what: str) -> None:
+    if len(ids) >= max_seq_len:
+        raise ValueError(f"{what} is {len(ids)} tokens, longer than the model context "
+                         f"(max_seq_len={max_seq_len}, one token needed for the reply)")
+
+
+def visible_text(tokenizer, ids: list[int]) -> str:
+    """Decoded text with BOS/EOS removed but the other special tokens (`</think>`, tool-call
+    markers) kept, so a thinking-mode reply shows where its reasoning ends."""
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    for special in (tokenizer.bos_token, tokenizer.eos_token):
+        if special:
+            text = text.replace(special, "")
+    return text
+
+
+class Streamer:
+    """Prints one row's text as tokens arrive (decoding the whole reply each time, so bytes
+    that only form a character together are printed once complete)."""
+
+    def __init__(self, tokenizer, out: TextIO):
+        self.tokenizer, self.out, self.ids, self.shown = tokenizer, out, [], ""
+
+    def __call__(self, row: int, token: int) -> None:
+        self.ids.append(token)
+        text = visible_text(self.tokenizer, self.ids)
+        if text.endswith("\ufffd"):
+            return
+        self.out.write(text[len(self.shown):] if text.startswith(self.shown) else text)
+        self.out.flush()
+        self.shown = text
+
+
+def sample(model, tokenizer, prompts: list[list[int]], opts: dict[str, Any],
+           on_token: Callable | None, err: TextIO):
+    from model.generation import generate
+
+    out = generate(model, prompts, max_new_tokens=opts["max_new_tokens"],
+                   temperature=opts["temperature"], top_p=opts["top_p"], top_k=opts["top_k"],
+                   seed=opts["seed"], eos_id=tokenizer.eos_token_id,
+                   stop_strings=[opts["stop"]] if opts["stop"] else None,
+                   decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
+                   on_token=on_token)
+    s = out.stats
+    err.write(f"prefill: {s['prefill_tokens']:.0f} tokens, {s['prefill_s']:.2f}s, "
+              f"{s['prefill_tokens'] / max(s['prefill_s'], 1e-9):.1f} tok/s | decode: "
+              f"{s['decode_tokens']:.0f} tokens, {s['decode_s']:.2f}s, "
+              f"{s['decode_tokens'] / max(s['decode_s'], 1e-9):.1f} tok/s\n")
+    return out
+
+
+def run_prompts(model, tokenizer, texts: list[str], opts, out: TextIO, err: TextIO) -> None:
+    ids = [encode_prompt(tokenizer, t, opts) for t in texts]
+    for i, p in enumerate(ids):
+        check_context(p, model.cfg.max_seq_len, f"prompt {i + 1}")
+    size = max(1, opts["batch_size"])
+    for b0 in range(0, len(ids), size):
+        batch = ids[b0:b0 + size]
+        stream = Streamer(tokenizer, out) if len(batch) == 1 else None
+        if stream:
+            out.write(texts[b0])
+        result = sample(model, tokenizer, batch, opts, stream, err)
+        for i, toks in enumerate(result.tokens):
+            if stream is None:
+                out.write(f"--- prompt {b0 + i + 1} ---\n{texts[b0 + i]}")
+                out.write(visible_text(tokenizer, toks))
+            out.write(f"\n[{result.finish_reasons[i]}]\n")
+
+
+def run_interactive(model, tokenizer, opts, read: Callable[[str], str], out: TextIO,
+                    err: TextIO) -> None:
+    from encoding import encode_messages, parse_message_from_completion_text
+
+    messages: list[dict[str, Any]] = []
+    while True:
+        try:
+            line = read(">>> ")
+        except EOFError:
+            return
+        if line.strip() == "/exit":
+            return
+        if line.strip() == "/clear":
+            messages = []
+            out.write("(conversation cleared)\n")
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = tokenizer.encode(encode_messages(messages, thinking_mode=opts["mode"],
+                                               reasoning_effort=opts["reasoning_effort"]),
+                               add_special_tokens=False)
+        try:
+            check_context(ids, model.cfg.max_seq_len, "the conversation")
+        except ValueError as e:
+            messages.pop()
+            err.write(f"error: {e}; /clear to start over\n")
+            continue
+        result = sample(model, tokenizer, [ids], opts, Streamer(tokenizer, out), err)
+        out.write("\n")
+        text = tokenizer.decode(result.tokens[0], skip_special_tokens=False)
+        reply = parse_message_from_completion_text(text, opts["mode"], strict=False)
+        reply.pop("parse_issues", None)
+        if not reply.get("tool_calls"):
+            reply.pop("tool_calls", None)
+        messages.append(reply)
+
+
+def main(argv: list[str] | None = None, read: Callable[[str], str] = input,
+         out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out, err = out or sys.stdout, err or sys.stderr
+    try:
+        opts = parse_overrides(sys.argv[1:] if argv is None else argv)
+        model, tokenizer = load(opts)
+        if opts["interactive"]:
+            run_interactive(model, tokenizer, opts, read, out, err)
+        elif opts["prompt"] is not None:
+            run_prompts(model, tokenizer, [opts["prompt"]], opts, out, err)
+        else:
+            if not os.path.isfile(opts["input_file"]):
+                raise FileNotFoundError(f"input_file not found: {opts['input_file']}")
+            with open(opts["input_file"], encoding="utf-8") as f:
+                texts = [p.strip() for p in f.read().split("\n\n") if p.strip()]
+            if not texts:
+                raise ValueError(f"input_file {opts['input_file']}: no prompts (they are "
+                                 f"separated by blank lines)")
+            run_prompts(model, tokenizer, texts, opts, out, err)
+    except (FileNotFoundError, ValueError) as e:
+        err.write(f"error: {e}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Inference KV cache for SWA / CSA / HCA layers (spec §4.7), one object per model.
+
+Per attention layer (`LayerCache`):
+- `window`: ring buffer of the last `window_size` rotated K=V vectors, slot = position % window;
+- `entries`: the compressed entries appended in order, entry s at slot s (CSA and HCA);
+- `state`: the compressor's not-yet-compressed tail: fp32 projections (kv, gate logits) of the
+  last `coff·ratio` positions, slot = position % (coff·ratio). For CSA (coff = 2) that is the
+  previous complete block (its first-half projections feed the next entry's overlap) plus the
+  current partial block; for HCA the current partial block;
+- CSA only: `index_keys` (the indexer compressor's entries) and `index_state` (its tail).
+Every tensor has one extra trailing slot that masked scatter writes go to, so writes never need
+a host-side filter.
+
+Ragged batches: prompts are left-aligned and right-padded. Each row keeps its own length
+(`lengths`, the next absolute position), so rows advance independently: a prefill writes only
+the row's real tokens (`token_mask`), and a decode step feeds one token per row at position
+`lengths[row]`. Finished rows are dropped with `select` (RL rollouts of very different
+lengths). Because the positions are the row's own, no padding token is ever inside a row's
+window or a compression block, and the cached computation equals the full forward.
+
+Memory (`nbytes`): window + entries + indexer keys grow as ~`c/ratio + d/4` per token and layer,
+against `c` per token and layer for a dense shared-KV (MQA) cache of the same dims; the
+compressor states are a fixed per-sequence cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from .config import CSA_RATIO, ModelConfig
+
+
+@dataclass
+class CompressorState:
+    """fp32 projections of the last `size` positions of one compressor (slot = pos % size)."""
+
+    kv: torch.Tensor    # [batch, size + 1, coff*c]
+    gate: torch.Tensor  # [batch, size + 1, coff*c] gate logits, `ape` not added
+
+    @property
+    def size(self) -> int:
+        return self.kv.shape[1] - 1
+
+
+@dataclass
+class LayerCache:
+    window: torch.Tensor                          # [batch, window + 1, c]
+    entries: torch.Tensor | None = None           # [batch, max_len // ratio + 1, c]
+    state: CompressorState | None = None
+    index_keys: torch.Tensor | None = None        # [batch, max_len // 4 + 1, index_head_dim]
+    index_state: CompressorState | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"window": self.window}
+        for name in ("entries", "index_keys"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        for name in ("state", "index_state"):
+            st = getattr(self, name)
+            if st is not None:
+                out[f"{name}.kv"], out[f"{name}.gate"] = st.kv, st.gate
+        return out
+
+
+@dataclass
+class CacheStep:
+    """What one cached forward appends, shared by every layer (built by `ModelCache.begin`)."""
+
+    start: torch.Tensor      # [batch] position of the first new token (row length before)
+    positions: torch.Tensor  # [batch, seq] absolute positions of the new tokens
+    valid: torch.Tensor      # [batch, seq] bool, real tokens (a prefix of each row)
+    end: torch.Tensor        # [batch] row length after the step
+    fresh: bool              # every row was empty (a prefill from scratch)
+    n_entries: dict[int, int] = field(default_factory=dict)  # ratio -> entries read this step
+    visible: dict[int, torch.Tensor] = field(default_factory=dict)  # ratio -> [b, seq, n]
+
+    def entry_visibility(self, ratio: int) -> torch.Tensor:
+        """`[batch, seq, n]` bool: entry s is usable by a query at position t once its last token
+        (s+1)·ratio − 1 is at or before t (the training rule), and only if complete in the row."""
+        if ratio not in self.visible:
+            n = self.n_entries[ratio]
+            s = torch.arange(n, device=self.positions.device)
+            done = (s[None, :] < (self.end // ratio)[:, None])[:, None, :]  # [batch, 1, n]
+            self.visible[ratio] = ((s + 1) * ratio - 1 <= self.positions[..., None]) & done
+        return self.visible[ratio]
+
+
+class ModelCache:
+    """All layers' caches for `batch` rows of at most `max_len` tokens each."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None):
+        if batch <= 0 or max_len <= 0:
+            raise ValueError(f"ModelCache: batch={batch} and max_len={max_len} must be positive")
+        self.cfg, self.max_len, self.dtype = cfg, max_len, dtype
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        c, d, w = cfg.head_dim, cfg.index_head_dim, cfg.window_size
+
+        def zeros(*shape, dt=dtype):
+            return torch.zeros(*shape, dtype=dt, device=device)
+
+        def state(ratio: int, width: int, overlap: bool) -> CompressorState:
+            coff = 2 if overlap else 1
+            return CompressorState(zeros(batch, coff * ratio + 1, coff * width, dt=torch.float32),
+                                   zeros(batch, coff * ratio + 1, coff * width, dt=torch.float32))
+
+        self.layers: list[LayerCache] = []
+        for i in range(cfg.n_layers):
+            ratio, kind = cfg.compress_ratios[i], cfg.layer_kind(i)
+            layer = LayerCache(window=zeros(batch, w + 1, c))
+            if ratio:
+                layer.entries = zeros(batch, max_len // ratio + 1, c)
+                layer.state = state(ratio, c, overlap=kind == "csa")
+            if kind == "csa":
+                layer.index_keys = zeros(batch, max_len // CSA_RATIO + 1, d)
+                layer.index_state = state(CSA_RATIO, d, overlap=True)
+            self.layers.append(layer)
+
+    @property
+    def batch(self) -> int:
+        return self.lengths.shape[0]
+
+    # ------------------------------------------------------------------ stepping
+    def begin(self, input_ids: torch.Tensor, positions: torch.Tensor | None,
+              token_mask: torch.Tensor | None) -> CacheStep:
+        """Validates a chunk `[batch, seq]` against the cache and describes where it goes."""
+        batch, seq = input_ids.shape
+        if batch != self.batch:
+            raise ValueError(f"cache holds {self.batch} rows, input_ids has {batch}")
+        start = self.lengths
+        expected = start[:, None] + torch.arange(seq, device=start.device)  # [batch, seq]
+        if positions is not None and not torch.equal(positions.to(expected.device), expected):
+            raise ValueError("positions: with a cache they must continue each row, i.e. equal "
+                             f"cache.lengths[:, None] + arange(seq) = {expected.tolist()}; got "
+                             f"{positions.tolist()}")
+        valid = (torch.ones_like(input_ids, dtype=torch.bool) if token_mask is None
+                 else token_mask.to(torch.bool))
+        if seq > 1 and bool((valid[:, 1:] & ~valid[:, :-1]).any()):
+            raise ValueError("token_mask: with a cache each row's real tokens must come first "
+                             "(right padding only)")
+        end = start + valid.sum(1)
+        end_max, start_max = torch.stack((end.max(), start.max())).tolist()  # one sync
+        if end_max > self.max_len:
+            row = int(end.argmax())
+            raise ValueError(f"cache full: row {row} would hold {end_max} tokens, "
+                             f"max_len={self.max_len} (create the cache with a larger max_len)")
+        ratios = {r for r in self.cfg.compress_ratios[:self.cfg.n_layers] if r} | {CSA_RATIO}
+        return CacheStep(start=start, positions=expected, valid=valid, end=end,
+                         fresh=start_max == 0, n_entries={r: end_max // r for r in ratios})
+
+    def commit(self, step: CacheStep) -> None:
+        self.lengths = step.end
+
+    # ------------------------------------------------------------------ housekeeping
+    def select(self, rows: torch.Tensor | list[int]) -> None:
+        """Keeps only `rows` (in that order), e.g. to drop finished sequences from a batch."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
+        self.lengths = self.lengths.index_select(0, rows)
+        for layer in self.layers:
+            for f in fields(layer):
+                value = getattr(layer, f.name)
+                if isinstance(value, torch.Tensor):
+                    setattr(layer, f.name, value.index_select(0, rows))
+                elif isinstance(value, CompressorState):
+                    setattr(layer, f.name, CompressorState(value.kv.index_select(0, rows),
+                                                           value.gate.index_select(0, rows)))
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held, by part: 'window', 'entries', 'index_keys' (grow with context) and
+        'state' (compressor tails, fixed per sequence). Excludes the one write-sink slot."""
+        out = {"window": 0, "entries": 0, "index_keys": 0, "state": 0}
+        for layer in self.layers:
+            for name, t in layer.tensors().items():
+                part = "state" if "state" in name else name
+                out[part] += (t.shape[1] - 1) * t[:, :1].numel() * t.element_size()
+        return out
+
+
+@dataclass
+class CacheBytes:
+    context: int
+    per_token: float         # window + entries + indexer keys + states, per token of context
+    growing_per_token: float  # entries + indexer keys only (the part that scales with context)
+    dense_per_token: float   # dense shared-KV (MQA) cache, same head_dim and dtype, every layer
+    parts: dict[str, int]    # bytes per part for one sequence
+
+
+def cache_bytes(cfg: ModelConfig, context: int, dtype: torch.dtype = torch.bfloat16) -> CacheBytes:
+    """Measured from a cache allocated on the meta device (no memory used) for one sequence of
+    `context` tokens."""
+    parts = ModelCache(cfg, 1, context, dtype, device="meta").nbytes()
+    dense = cfg.n_layers * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+    return CacheBytes(context=context, per_token=sum(parts.values()) / context,
+                      growing_per_token=(parts["entries"] + parts["index_keys"]) / context,
+                      dense_per_token=float(dense), parts=parts)

@@ -1,0 +1,227 @@
+"""Batched generation with the training model and its KV cache; the API RL rollouts call.
+
+    out = generate(model, prompts=[[0, 17, 4], [0, 9]], max_new_tokens=64, temperature=0.7,
+                   top_p=0.95, seed=1, eos_id=1, return_logprobs=True, return_routes=True)
+    out.tokens[i]           # generated ids of prompt i (EOS / stop sequence included)
+    out.finish_reasons[i]   # "eos" | "stop" | "length"
+
+One prefill of the right-padded prompts, then one token per row per step (`ModelCache`); rows
+that finish are dropped from the batch. Optional per-token outputs, for GRPO:
+- `logprobs[i]` `[n]`: log-prob of each drawn token under the distribution it was drawn from
+  (temperature, top-k, top-p applied, renormalised; 0 for greedy); `raw_logprobs[i]` `[n]`:
+  under the model's own softmax (temperature 1, full vocabulary);
+- `routes[i]` `[len(prompt) + n, n_layers, topk]`: the expert ids every main layer used for
+  every prompt and generated token ("keep routing"; the last generated token is fed once more
+  so it has routes too). Replay with `model(ids, routes=[*per_layer, None])` (MTP: None);
+- `sampling_masks[i]` `[n, vocab]` bool: the kept set at each step ("keep sampling mask").
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .sampling import SamplingParams, draw, sampling_distribution
+from .transformer import Transformer
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[list[int]]
+    finish_reasons: list[str]
+    logprobs: list[torch.Tensor] | None = None        # per row [n] fp32
+    raw_logprobs: list[torch.Tensor] | None = None    # per row [n] fp32
+    routes: list[torch.Tensor] | None = None          # per row [prompt + n, n_layers, topk]
+    sampling_masks: list[torch.Tensor] | None = None  # per row [n, vocab] bool
+    stats: dict[str, float] = field(default_factory=dict)  # token counts and seconds
+
+
+@dataclass
+class _Row:
+    """Per-prompt bookkeeping while the row is in the batch."""
+
+    prompt_len: int
+    limit: int
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[torch.Tensor] = field(default_factory=list)
+    raw: list[torch.Tensor] = field(default_factory=list)
+    masks: list[torch.Tensor] = field(default_factory=list)
+    routes: list[torch.Tensor] = field(default_factory=list)  # [t, n_layers, topk] chunks
+    finish: str | None = None
+
+
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int = 256,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             seed: int | None = None, eos_id: int | None = None,
+             stop_token_sequences: Sequence[Sequence[int]] | None = None,
+             return_logprobs: bool = False, return_routes: bool = False,
+             return_sampling_mask: bool = False, stop_strings: Sequence[str] | None = None,
+             decode: Callable[[list[int]], str] | None = None,
+             on_token: Callable[[int, int], None] | None = None,
+             pad_id: int | None = None) -> GenerationOutput:
+    """Samples up to `max_new_tokens` per prompt (token id lists, BOS included if wanted).
+
+    Stops a row on `eos_id`, on any of `stop_token_sequences` (matched on generated ids), on any
+    of `stop_strings` (matched on `decode(generated ids)`; `decode` required), or at the length
+    limit (`max_new_tokens`, or the model context `cfg.max_seq_len`). `on_token(row, id)` is
+    called for every generated token as it is drawn (streaming). Sampling as in `sampling.py`;
+    `seed` makes the draws reproducible for the same batch. Runs under `no_grad` in eval mode
+    and restores the model's training flag; the returned tensors are ordinary (not inference
+    tensors), so routes can be replayed in a training forward."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, seed,
+                             eos_id, stop_token_sequences, return_logprobs, return_routes,
+                             return_sampling_mask, stop_strings, decode, on_token, pad_id)
+    finally:
+        model.train(was_training)
+
+
+def _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, eos_id,
+              stop_token_sequences, return_logprobs, return_routes, return_sampling_mask,
+              stop_strings, decode, on_token, pad_id) -> GenerationOutput:
+    cfg = model.cfg
+    params = SamplingParams(temperature, top_p, top_k)
+    params.validate()
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
+    if stop_strings and decode is None:
+        raise ValueError("stop_strings: needs `decode` (token ids -> text) to match them")
+    if not prompts:
+        raise ValueError("prompts: empty batch")
+    rows = []
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompts[{i}]: empty prompt")
+        if len(p) >= cfg.max_seq_len:
+            raise ValueError(f"prompts[{i}]: {len(p)} tokens leave no room in the model context "
+                             f"(max_seq_len={cfg.max_seq_len})")
+        bad = [t for t in p if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompts[{i}]: token id {bad[0]} outside the model vocabulary "
+                             f"[0, {cfg.vocab_size})")
+        rows.append(_Row(len(p), min(max_new_tokens, cfg.max_seq_len - len(p))))
+    stops = [list(s) for s in (stop_token_sequences or []) if len(s)]
+    device = model.embed.weight.device
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
+    n_layers = cfg.n_layers
+
+    # prefill: right-padded prompts, logits at each row's last prompt token
+    lens = torch.tensor([len(p) for p in prompts], device=device)
+    width = int(lens.max())
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = torch.as_tensor(list(p), dtype=torch.long)
+    mask = torch.arange(width, device=device)[None] < lens[:, None]
+    cache = model.new_cache(len(prompts), width + max(r.limit for r in rows) + 1)
+    t0 = time.perf_counter()
+    out = model(ids, token_mask=mask, cache=cache, logits_index=(lens - 1)[:, None])
+    logits = out.logits[:, 0]  # [batch, vocab]
+    if return_routes:
+        prompt_routes = torch.stack(out.routes[:n_layers], dim=2)  # [batch, width, layers, k]
+        for i, r in enumerate(rows):
+            r.routes.append(prompt_routes[i, :r.prompt_len].cpu())
+    _sync(device)
+    t1 = time.perf_counter()
+    active = list(range(len(rows)))  # batch index -> row
+    decode_tokens = 0
+    for _ in range(max(r.limit for r in rows)):
+        finished_now = [i for i, row in enumerate(active) if rows[row].limit == 0]
+        for i in finished_now:
+            rows[active[i]].finish = "length"
+        keep = [i for i in range(len(active)) if i not in finished_now]
+        if finished_now:
+            active, logits = _shrink(cache, active, logits, keep)
+        if not active:
+            break
+        logp, kept = sampling_distribution(logits, params)
+        tok = logits.float().argmax(-1) if params.greedy else draw(logp, gen)  # [batch]
+        tok_list = tok.tolist()
+        done = []
+        raw = torch.log_softmax(logits.float(), -1) if return_logprobs else None
+        for i, row_id in enumerate(active):
+            row = rows[row_id]
+            row.tokens.append(tok_list[i])
+            if return_logprobs:
+                row.logprobs.append(logp[i, tok_list[i]].cpu())
+                row.raw.append(raw[i, tok_list[i]].cpu())
+            if return_sampling_mask:
+                row.masks.append(kept[i].cpu())
+            if on_token is not None:
+                on_token(row_id, tok_list[i])
+            row.finish = _finish_reason(row, eos_id, stops, stop_strings, decode)
+            if row.finish:
+                done.append(i)
+        decode_tokens += len(active)
+        keep = [i for i in range(len(active)) if i not in done]
+        if done and not return_routes:  # finished rows need no more forwards
+            active, _ = _shrink(cache, active, None, keep)
+            tok = tok[torch.as_tensor(keep, dtype=torch.long, device=device)]
+        if not active:
+            break
+        out = model(tok[:, None], cache=cache)  # one token per row at cache.lengths
+        logits = out.logits[:, 0]
+        if return_routes:  # the fed token's routes; finished rows leave after this forward
+            step_routes = torch.stack(out.routes[:n_layers], dim=2)[:, 0]  # [batch, layers, k]
+            for i, row_id in enumerate(active):
+                rows[row_id].routes.append(step_routes[i:i + 1].cpu())
+            if done:
+                active, logits = _shrink(cache, active, logits, keep)
+    _sync(device)
+    t2 = time.perf_counter()
+
+    result = GenerationOutput(tokens=[r.tokens for r in rows],
+                              finish_reasons=[r.finish or "length" for r in rows])
+    if return_logprobs:
+        result.logprobs = [_stack(r.logprobs) for r in rows]
+        result.raw_logprobs = [_stack(r.raw) for r in rows]
+    if return_routes:
+        result.routes = [torch.cat(r.routes) for r in rows]
+    if return_sampling_mask:
+        result.sampling_masks = [torch.stack(r.masks) if r.masks
+                                 else torch.zeros(0, cfg.vocab_size, dtype=torch.bool)
+                                 for r in rows]
+    result.stats = {"prefill_tokens": float(lens.sum()), "prefill_s": t1 - t0,
+                    "decode_tokens": float(decode_tokens), "decode_s": t2 - t1}
+    return result
+
+
+def _finish_reason(row: _Row, eos_id, stops, stop_strings, decode) -> str | None:
+    gen = row.tokens
+    if eos_id is not None and gen[-1] == eos_id:
+        return "eos"
+    if any(len(s) <= len(gen) and gen[-len(s):] == s for s in stops):
+        return "stop"
+    if stop_strings:
+        longest = max(len(s) for s in stop_strings)
+        text = decode(gen[-(longest + 8):])  # a token is at least a byte of some character
+        if any(s in text for s in stop_strings):
+            return "stop"
+    if len(gen) >= row.limit:
+        return "length"
+    return None
+
+
+def _shrink(cache, active: list[int], logits: torch.Tensor | None, keep: list[int]):
+    """Drops the batch rows not in `keep` from the cache (and logits)."""
+    if len(keep) == len(active):
+        return active, logits
+    index = torch.as_tensor(keep, dtype=torch.long, device=cache.lengths.device)
+    if keep:
+        cache.select(index)
+    return [active[i] for i in keep], (None if logits is None else logits.index_select(0, index))
+
+
+def _stack(values: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(values) if values else torch.zeros(0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

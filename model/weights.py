@@ -1,0 +1,318 @@
+"""Checkpoint directories: save ours, load ours / released Hugging Face / reference-inference.
+
+Our format (what the trainer writes and `load_pretrained` reads back bit-exactly):
+
+    config.json                    Hugging Face naming (`cfg.to_hf_dict()`) plus "v4lab": every
+                                   ModelConfig field, so csa_mode, seed, ... survive
+    model.safetensors              `model.state_dict()` names and dtypes, or above
+    model-0000i-of-0000n.safetensors + model.safetensors.index.json   `max_shard_bytes`
+    tokenizer.json                 optional copy
+
+Written into a temporary sibling directory and renamed into place, so a crash never leaves a
+half-written checkpoint under `path`.
+
+`load_pretrained` detects the layout: our stacked-expert names; released files (`config.json` +
+`model*.safetensors`, per-expert names, FP8/FP4 weights with scales, optional `model.` prefix);
+reference-inference files (`model{rank}-mp{world}.safetensors`, merged across ranks). Quantised
+weights are dequantised (quant.py) and everything is renamed to ours (naming.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import naming
+from .config import ModelConfig
+from .quant import dequant_fp4, dequant_fp8
+from .transformer import Transformer
+
+DEFAULT_SHARD_BYTES = 4 << 30
+INDEX_FILE = "model.safetensors.index.json"
+_MP_FILE = re.compile(r"^model(\d+)-mp(\d+)\.safetensors$")
+# kept in fp32 whatever the load dtype (fp32 in the release too; the model reads them in fp32)
+_FP32_NAMES = re.compile(r"(attn_sink|\.ape|\.gate\.bias|(^|\.)hc_\w+)$")
+
+
+# ---------------------------------------------------------------------- writing
+@contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """Yields a temporary directory next to `path` that replaces `path` on success."""
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, path)
+
+
+def write_tensors(directory: Path, tensors: dict[str, torch.Tensor],
+                  max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    """`model.safetensors`, or numbered shards plus `model.safetensors.index.json`."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    if total <= max_shard_bytes:
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+    with open(directory / INDEX_FILE, "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def write_config(directory: Path, config: dict) -> None:
+    with open(directory / "config.json", "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+
+
+def save_pretrained(model: Transformer, path: str | os.PathLike,
+                    tokenizer_file: str | os.PathLike | None = None,
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    """Writes `model` in our checkpoint format (module docstring) to directory `path`."""
+    if tokenizer_file is not None and not os.path.isfile(tokenizer_file):
+        raise FileNotFoundError(f"tokenizer_file not found: {tokenizer_file}")
+    config = model.cfg.to_hf_dict()
+    config["v4lab"] = model.cfg.to_dict()
+    config["v4lab"]["csa_mode"] = model.csa_mode
+    with atomic_dir(path) as tmp:
+        write_config(tmp, config)
+        write_tensors(tmp, model.state_dict(), max_shard_bytes)
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+
+
+# ---------------------------------------------------------------------- reading
+def read_config(path: Path) -> ModelConfig:
+    file = path / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"no config.json in checkpoint directory {path}")
+    with open(file, encoding="utf-8") as f:
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if isinstance(raw.get("v4lab"), dict):
+        try:
+            return ModelConfig(**raw["v4lab"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{file}: field 'v4lab': {e}") from None
+    return ModelConfig.from_released(_from_transformers_config(raw), str(file))
+
+
+_HF_RATIO_KEYS = {"sliding_attention": None, "compressed_sparse_attention":
+                  "compressed_sparse_attention", "heavily_compressed_attention":
+                  "heavily_compressed_attention"}
+
+
+def _from_transformers_config(raw: dict) -> dict:
+    """A config.json written by transformers' DeepseekV4Config has `layer_types`,
+    `compress_rates`, `mlp_layer_types` and `rope_parameters` instead of the released
+    `compress_ratios`, `num_hash_layers` and `rope_scaling`; rebuild those."""
+    raw = dict(raw)
+    if "compress_ratios" not in raw and "layer_types" in raw:
+        rates = raw.get("compress_rates") or {}
+        ratios = []
+        for t in raw["layer_types"]:
+            if t not in _HF_RATIO_KEYS:
+                raise ValueError(f"config.json: unknown layer type {t!r} in layer_types")
+            ratios.append(0 if _HF_RATIO_KEYS[t] is None else int(rates.get(
+                t, 4 if t == "compressed_sparse_attention" else 128)))
+        raw["compress_ratios"] = ratios + [0] * int(raw.get("num_nextn_predict_layers", 1))
+    if "num_hash_layers" not in raw and "mlp_layer_types" in raw:
+        raw["num_hash_layers"] = sum(t == "hash_moe" for t in raw["mlp_layer_types"])
+    compress = (raw.get("rope_parameters") or {}).get("compress")
+    if "rope_scaling" not in raw and isinstance(compress, dict) and compress.get(
+            "rope_type", compress.get("type")) == "yarn":
+        raw["rope_scaling"] = {k: compress[k] for k in ("factor", "beta_fast", "beta_slow",
+                                                        "original_max_position_embeddings")
+                               if k in compress}
+    return raw
+
+
+def tensor_files(path: Path) -> tuple[list[Path], str]:
+    """The safetensors files of a checkpoint directory and their layout: 'index', 'single',
+    'mp' (reference inference, ranks in order) or 'glob'."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map", {})
+        files = sorted({path / v for v in weight_map.values()})
+        for file in files:
+            if not file.is_file():
+                raise FileNotFoundError(f"{index} names {file.name}, which is missing")
+        return files, "index"
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"], "single"
+    mp = sorted((int(m.group(1)), int(m.group(2)), p) for p in path.glob("*.safetensors")
+                if (m := _MP_FILE.match(p.name)))
+    if mp:
+        world = mp[0][1]
+        ranks = [r for r, w, _ in mp if w == world]
+        if ranks != list(range(world)):
+            raise FileNotFoundError(f"{path}: reference-inference shards for mp={world} are "
+                                    f"incomplete (found ranks {ranks})")
+        return [p for r, w, p in mp if w == world], "mp"
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in checkpoint directory {path}")
+    return files, "glob"
+
+
+def read_tensors(files: list[Path], layout: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors by stored name (reference-inference ranks merged), and the file of each."""
+    tensors: dict[str, torch.Tensor] = {}
+    where: dict[str, str] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                if name not in tensors:
+                    tensors[name], where[name] = t, file.name
+                elif layout == "mp" and naming.MP_SPLIT_DIM.get(naming.mp_split_key(name)) is not None:
+                    dim = naming.MP_SPLIT_DIM[naming.mp_split_key(name)]
+                    tensors[name] = torch.cat((tensors[name], t), dim=dim)
+                elif layout != "mp":
+                    raise ValueError(f"tensor {name} appears in both {where[name]} and {file.name}")
+    return tensors, where
+
+
+def released_to_ours(tensors: dict[str, torch.Tensor], where: dict[str, str], cfg: ModelConfig,
+                     dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Renames, dequantises (FP8 blocks / FP4 experts) and stacks routed experts. Floating
+    tensors are cast to `dtype`; with None, dequantised ones become bfloat16 (the release's
+    compute dtype) and the others keep their stored dtype."""
+    block = tuple(cfg.quantization.get("weight_block_size", (128, 128)))
+    renamed: dict[str, tuple[torch.Tensor, str]] = {}
+    for name, t in tensors.items():
+        ours = naming.released_to_ours(name)
+        if ours is not None:
+            renamed[ours] = (t, where[name])
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for name, (t, file) in renamed.items():
+        if name.endswith(".scale"):
+            if name[:-len(".scale")] + ".weight" not in renamed:
+                raise ValueError(f"{file}: scale tensor {name} has no weight "
+                                 f"{name[:-len('.scale')]}.weight")
+            continue
+        scale = renamed.get(name[:-len(".weight")] + ".scale") if name.endswith(".weight") else None
+        stored = t.dtype
+        try:
+            t = _dequantise(t, None if scale is None else scale[0], block)
+        except ValueError as e:
+            raise ValueError(f"{file}: tensor {name}: {e}") from None
+        if t.is_floating_point():
+            target = dtype or (torch.bfloat16 if t.dtype != stored else stored)
+            t = t.to(torch.float32 if _FP32_NAMES.search(name) else target)
+        if name.endswith("tid2eid"):
+            t = t.long()
+        hit = naming.per_expert(name)
+        if hit:
+            experts.setdefault((hit[0], hit[2]), {})[hit[1]] = t
+        else:
+            out[name] = t
+    for (prefix, w), per in experts.items():
+        ids = sorted(per)
+        if ids != list(range(len(ids))) or len(ids) != cfg.n_routed_experts:
+            missing = sorted(set(range(cfg.n_routed_experts)) - set(ids))
+            raise ValueError(f"routed experts of {prefix}.{{e}}.{w}.weight: expected "
+                             f"{cfg.n_routed_experts}, missing ids {missing[:8]}")
+        out[f"{prefix}.{w}"] = torch.stack([per[e] for e in ids])
+    return out
+
+
+def _dequantise(t: torch.Tensor, scale: torch.Tensor | None, block) -> torch.Tensor:
+    if t.dtype == torch.float8_e4m3fn:
+        if scale is None:
+            raise ValueError("float8 weight without a '.scale' tensor")
+        return dequant_fp8(t, scale, block)
+    if t.dtype in (torch.int8, torch.uint8, torch.float4_e2m1fn_x2):
+        if scale is None:
+            raise ValueError(f"{t.dtype} weight without a '.scale' tensor (FP4 needs one)")
+        return dequant_fp4(t, scale)
+    if scale is not None:
+        raise ValueError(f"has a '.scale' tensor but dtype {t.dtype} is not FP8/FP4")
+    return t
+
+
+def load_pretrained(path: str | os.PathLike, device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None) -> Transformer:
+    """Loads a checkpoint directory in any supported layout (module docstring).
+
+    dtype: floating tensors are cast to it, except the fp32-by-design ones (sinks, `ape`, mHC,
+    router bias). Default: as stored, and dequantised FP8/FP4 weights as bfloat16."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not path.is_dir():
+        raise ValueError(f"checkpoint must be a directory (config.json + *.safetensors): {path}")
+    cfg = read_config(path)
+    files, layout = tensor_files(path)
+    tensors, where = read_tensors(files, layout)
+    if naming.is_ours(tensors):
+        state = {k: (v.to(torch.float32 if _FP32_NAMES.search(k) else dtype)
+                     if dtype is not None and v.is_floating_point() else v)
+                 for k, v in tensors.items()}
+    else:
+        state = released_to_ours(tensors, where, cfg, dtype)
+        where = {naming.released_to_ours(k) or k: v for k, v in where.items()}
+    if cfg.n_mtp_layers and not any(k.startswith("mtp.") for k in state):
+        # transformers drops the MTP block when it saves; inference does not need it
+        warnings.warn(f"{path}: no MTP tensors; loading without the MTP block")
+        cfg = cfg.replace(n_mtp_layers=0, compress_ratios=cfg.compress_ratios[:cfg.n_layers])
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    _check_state(model, state, where, path, files)
+    model.load_state_dict(state, assign=True, strict=True)
+    model.set_csa_mode(cfg.csa_mode)
+    return model.to(device) if device is not None else model
+
+
+def _check_state(model: Transformer, state: dict[str, torch.Tensor], where: dict[str, str],
+                 path: Path, files: list[Path]) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    if missing:
+        names = ", ".join(f.name for f in files)
+        raise ValueError(f"{path}: {len(missing)} tensor(s) missing from {names}, first: "
+                         f"{missing[0]}")
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        k = unexpected[0]
+        raise ValueError(f"{path}/{where.get(k, '?')}: unexpected tensor {k} (does config.json "
+                         f"match the weights?)")
+    for k, t in state.items():
+        if tuple(t.shape) != tuple(expected[k].shape):
+            raise ValueError(f"{path}/{where.get(k, '?')}: tensor {k} has shape {tuple(t.shape)},"
+                             f" config.json implies {tuple(expected[k].shape)}")

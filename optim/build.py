@@ -1,0 +1,44 @@
+"""`build_optimizer`: the one call the trainer makes (grouping + `MuonAdamW` + start-up log)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .groups import DEFAULT_RULES, Rule, param_groups, summarize
+from .optimizer import MuonAdamW
+
+log = logging.getLogger("v4lab.optim")
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
+                    muon_momentum: float = 0.95, ns_coefficients: Any = "hybrid10",
+                    adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-20,
+                    process_group: Any = None, *, nesterov: bool = True,
+                    gamma: float = 0.18, scale_mode: str = "match_rms",
+                    ns_dtype: torch.dtype | None = None,
+                    adamw_weight_decay: float | None = None,
+                    rules: Iterable[Rule] = DEFAULT_RULES,
+                    overrides: Mapping[str, str] | None = None,
+                    row_splits: Mapping[str, int | str] | None = None,
+                    model_config: Any = None) -> MuonAdamW:
+    """Muon for the model's matrices, AdamW for the rest (see `optim.groups`), one optimizer.
+
+    `lr` is the AdamW-style peak learning rate for both halves (γ-scaling makes Muon's update
+    RMS match AdamW's). `process_group` is the data-parallel group (None → the default group when
+    distributed). `adamw_weight_decay` defaults to `weight_decay`.
+    """
+    groups = param_groups(model, rules=rules, overrides=overrides, row_splits=row_splits,
+                          model_config=model_config)
+    for g in groups:
+        if not g["use_muon"] and adamw_weight_decay is not None:
+            g["weight_decay"] = adamw_weight_decay
+    opt = MuonAdamW(groups, lr=lr, weight_decay=weight_decay, momentum=muon_momentum,
+                    nesterov=nesterov, ns_coefficients=ns_coefficients, ns_dtype=ns_dtype,
+                    scale_mode=scale_mode, gamma=gamma, betas=adamw_betas, eps=adamw_eps,
+                    process_group=process_group)
+    log.info(summarize(groups))
+    return opt

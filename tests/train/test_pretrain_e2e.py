@@ -1,0 +1,158 @@
+"""The pretraining launcher end to end, in real processes on the default corpus: learning,
+checkpoints, exact resume (1 process bitwise, 2 processes under the deepspeed launcher), SIGTERM,
+micro-batching invariance of the router-bias update, non-finite step skipping, fault exit."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
+       "PYTHONUNBUFFERED": "1"}
+# tiny preset, short sequences: every step is cheap, the recipe's phases all occur
+FAST = ["data.seq_len=128", "data.micro_batch=2", "batch.global_batch=4",
+        "data.default_max_files=120", "logging.progress=false", "logging.wandb.mode=disabled",
+        "logging.eval_every=0", "logging.sample_tokens=4", "recipe.csa_dense_until=4",
+        "recipe.indexer_warmup_steps=2", "schedule.warmup_steps=2", "schedule.decay_steps=4"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("v4cache")
+
+
+def run(args, run_dir, cache_dir, launcher="python", timeout=600, env=None, check=True):
+    cmd = {"python": [sys.executable, "train/pretrain.py"],
+           "deepspeed2": ["deepspeed", "--num_gpus", "2", "--master_port", str(_port()),
+                          "train/pretrain.py"],
+           "torchrun2": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                         "--master_port", str(_port()), "train/pretrain.py"]}[launcher]
+    out = subprocess.run([*cmd, *FAST, f"run_dir={run_dir}", f"data.cache_dir={cache_dir}",
+                          *args], cwd=REPO, env=env or ENV, capture_output=True, text=True,
+                         timeout=timeout)
+    if check:
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    return out
+
+
+def _port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_single_process_learns_checkpoints_and_resumes_bitwise(tmp_path, cache_dir):
+    a = tmp_path / "a"
+    run(["steps=8", "checkpoint.every=4", "logging.eval_every=8"], a, cache_dir)
+    full = losses(a)
+    assert sorted(full) == list(range(1, 9))
+    assert (a / "checkpoints" / "step_00000004" / "model" / "model.safetensors").is_file()
+    assert (a / "loss_curve.png").is_file()
+    metrics = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_bpb" in m for m in metrics)
+    # resume from step 4 in a fresh run directory holding only that checkpoint
+    b = tmp_path / "b"
+    (b / "checkpoints").mkdir(parents=True)
+    shutil.copytree(a / "checkpoints" / "step_00000004", b / "checkpoints" / "step_00000004")
+    run(["steps=8", "checkpoint.every=4", "logging.eval_every=8"], b, cache_dir)
+    resumed = losses(b)
+    assert sorted(resumed) == [5, 6, 7, 8]
+    for step in resumed:
+        assert resumed[step] == full[step], (step, resumed[step], full[step])  # bitwise
+
+
+def test_two_processes_deepspeed_launcher_learn_and_resume(tmp_path, cache_dir):
+    a = tmp_path / "a"
+    run(["steps=30", "checkpoint.every=15", "optim.lr=3e-3"], a, cache_dir, "deepspeed2")
+    full = losses(a)
+    assert sorted(full) == list(range(1, 31))
+    first, last = sum(full[s] for s in range(1, 6)) / 5, sum(full[s] for s in range(26, 31)) / 5
+    assert last < first - 1.0, (first, last)
+    ckpt = a / "checkpoints" / "step_00000015"
+    assert {p.name for p in ckpt.iterdir()} >= {"model", "optimizer_rank0.pt",
+                                                "optimizer_rank1.pt", "trainer_rank1.pt"}
+    weights = load_file(str(ckpt / "model" / "model.safetensors"))
+    assert "layers.1.ffn.gate.bias" in weights and weights["layers.1.ffn.gate.bias"].abs().sum() > 0
+    shutil.rmtree(a / "checkpoints" / "step_00000030")
+    (a / "metrics.jsonl").unlink()
+    run(["steps=30", "checkpoint.every=15", "optim.lr=3e-3"], a, cache_dir, "deepspeed2")
+    resumed = losses(a)
+    assert sorted(resumed) == list(range(16, 31))
+    for step in resumed:
+        assert abs(resumed[step] - full[step]) < 1e-4 * abs(full[step]), step
+
+
+def test_torchrun_launcher(tmp_path, cache_dir):
+    run(["steps=2"], tmp_path, cache_dir, "torchrun2")
+    assert sorted(losses(tmp_path)) == [1, 2]
+
+
+def test_router_bias_update_same_for_one_and_four_micro_batches(tmp_path, cache_dir):
+    biases = []
+    for micro in (8, 2):
+        d = tmp_path / f"m{micro}"
+        run(["steps=1", f"data.micro_batch={micro}", "batch.global_batch=8", "data.prefetch=0"],
+            d, cache_dir)
+        w = load_file(str(d / "checkpoints" / "step_00000001" / "model" / "model.safetensors"))
+        biases.append({k: v for k, v in w.items() if k.endswith("ffn.gate.bias")})
+    assert biases[0].keys() == biases[1].keys() and biases[0]
+    for k in biases[0]:
+        assert biases[0][k].abs().sum() > 0
+        torch.testing.assert_close(biases[0][k], biases[1][k])
+
+
+def test_sigterm_leaves_a_resumable_checkpoint(tmp_path, cache_dir):
+    cmd = [sys.executable, "train/pretrain.py", *FAST, "steps=1000", "checkpoint.every=0",
+           f"run_dir={tmp_path}", f"data.cache_dir={cache_dir}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(losses(tmp_path)) >= 2):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    saved = sorted((tmp_path / "checkpoints").glob("step_*"))
+    assert len(saved) == 1 and not saved[0].name.endswith(".tmp")
+    step = int(saved[0].name.split("_")[1])
+    assert step >= 2
+    run([f"steps={step + 1}", "checkpoint.every=0"], tmp_path, cache_dir)
+    assert max(losses(tmp_path)) == step + 1
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path, cache_dir):
+    env = {**ENV, "V4LAB_FAULT_NAN_STEPS": "2"}  # fault injection: NaN loss at step 2
+    run(["steps=3"], tmp_path / "skip", cache_dir, env=env)
+    rows = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in rows if "loss" in r] == [0, 1, 1]
+    env = {**ENV, "V4LAB_FAULT_NAN_STEPS": "2,3,4"}
+    out = run(["steps=6", "max_bad_steps=3", "checkpoint.every=1"], tmp_path / "stop", cache_dir,
+              env=env, check=False)
+    assert out.returncode != 0 and "3 non-finite steps in a row" in out.stdout + out.stderr
+    kept = sorted((tmp_path / "stop" / "checkpoints").glob("step_*"))
+    assert [p.name for p in kept][-1] == "step_00000001"  # the last good one, intact
+
+
+def test_error_in_one_rank_stops_the_job(tmp_path, cache_dir):
+    env = {**ENV, "V4LAB_FAULT_RAISE_RANK": "1"}
+    start = time.time()
+    out = run(["steps=50"], tmp_path, cache_dir, "deepspeed2", env=env, check=False, timeout=300)
+    assert out.returncode != 0
+    assert "injected fault on rank 1" in out.stdout + out.stderr
+    assert time.time() - start < 240
