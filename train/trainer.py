@@ -344,11 +344,11 @@ class Trainer:
                     break
             if self.step == cfg.steps and cfg.logging.eval_every == 0:
                 self.eval_and_sample()
-        finally:
+        finally:  # no collective here: after an error the other ranks must not wait on us
             if hasattr(self, "loader"):
                 getattr(self.loader, "close", lambda: None)()
             self.logger.close()
-            barrier()
+        barrier()
 
     def due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
