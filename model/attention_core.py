@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 import kernels
 
+from .norm import fp32_region
+
 # A finite "minus infinity": masked scores contribute exp(-1e30) = 0 without producing NaN
 # gradients when a query has no visible compressed entry.
 MASKED = -1e30
@@ -51,6 +53,7 @@ def window_scores(q: torch.Tensor, kv: torch.Tensor, doc_ids: torch.Tensor, wind
     return scores, keys
 
 
+@fp32_region
 def hybrid_attention(q: torch.Tensor, kv: torch.Tensor, doc_ids: torch.Tensor, window: int,
                      sink: torch.Tensor, comp: torch.Tensor | None = None,
                      comp_mask: torch.Tensor | None = None, comp_idx: torch.Tensor | None = None):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .norm import RMSNorm
+from .norm import RMSNorm, fp32_region
 from .rope import apply_rope
 
 
@@ -82,6 +82,7 @@ class Compressor(nn.Module):
         kv, gate = self.project(x)
         return self.pool(kv, gate, layout, freqs, x.dtype)
 
+    @fp32_region
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x `[batch, seq, dim]` → (kv, gate logits) fp32 `[batch, seq, coff*c]`, `ape` not yet
         added. Split from `pool` so the inference cache can keep the projections of a
@@ -89,6 +90,7 @@ class Compressor(nn.Module):
         xf = x.float()
         return F.linear(xf, self.wkv.weight.float()), F.linear(xf, self.wgate.weight.float())
 
+    @fp32_region
     def pool(self, kv: torch.Tensor, gate: torch.Tensor, layout: BlockLayout, freqs: torch.Tensor,
              dtype: torch.dtype) -> torch.Tensor:
         """Projected tokens `[batch, seq, coff*c]` (fp32) → entries `[batch, n_entries, c]` in

@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention_core import MASKED
 from .compressor import BlockLayout, Compressor
+from .norm import fp32_region
 from .rope import apply_rope
 
 # Queries per chunk are chosen so one chunk's [chunk, heads, entries] tensor stays this small.
@@ -55,6 +56,7 @@ class Indexer(nn.Module):
         w = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
         return q, w
 
+    @fp32_region
     def score_keys(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
                    visible: torch.Tensor) -> torch.Tensor:
         """Queries/weights from `queries` against compressed keys `[batch, n, d]` (fp32) →

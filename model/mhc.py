@@ -20,7 +20,7 @@ from torch import nn
 
 import kernels
 
-from .norm import rms_normalize
+from .norm import fp32_region, rms_normalize
 
 GATE_INIT = 0.01
 COMB_DIAG_INIT = 4.0  # softmax row weight on the diagonal ≈ 0.95 at hc=4; not saturated
@@ -49,6 +49,7 @@ def hc_mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
     return rms_normalize(flat, eps) @ fn.float().t()
 
 
+@fp32_region
 def hc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
            iters: int, hc_eps: float, norm_eps: float):
     """Collapse the streams for a sublayer. x: `[batch, seq, hc, dim]`.
@@ -64,12 +65,14 @@ def hc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.T
     return x_in, post, comb
 
 
+@fp32_region
 def hc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """X'_k = post_k · F + Σ_j comb[j, k] · X_j (the sum runs over comb's first index)."""
     mixed = torch.einsum("bsjk,bsjd->bskd", comb, x.float())
     return (post[..., None] * f.float()[..., None, :] + mixed).to(x.dtype)
 
 
+@fp32_region
 def hc_head(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
             hc_eps: float, norm_eps: float) -> torch.Tensor:
     """Final collapse before the output norm: sigmoid-weighted sum of streams (no Sinkhorn)."""

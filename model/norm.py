@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -25,3 +27,23 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.rms_norm(x, self.weight, self.eps)  # Triton on GPU, else the reference
+
+
+def fp32_island(x: torch.Tensor):
+    """Context in which matmuls really run in fp32 even under autocast (router, compressor,
+    mHC, indexer scores): autocast would otherwise silently run `x.float() @ w.float()` in bf16."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def fp32_region(fn):
+    """Decorator form of `fp32_island`, keyed on the first tensor argument's device."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if t is None or not torch.is_autocast_enabled(t.device.type):
+            return fn(*args, **kwargs)
+        with fp32_island(t):
+            return fn(*args, **kwargs)
+
+    return wrapper

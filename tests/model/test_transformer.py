@@ -231,3 +231,20 @@ def test_tiny_model_overfits_one_batch():
         if loss.item() < 0.5:
             break
     assert first > 8.5 and loss.item() < 0.5, (first, loss.item(), step)
+
+
+def test_bf16_autocast_forward_backward(tiny_model):
+    """Under bf16 autocast the fp32 islands (router, compressor softmax, mHC, losses) keep the
+    result close to fp32, and backward runs."""
+    ids = torch.randint(0, TINY.vocab_size, (1, 96))
+    with torch.no_grad():
+        ref = tiny_model(ids)
+    model = Transformer(TINY)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, routes=ref.routes)
+        loss = compute_loss(out, ids)
+    assert out.balance_loss.dtype == torch.float32 and loss.total.dtype == torch.float32
+    loss.total.backward()
+    assert torch.isfinite(model.layers[1].attn.wq_a.weight.grad).all()
+    diff = (out.logits.float() - ref.logits).abs().max()
+    assert diff < 0.1 * ref.logits.abs().max(), diff
