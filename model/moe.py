@@ -23,6 +23,7 @@ from torch import Tensor
 
 import kernels
 from model.config import ModelConfig
+from model.norm import fp32_island
 from model.dispatcher import LocalDispatcher, TokenDispatcher
 
 # Each expert's row group is padded to this many rows on the `_grouped_mm` path: the CUDA kernel
@@ -155,7 +156,8 @@ class Gate(nn.Module):
                 routes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """x [T, dim], input_ids [T] | None, routes [T, k] | None ->
         (weights [T, k] fp32, expert ids [T, k] int64, scores [T, E] fp32)."""
-        logits = F.linear(x.float(), self.weight.float())                 # [T, E]
+        with fp32_island(x):
+            logits = F.linear(x.float(), self.weight.float())             # [T, E]
         scores = route_scores(logits, self.score_func)                    # [T, E]
         if routes is not None:        # RL routing replay: ids fixed, weights from current scores
             idx = routes.long()
@@ -281,6 +283,10 @@ class Experts(nn.Module):
             raise ValueError(f"weights: expected [{x.shape[0]}], got {tuple(weights.shape)}")
         if self.impl not in self.IMPLS:
             raise ValueError(f"Experts.impl={self.impl!r}: choose one of {self.IMPLS}")
+        if x.shape[0] == 0:
+            # Keep the (empty) output on the autograd graph: under expert parallelism a rank
+            # whose experts got no token must still run the backward all-to-all with the others.
+            return x * 0
         w1, w3, w2 = (w.to(x.dtype) for w in (self.w1, self.w3, self.w2))
         counts = counts.long()
         use_grouped = (self.impl == "grouped_mm"
@@ -434,6 +440,31 @@ class MoE(nn.Module):
             raise ValueError(f"token_mask: expected bool [{b}, {s}], got {token_mask.dtype} "
                              f"{tuple(token_mask.shape)}")
         return b, s
+
+    @torch.no_grad()
+    def shard_experts(self, ep_rank: int, ep_size: int, dispatcher: TokenDispatcher) -> None:
+        """Expert parallelism: keep only experts [ep_rank*E/ep, (ep_rank+1)*E/ep) of the stacks
+        (fresh contiguous tensors, so the full stacks can be freed) and route through
+        `dispatcher`, which must deliver rows for exactly those local experts. Router, bias,
+        hash table and shared expert stay whole (they see every expert / every token)."""
+        if ep_size < 1 or self.n_experts % ep_size or not 0 <= ep_rank < ep_size:
+            raise ValueError(f"ep_size={ep_size}, ep_rank={ep_rank}: ep_size must divide "
+                             f"n_routed_experts={self.n_experts} and 0 <= ep_rank < ep_size")
+        e_loc = self.n_experts // ep_size
+        if dispatcher.n_local_experts != e_loc:
+            raise ValueError(f"dispatcher holds {dispatcher.n_local_experts} local experts, "
+                             f"expected {e_loc}")
+        ex = self.experts
+        if ex.n_experts != self.n_experts:
+            raise RuntimeError(f"layer {self.layer_id}: experts are already sharded")
+        lo = ep_rank * e_loc
+        for name in ("w1", "w3", "w2"):
+            full = getattr(ex, name)
+            local = nn.Parameter(full.detach()[lo:lo + e_loc].clone(),
+                                 requires_grad=full.requires_grad)
+            setattr(ex, name, local)
+        ex.n_experts = e_loc
+        self.dispatcher = dispatcher
 
     @torch.no_grad()
     def update_bias(self, counts: Tensor, speed: float = 1e-3) -> None:

@@ -56,6 +56,7 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.n_layers + k) for k in range(cfg.n_mtp_layers))
         self.csa_mode = cfg.csa_mode
         self.compute_indexer_loss = False
+        self.expert_parallel = (0, 1)  # (ep_rank, ep_size); see shard_experts
         self.init_weights()
 
     # ------------------------------------------------------------------ setup
@@ -106,6 +107,15 @@ class Transformer(nn.Module):
         device by default)."""
         w = self.embed.weight
         return ModelCache(self.cfg, batch, max_len, dtype or w.dtype, device or w.device)
+
+    def shard_experts(self, ep_rank: int, ep_size: int, make_dispatcher) -> None:
+        """Expert parallelism: every MoE layer (MTP blocks included) keeps only this rank's
+        `n_routed_experts / ep_size` experts and routes through `make_dispatcher(layer_id)`.
+        The model never imports the communication layer: it only receives dispatcher objects.
+        `expert_parallel` records (ep_rank, ep_size) for checkpointing code."""
+        for block in [*self.layers, *self.mtp]:
+            block.ffn.shard_experts(ep_rank, ep_size, make_dispatcher(block.ffn.layer_id))
+        self.expert_parallel = (ep_rank, ep_size)
 
     @torch.no_grad()
     def update_router_biases(self, counts: torch.Tensor, speed: float = 1e-3) -> None:

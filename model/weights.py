@@ -98,8 +98,11 @@ def write_config(directory: Path, config: dict) -> None:
 
 def save_pretrained(model: Transformer, path: str | os.PathLike,
                     tokenizer_file: str | os.PathLike | None = None,
-                    max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
-    """Writes `model` in our checkpoint format (module docstring) to directory `path`."""
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Writes `model` in our checkpoint format (module docstring) to directory `path`.
+    `state_dict` replaces `model.state_dict()`, e.g. with expert stacks gathered from the
+    expert-parallel ranks (the config always describes the full model)."""
     if tokenizer_file is not None and not os.path.isfile(tokenizer_file):
         raise FileNotFoundError(f"tokenizer_file not found: {tokenizer_file}")
     config = model.cfg.to_hf_dict()
@@ -107,7 +110,8 @@ def save_pretrained(model: Transformer, path: str | os.PathLike,
     config["v4lab"]["csa_mode"] = model.csa_mode
     with atomic_dir(path) as tmp:
         write_config(tmp, config)
-        write_tensors(tmp, model.state_dict(), max_shard_bytes)
+        write_tensors(tmp, model.state_dict() if state_dict is None else state_dict,
+                      max_shard_bytes)
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .distributed import broadcast_from_owners, group_rank_size
+from .distributed import group_rank_size
 
 
 def _indexed(opt):
@@ -43,7 +43,8 @@ def _pack(opt, muon_bufs: dict[int, torch.Tensor]) -> dict[str, Any]:
             state[idx] = dict(opt.state[p])
     groups, idx = [], 0
     for group in opt.param_groups:
-        saved = {k: v for k, v in group.items() if k != "params"}
+        # shard_group holds a live process group: not picklable and meaningless elsewhere
+        saved = {k: v for k, v in group.items() if k not in ("params", "shard_group")}
         saved["params"] = list(range(idx, idx + len(group["params"])))
         idx += len(group["params"])
         groups.append(saved)
@@ -56,29 +57,27 @@ def _owned_momentum(opt) -> dict[int, torch.Tensor]:
 
 
 def _owned(opt) -> list[torch.Tensor]:
-    me, _ = group_rank_size(opt.process_group)
-    return [p for (_, _, p, _), o in zip(opt._muon_params(), opt.owners()) if o == me]
+    return [p for (_, _, p, _), mine in zip(opt._muon_params(), opt.owned_flags()) if mine]
 
 
 def consolidated_state_dict(opt) -> dict[str, Any]:
+    """Every rank gets the momentum of its own parameters (under expert parallelism: of the
+    experts it holds; owners broadcast within each shard domain)."""
     items = list(opt._muon_params())
-    owners = opt.owners()
-    me, _ = group_rank_size(opt.process_group)
-    have = [o == me and "momentum_buffer" in opt.state.get(p, {})
-            for (_, _, p, _), o in zip(items, owners)]
+    owned = opt.owned_flags()
+    have = [mine and "momentum_buffer" in opt.state.get(p, {})
+            for (_, _, p, _), mine in zip(items, owned)]
     if opt.process_group is not None and items:
         flags = torch.tensor(have, dtype=torch.float32, device=items[0][2].device)
         dist.all_reduce(flags, group=opt.process_group)   # which momenta exist anywhere
         have = [bool(f) for f in flags.tolist()]
-    bufs, buf_owners, out = [], [], {}
-    for (_, _, p, _), owner, present in zip(items, owners, have):
+    out: dict[int, torch.Tensor] = {}
+    for (_, _, p, _), mine, present in zip(items, owned, have):
         if present:
-            buf = opt.state[p]["momentum_buffer"] if owner == me else \
+            out[id(p)] = opt.state[p]["momentum_buffer"] if mine else \
                 torch.empty(p.shape, dtype=torch.float32, device=p.device)
-            bufs.append(buf)
-            buf_owners.append(owner)
-            out[id(p)] = buf
-    broadcast_from_owners(bufs, buf_owners, opt.process_group, opt.bucket_numel)
+    placeholder = torch.empty(0)
+    opt.broadcast_owned(lambda n, p: out.get(id(p), placeholder))
     return _pack(opt, out)
 
 
@@ -93,7 +92,7 @@ def load_state_dict(opt, state_dict: dict[str, Any]) -> None:
     _check_compatible(opt, state_dict)
     for group, saved in zip(opt.param_groups, state_dict["param_groups"]):
         for k, v in saved.items():
-            if k not in ("params", "param_names", "shapes"):
+            if k not in ("params", "param_names", "shapes", "shard_group"):
                 group[k] = v
     owned = {id(p) for p in _owned(opt)}
     opt.state = defaultdict(dict)

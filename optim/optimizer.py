@@ -133,22 +133,68 @@ class MuonAdamW(torch.optim.Optimizer):
                                        f"{tuple(group['shapes'][i])} {_FLATTENED}")
                 yield group, i, p, group["param_names"][i]
 
+    def shard_group_of(self, group: dict[str, Any]):
+        """The process group a Muon group's matrices are split over (None: kept local).
+
+        A group may carry `shard_group`: a process group, or "local". Expert parallelism uses it:
+        routed-expert stacks differ between ranks of different expert shards, so they are owned
+        within their expert-data-parallel group (or locally when that group has one rank), never
+        broadcast across ranks that hold other experts. Absent: the optimizer's `process_group`.
+        """
+        if "shard_group" not in group:
+            return self.process_group
+        sg = group["shard_group"]
+        return None if sg == "local" else sg
+
+    def _domains(self) -> list[tuple[Any, list[int]]]:
+        """(process group, indices into `_muon_params`) per shard domain, in first-use order
+        (the same on every rank, so per-domain collectives line up)."""
+        domains: dict[int, tuple[Any, list[int]]] = {}
+        for n, (g, _, _, _) in enumerate(self._muon_params()):
+            pg = self.shard_group_of(g)
+            domains.setdefault(id(pg), (pg, []))[1].append(n)
+        return list(domains.values())
+
     def owners(self) -> list[int]:
-        """Owner rank (in `process_group`) of each Muon parameter, in `_muon_params` order."""
+        """Owner rank (in its shard domain's group) of each Muon parameter, in `_muon_params`
+        order."""
         items = list(self._muon_params())
-        _, world = group_rank_size(self.process_group)
-        key = (world, tuple((tuple(g["shapes"][i]), g["row_blocks"][i]) for g, i, _, _ in items))
+        domains = self._domains()
+        key = (tuple((group_rank_size(pg)[1], tuple(ix)) for pg, ix in domains),
+               tuple((tuple(g["shapes"][i]), g["row_blocks"][i]) for g, i, _, _ in items))
         if key != self._plan_key:
             costs = [ns_cost(g["shapes"][i], g["row_blocks"][i]) for g, i, _, _ in items]
-            self._owners = assign_owners(costs, world)
+            owners = [0] * len(items)
+            for pg, ix in domains:
+                me, world = group_rank_size(pg)
+                for n, o in zip(ix, assign_owners([costs[n] for n in ix], world)):
+                    owners[n] = o
+                if world > 1:
+                    mine = [costs[n] for n in ix if owners[n] == me]
+                    log.info(f"Muon split over {world} ranks: rank {me} owns {len(mine)} of "
+                             f"{len(ix)} tensors, {sum(mine) / max(sum(costs[n] for n in ix), 1):.1%}"
+                             f" of the Newton-Schulz FLOPs")
+            self._owners = owners
             self._plan_key = key
-            if world > 1:
-                me, _ = group_rank_size(self.process_group)
-                mine = [c for c, o in zip(costs, self._owners) if o == me]
-                log.info(f"Muon split over {world} ranks: rank {me} owns {len(mine)} of "
-                         f"{len(costs)} tensors, {sum(mine) / max(sum(costs), 1):.1%} of the "
-                         f"Newton-Schulz FLOPs")
         return self._owners
+
+    def owned_flags(self) -> list[bool]:
+        """Whether this rank owns each Muon parameter (in `_muon_params` order)."""
+        owners = self.owners()
+        flags = [False] * len(owners)
+        for pg, ix in self._domains():
+            me, _ = group_rank_size(pg)
+            for n in ix:
+                flags[n] = owners[n] == me
+        return flags
+
+    def broadcast_owned(self, tensors_of) -> None:
+        """Owners broadcast `tensors_of(index, param)` within each shard domain (in place)."""
+        items = list(self._muon_params())
+        owners = self.owners()
+        for pg, ix in self._domains():
+            broadcast_from_owners([tensors_of(n, items[n][2]) for n in ix],
+                                  [owners[n] for n in ix], pg, self.bucket_numel)
 
     def ownership(self) -> dict[str, int]:
         """Muon parameter name → owner rank (for logs and tests)."""
@@ -200,9 +246,8 @@ class MuonAdamW(torch.optim.Optimizer):
         return bool(grads) and not any(bool(g.any()) for g in grads)
 
     def _init_state(self) -> None:
-        me, _ = group_rank_size(self.process_group)
-        for (_, _, p, _), owner in zip(self._muon_params(), self.owners()):
-            if owner == me and "momentum_buffer" not in self.state[p]:
+        for (_, _, p, _), mine in zip(self._muon_params(), self.owned_flags()):
+            if mine and "momentum_buffer" not in self.state[p]:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(
                     p, dtype=torch.float32, memory_format=torch.contiguous_format)
         for group in self.param_groups:
@@ -218,11 +263,9 @@ class MuonAdamW(torch.optim.Optimizer):
         temporary fp32/bf16 copies stay bounded even for [256, 2048, 4096] expert stacks.
         """
         items = list(self._muon_params())
-        owners = self.owners()
-        me, _ = group_rank_size(self.process_group)
         work: dict[tuple, list] = defaultdict(list)
-        for (group, i, p, name), owner in zip(items, owners):
-            if owner != me or p.grad is None:
+        for (group, i, p, name), mine in zip(items, self.owned_flags()):
+            if not mine or p.grad is None:
                 continue
             k = group["row_blocks"][i]
             b, r, c = block_shape(p.shape, k)
@@ -243,8 +286,7 @@ class MuonAdamW(torch.optim.Optimizer):
                     w.mul_(1 - g["lr"] * g["weight_decay"])
                     w.add_(o.to(p.dtype), alpha=-g["lr"] * update_scale(r, c, g["scale_mode"],
                                                                           g["gamma"]))
-        broadcast_from_owners([p for _, _, p, _ in items], owners, self.process_group,
-                              self.bucket_numel)
+        self.broadcast_owned(lambda n, p: p)
 
     def _direction(self, group: dict[str, Any], i: int, p: torch.Tensor, s: int,
                    e: int) -> torch.Tensor:

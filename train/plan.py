@@ -5,7 +5,11 @@ Memory per rank (bytes per parameter, `p` = parameters resident on the rank):
 - gradients: the parameter dtype (bf16 runs also hold fp32 gradients for the master step, +4);
 - optimizer: Muon momentum 4 per Muon parameter, split over data-parallel ranks by whole
   matrices; AdamW moments 8 per AdamW parameter;
-- routed experts are split over `ep_size` ranks; everything else is replicated.
+- routed experts are split over `ep_size` ranks; everything else is replicated. Muon momentum of
+  experts is split over the expert-data-parallel group (world / ep ranks holding the same experts);
+- expert-parallel traffic: per token and MoE layer, dispatch sends k copies of the hidden state
+  (activation dtype) plus a fp32 routing weight, combine returns k hidden states; under uniform
+  routing a fraction (ep-1)/ep of them leaves the rank (`dispatch_bytes_per_token`).
 Activations are an estimate per micro-batch (documented in `activation_bytes`); they are the
 least exact line, within about 2x of what a profiler shows.
 """
@@ -38,6 +42,8 @@ class Plan:
     micro_batch: int
     seq_len: int
     grad_accum: int
+    expert_params_per_rank: int = 0
+    dispatch_bytes: float = 0.0   # per token per MoE layer, forward (dispatch + combine)
 
     @property
     def total(self) -> float:
@@ -59,6 +65,9 @@ class Plan:
             f"  optimizer    {self.optimizer / gib:10.2f} GiB",
             f"  activations  {self.activations / gib:10.2f} GiB (estimate)",
             f"  total        {self.total / gib:10.2f} GiB",
+            f"routed experts: {self.expert_params_per_rank / 1e9:.2f}B parameters per rank; "
+            f"all-to-all {self.dispatch_bytes / 1024:.1f} KiB per token per MoE layer "
+            f"(forward, dispatch + combine; backward the same again)",
         ]
         return "\n".join(rows)
 
@@ -99,7 +108,7 @@ def make_plan(cfg: ModelConfig, world: int, ep: int, micro_batch: int, seq_len: 
         raise ValueError(f"batch.global_batch={global_batch} must be a multiple of "
                          f"data.micro_batch={micro_batch} x data-parallel size {dp}")
     model = build_meta(cfg)
-    total = activated = resident = muon = adamw = 0
+    total = activated = resident = muon = adamw = expert_muon = expert_local = 0
     frac = cfg.n_activated_experts / cfg.n_routed_experts
     for name, p in model.named_parameters():
         n = p.numel()
@@ -111,17 +120,56 @@ def make_plan(cfg: ModelConfig, world: int, ep: int, micro_batch: int, seq_len: 
                 activated += n * frac if is_expert else n
         local = n // ep if is_expert else n
         resident += local
+        if is_expert:
+            expert_local += local
         if p.dim() < 2 or any(h in name for h in _ADAMW_HINTS):
             adamw += local
+        elif is_expert:
+            expert_muon += local
         else:
             muon += local
     w_bytes = 2 if bf16 else 4
     weights = resident * (w_bytes + (4 if bf16 else 0))
     grads = resident * (w_bytes + (4 if bf16 else 0))
-    optimizer = muon * 4 / dp + adamw * 8
+    optimizer = muon * 4 / dp + expert_muon * 4 / (dp // ep) + adamw * 8
     acts = activation_bytes(cfg, micro_batch, seq_len, w_bytes, checkpointing)
     return Plan(world, dp, ep, total, int(activated), resident, weights, grads, optimizer, acts,
-                global_batch * seq_len, micro_batch, seq_len, global_batch // (micro_batch * dp))
+                global_batch * seq_len, micro_batch, seq_len, global_batch // (micro_batch * dp),
+                expert_local, dispatch_bytes_per_token(cfg, ep, w_bytes))
+
+
+def dispatch_bytes_per_token(cfg: ModelConfig, ep: int, act_bytes: int = 2) -> float:
+    """Bytes one token sends to other ranks per MoE layer in the forward (see module doc)."""
+    k = cfg.n_activated_experts
+    per_copy = cfg.dim * act_bytes + 4 + cfg.dim * act_bytes    # dispatch (x, weight) + combine
+    return k * per_copy * (ep - 1) / ep
+
+
+def ep_table(presets=("flash", "pro"), eps=(8, 16, 32, 64)) -> str:
+    """Markdown sizing table (world = ep, so each expert lives on one rank; bf16 training):
+    expert parameters and training state per rank (bf16 weight + fp32 master + bf16 and fp32
+    gradients + fp32 Muon momentum = 16 bytes per parameter), all-to-all bytes per token per
+    layer, and the whole plan's per-rank total at micro-batch 1 x 4096 tokens with block
+    activation checkpointing."""
+    from model.config import get_config
+
+    rows = ["| preset | EP | experts / rank | expert params / rank | expert state / rank "
+            "| all-to-all / token / layer (fwd) | plan total / rank |",
+            "|---|---|---|---|---|---|---|"]
+    for name in presets:
+        cfg = get_config(name)
+        for ep in eps:
+            plan = make_plan(cfg, ep, ep, 1, 4096, ep, True, "block")
+            rows.append(
+                f"| {name} | {ep} | {cfg.n_routed_experts // ep} | "
+                f"{plan.expert_params_per_rank / 1e9:.2f}B | "
+                f"{plan.expert_params_per_rank * 16 / 2**30:.0f} GiB | "
+                f"{plan.dispatch_bytes / 1024:.1f} KiB | {plan.total / 2**30:.0f} GiB |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m train.plan: the EP sizing table of train/README.md
+    print(ep_table())
 
 
 def available_memory(device) -> float:

@@ -30,6 +30,7 @@ from optim import build_optimizer, check_zero_stage
 from optim.schedule import LRSchedule, batch_size_ramp, make_scheduler
 
 from . import checkpoint as ckpt
+from . import expert_parallel as ep
 from . import faults
 from .activation import apply_activation_checkpointing
 from .config import TrainConfig
@@ -65,11 +66,14 @@ class StepStats:
 
 def deepspeed_config(cfg: TrainConfig, info: DistInfo, grad_accum: int, bf16: bool) -> dict:
     check_zero_stage(cfg.parallel.zero_stage)
+    # With EP in fp32 the trainer clips (DeepSpeed would average per-rank norms of different
+    # parameters); bf16 keeps DeepSpeed's wrapper clipping (see train/README.md).
+    clip = 0.0 if cfg.parallel.ep_size > 1 and not bf16 else float(cfg.optim.grad_clip)
     return {
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": cfg.data.micro_batch * grad_accum * info.world,
-        "gradient_clipping": float(cfg.optim.grad_clip),
+        "gradient_clipping": clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "bf16": {"enabled": bf16},
         "steps_per_print": 1 << 30,
@@ -103,6 +107,7 @@ class Trainer:
         if cfg.batch.ramp_start is not None:
             self.grad_accum(cfg.batch.ramp_start)
         check_zero_stage(cfg.parallel.zero_stage)
+        ep.validate(model_cfg, info.world, cfg.parallel.ep_size, cfg.parallel.zero_stage)
         self.check_fit()
 
     # ------------------------------------------------------------------ set-up
@@ -135,6 +140,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         with info.device:
             self.model = Transformer(self.model_cfg)
+        self.ep = None
+        if cfg.parallel.ep_size > 1:  # before the optimizer and engine see the parameters
+            self.ep = ep.create_groups(cfg.parallel.ep_size)
+            ep.shard_model(self.model, self.ep)
         apply_activation_checkpointing(self.model, cfg.activation_checkpointing)
         if cfg.compile and info.device.type == "cuda":
             for block in [*self.model.layers, *self.model.mtp]:
@@ -145,7 +154,8 @@ class Trainer:
                 muon_momentum=cfg.optim.muon_momentum,
                 ns_coefficients=cfg.optim.ns_coefficients,
                 adamw_betas=tuple(cfg.optim.adamw_betas), adamw_eps=cfg.optim.adamw_eps,
-                model_config=self.model_cfg)
+                model_config=self.model_cfg,
+                expert_process_group=ep.optimizer_shard_group(self.ep) if self.ep else None)
         elif cfg.optim.name == "adamw":
             self.optimizer = torch.optim.AdamW(
                 self.model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.adamw_betas),
@@ -157,6 +167,8 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model, optimizer=self.optimizer,
             config=deepspeed_config(cfg, info, self.gas, self.bf16))
+        if self.ep is not None:
+            ep.attach_engine(self.engine)
         counts = count_parameters(self.model_cfg)
         self.flops_per_token = flops_per_token(self.model_cfg, counts.activated, cfg.data.seq_len)
         self.peak_flops = (cfg.logging.peak_tflops or detect_peak_tflops(info.device) or 0) * 1e12
@@ -212,6 +224,8 @@ class Trainer:
         skip = any_rank(bad or not math.isfinite(grad_norm), info.device)
         if skip:
             self.optimizer_core().skip_next_step()
+        elif self.ep is not None and not self.bf16:
+            ep.clip_grads_(self.model, self.cfg.optim.grad_clip, grad_norm)
         engine.step()  # the boundary: DeepSpeed calls our optimizer (which may skip)
         all_reduce_sum(counts)
         if not skip:
@@ -219,6 +233,7 @@ class Trainer:
             self.model.update_router_biases(counts, self.cfg.recipe.bias_update_speed)
         totals = all_reduce_sum(totals.to(info.device)).cpu() / (self.gas * info.world)
         self.last_counts = counts
+        self.last_ep_metrics = ep.dispatch_metrics(self.model, self.ep, counts)  # this step's
         names = ("loss", "lm_loss", "mtp_loss", "balance_loss", "indexer_loss")
         return StepStats(float(totals[0]), dict(zip(names[1:], totals[1:].tolist())), grad_norm,
                          skip, tokens * info.world)
@@ -232,11 +247,8 @@ class Trainer:
         return opt
 
     def grad_norm(self) -> float:
-        sq = torch.zeros((), dtype=torch.float64, device=self.info.device)
-        for p in self.model.parameters():
-            if p.grad is not None:
-                sq += p.grad.detach().double().pow(2).sum()
-        return math.sqrt(float(sq))
+        """Global L2 norm of the reduced gradient (each expert counted once under EP)."""
+        return ep.global_grad_norm(self.model, self.ep)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -267,7 +279,8 @@ class Trainer:
     def save(self) -> Path:
         path = ckpt.save_checkpoint(
             self.run_dir, self.step, self.info, self.model, self.optimizer, self.trainer_state(),
-            OmegaConf.to_yaml(self.cfg), self.task.tokenizer_file, self.cfg.checkpoint.keep)
+            OmegaConf.to_yaml(self.cfg), self.task.tokenizer_file, self.cfg.checkpoint.keep,
+            ep_groups=self.ep)
         self.logger.message(f"checkpoint: {path}")
         return path
 
@@ -277,7 +290,7 @@ class Trainer:
         path = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.run_dir)
         if path is None:
             return
-        state = ckpt.load_checkpoint(path, self.info, self.model, self.optimizer)
+        state = ckpt.load_checkpoint(path, self.info, self.model, self.optimizer)  # EP-aware
         refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
         if refresh is not None and self.engine.optimizer is not self.optimizer:
             refresh()  # bf16: DeepSpeed's fp32 master copies must see the loaded weights
@@ -331,7 +344,7 @@ class Trainer:
                 else:
                     self.bad_in_a_row = 0
                 self.log_step(stats, dt)
-                if self.due(cfg.logging.eval_every):
+                if self.due(cfg.logging.eval_every) or self.step == cfg.steps:
                     self.eval_and_sample()
                 stop = any_rank(self.stop_requested, info.device)
                 # never checkpoint inside a streak of skipped steps: the last good one stays
@@ -342,8 +355,6 @@ class Trainer:
                     self.logger.message(f"stopped by signal at step {self.step}; resume with "
                                         f"checkpoint.resume=auto")
                     break
-            if self.step == cfg.steps and cfg.logging.eval_every == 0:
-                self.eval_and_sample()
         finally:  # no collective here: after an error the other ranks must not wait on us
             if hasattr(self, "loader"):
                 getattr(self.loader, "close", lambda: None)()
@@ -366,13 +377,19 @@ class Trainer:
                    "seq_len": self.phase.seq_len,
                    "expert_imbalance_max": max(imbalance),
                    **{f"expert_imbalance/layer{i}": v for i, v in enumerate(imbalance)}}
+        metrics.update(self.last_ep_metrics)
         if self.peak_flops:
             metrics["mfu"] = tps * self.flops_per_token / (self.peak_flops * self.info.world)
         self.logger.log(self.step, metrics)
 
     def eval_and_sample(self) -> None:
         metrics = self.evaluate()
-        sample = self.task.sample(self.model, self.step) if self.info.is_main else None
+        # Under EP every rank must run the forward (each MoE layer is an all-to-all over the
+        # EP group); greedy decoding gives the same text everywhere and only rank 0 prints it.
+        sample = (self.task.sample(self.model, self.step)
+                  if self.info.is_main or self.ep is not None else None)
+        if not self.info.is_main:
+            sample = None
         if metrics:
             self.logger.log(self.step, metrics)
             self.logger.message(f"step {self.step}: held-out loss {metrics['val_loss']:.4f}, "

@@ -1,0 +1,142 @@
+"""Shared pieces of the expert-parallel tests: a small model config, batches, and one rank's
+training run through the trainer's own EP path (DeepSpeed engine, gradient accumulation,
+MuonAdamW, router-bias update from global counts, EP-aware clipping).
+
+`train(rank, world, ep_size, ...)` runs on every rank of `run_distributed` and returns plain
+numpy data (losses, full-model gradients of the first step, full weights after the last step),
+so an EP run and an EP = 1 run of the same global batch can be compared tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+GLOBAL_BATCH, SEQ, MICRO = 8, 32, 2
+CLIP = 0.5     # small enough to be active: checks the EP-aware clipping against DeepSpeed's
+LR = 2e-3
+# AdamW with the recipe's eps=1e-20 turns round-off-sized gradients (e.g. structurally ~0 entries
+# of mHC biases, whose sign depends on summation order) into full lr-sized steps, so two
+# mathematically equal runs can drift by lr per step there. 1e-8 keeps the comparison about EP.
+ADAMW_EPS = 1e-8
+
+
+def small_config(**kw):
+    from model.config import get_config
+
+    base = dict(vocab_size=256, dim=64, n_layers=2, compress_ratios=(0, 4, 0), n_heads=2,
+                head_dim=32, rope_head_dim=16, q_lora_rank=32, o_lora_rank=32, o_groups=2,
+                index_n_heads=2, index_head_dim=16, index_topk=8, window_size=8,
+                moe_inter_dim=32, n_routed_experts=8, n_activated_experts=2)
+    base.update(kw)
+    return get_config("tiny").replace(**base)
+
+
+def global_batches(steps: int, vocab: int = 256) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(2, vocab, (steps, GLOBAL_BATCH, SEQ), generator=g)
+
+
+def starve(model, n_experts: int, keep: int) -> None:
+    """Routes every token to experts [0, keep) only: router bias +10 there, and a hash table
+    that only names those experts. With keep = E/2 and EP=2, rank 1's experts get nothing."""
+    with torch.no_grad():
+        for block in [*model.layers, *model.mtp]:
+            gate = block.ffn.gate
+            if gate.is_hash:
+                k = gate.tid2eid.shape[1]
+                ids = torch.arange(gate.tid2eid.shape[0] * k).view(-1, k)
+                gate.tid2eid.copy_(ids % keep)
+            else:
+                gate.bias.zero_()
+                gate.bias[:keep] = 10.0
+
+
+def _no_shm():
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def _full_grads(model, groups) -> dict:
+    from train import expert_parallel as ep
+
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+        if groups is not None and ep.is_expert_param(name):
+            parts = [torch.empty_like(g) for _ in range(groups.ep_size)]
+            torch.distributed.all_gather(parts, g.contiguous(), group=groups.ep_group)
+            g = torch.cat(parts)
+        out[name] = g.numpy()
+    return out
+
+
+def build(ep_size: int, cfg=None, starve_keep: int | None = None, gas: int = 1):
+    """Model + optimizer + engine exactly as the trainer wires them (fp32, ZeRO 0)."""
+    import deepspeed
+
+    import optim
+    from model.transformer import Transformer
+    from train import expert_parallel as ep
+
+    _no_shm()
+    cfg = cfg or small_config()
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    if starve_keep is not None:
+        starve(model, cfg.n_routed_experts, starve_keep)
+    groups = None
+    if ep_size > 1:
+        ep.validate(cfg, torch.distributed.get_world_size(), ep_size)
+        groups = ep.create_groups(ep_size)
+        ep.shard_model(model, groups)
+    opt = optim.build_optimizer(model, lr=LR, model_config=cfg, adamw_eps=ADAMW_EPS,
+                                expert_process_group=ep.optimizer_shard_group(groups)
+                                if groups else None)
+    ds_cfg = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": gas,
+              "zero_optimization": {"stage": 0}, "steps_per_print": 1 << 30,
+              "gradient_clipping": 0.0 if groups else CLIP}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
+    if groups is not None:
+        ep.attach_engine(engine)
+    return model, opt, engine, groups
+
+
+def train(rank: int, world: int, ep_size: int, steps: int = 3, starve_keep: int | None = None):
+    from model.loss import LossWeights, compute_loss
+    from train import expert_parallel as ep
+    from train.dist import all_reduce_sum
+
+    gas = GLOBAL_BATCH // (MICRO * world)
+    model, opt, engine, groups = build(ep_size, starve_keep=starve_keep, gas=gas)
+    data = global_batches(steps, model.cfg.vocab_size)
+    result = {"loss": [], "norm": [], "bytes": []}
+    for step in range(steps):
+        rows = data[step][rank::world]                       # this rank's share of the batch
+        total, counts = torch.zeros((), dtype=torch.float64), None
+        for mb in rows.split(MICRO):
+            out = engine(mb)
+            terms = compute_loss(out, mb, weights=LossWeights(mtp=0.3, balance=1e-2, indexer=0))
+            engine.backward(terms.total)
+            total += float(terms.total.detach())
+            c = out.expert_counts.detach().float()
+            counts = c if counts is None else counts + c
+            if not engine.is_gradient_accumulation_boundary():
+                engine.step()
+        norm = ep.global_grad_norm(model, groups)
+        if step == 0:
+            result["grads"] = _full_grads(model, groups)
+        if groups is not None:
+            ep.clip_grads_(model, CLIP, norm)
+        engine.step()
+        all_reduce_sum(counts)                               # global counts per expert
+        model.update_router_biases(counts, 1e-3)
+        result["loss"].append(float(all_reduce_sum(total.reshape(1))) / (gas * world))
+        result["norm"].append(norm)
+        result["bytes"].append(ep.dispatch_metrics(model, groups, counts).get(
+            "ep/all_to_all_bytes", 0.0))
+    result["weights"] = {k: v.numpy().copy() for k, v in ep.full_state_dict(model, groups).items()}
+    result["ns_matrices"] = opt.ns_matrices
+    return result
