@@ -377,6 +377,7 @@ class MoE(nn.Module):
         self.gate = Gate(cfg, layer_id)
         self.is_hash = self.gate.is_hash
         self.experts = Experts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, cfg.swiglu_limit)
+        self.expert_offset = 0  # global index of experts.w*[0] (non-zero under EP)
         self.shared_experts = (
             SharedExpert(cfg.dim, cfg.moe_inter_dim * cfg.n_shared_experts, cfg.swiglu_limit)
             if cfg.n_shared_experts > 0 else None)
@@ -464,6 +465,7 @@ class MoE(nn.Module):
                                  requires_grad=full.requires_grad)
             setattr(ex, name, local)
         ex.n_experts = e_loc
+        self.expert_offset = lo
         self.dispatcher = dispatcher
 
     @torch.no_grad()
@@ -482,19 +484,29 @@ class MoE(nn.Module):
     @torch.no_grad()
     def init_weights(self, std: float, generator: torch.Generator | None = None,
                      w2_std: float | None = None) -> None:
-        """normal(0, std) for the router, routed experts and shared expert, in that fixed order
-        (gate.weight, experts.w1, w3, w2, shared w1, w3, w2) so a seeded generator reproduces
-        them. Down projections use `w2_std` (default `std`): V4's init is unpublished (spec
-        §12.2), so any depth scaling is the transformer's decision, passed in here. Resets the
-        bias to zero and rebuilds the hash table. Meta tensors are skipped."""
+        """normal(0, std) for the router and shared expert from `generator`, in a fixed order
+        (gate.weight, shared w1, w3, w2); each routed expert from its own generator seeded by
+        (generator's seed, layer, global expert index), so a rank holding experts [lo, hi) under
+        expert parallelism initialises exactly the slice the full model would have, without
+        ever materialising the other experts. Down projections use `w2_std` (default `std`):
+        V4's init is unpublished (spec §12.2), so any depth scaling is the transformer's
+        decision, passed in here. Resets the bias to zero and rebuilds the hash table. Meta
+        tensors are skipped."""
         w2_std = std if w2_std is None else w2_std
-        plan = [(self.gate.weight, std), (self.experts.w1, std), (self.experts.w3, std),
-                (self.experts.w2, w2_std)]
+        plan = [(self.gate.weight, std)]
         if self.shared_experts is not None:
             se = self.shared_experts
             plan += [(se.w1.weight, std), (se.w3.weight, std), (se.w2.weight, w2_std)]
         for tensor, sd in plan:
             _normal_(tensor, sd, generator)
+        base = generator.initial_seed() if generator is not None else torch.initial_seed()
+        ex = self.experts
+        for i in range(ex.n_experts):
+            e = self.expert_offset + i
+            gen = torch.Generator().manual_seed((base * 1000003 + self.layer_id * 4099 + e)
+                                                % (1 << 63))
+            for tensor, sd in ((ex.w1, std), (ex.w3, std), (ex.w2, w2_std)):
+                _normal_(tensor[i:i + 1], sd, gen)
         self.gate.reset_buffers()
 
 

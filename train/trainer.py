@@ -138,12 +138,16 @@ class Trainer:
         import deepspeed
 
         torch.manual_seed(cfg.seed)
-        with info.device:
+        # Built on the meta device, sharded, then materialised: a rank only ever allocates its
+        # own experts, and the deterministic init gives every rank the slice the full model has.
+        with torch.device("meta"):
             self.model = Transformer(self.model_cfg)
         self.ep = None
         if cfg.parallel.ep_size > 1:  # before the optimizer and engine see the parameters
             self.ep = ep.create_groups(cfg.parallel.ep_size)
             ep.shard_model(self.model, self.ep)
+        self.model.to_empty(device=info.device)
+        self.model.init_weights()
         apply_activation_checkpointing(self.model, cfg.activation_checkpointing)
         if cfg.compile and info.device.type == "cuda":
             for block in [*self.model.layers, *self.model.mtp]:

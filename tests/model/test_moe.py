@@ -345,3 +345,25 @@ def test_init_is_deterministic_and_meta_build_allocates_nothing():
     lazy.to_empty(device="cpu")
     lazy.init_weights(0.3, torch.Generator().manual_seed(7))
     assert all(torch.equal(lazy.state_dict()[k], v) for k, v in a.state_dict().items())
+
+
+def test_sharded_meta_build_initialises_the_full_models_slice():
+    """Expert parallelism builds on meta, keeps its experts, then materialises: each rank's
+    experts must equal the matching slice of the unsharded model's init."""
+    from model.dispatcher import LocalDispatcher
+    from model.transformer import Transformer
+
+    cfg = get_config("tiny")
+    full = Transformer(cfg)
+    for ep_rank in range(2):
+        with torch.device("meta"):
+            part = Transformer(cfg)
+        part.shard_experts(ep_rank, 2, lambda layer_id: LocalDispatcher(cfg.n_routed_experts // 2))
+        part.to_empty(device="cpu")
+        part.init_weights()
+        lo = ep_rank * cfg.n_routed_experts // 2
+        for (name, p), q in zip(full.named_parameters(), part.parameters()):
+            want = p[lo:lo + q.shape[0]] if ".ffn.experts." in name else p
+            assert torch.equal(want, q), name
+        for (name, b), c in zip(full.named_buffers(), part.buffers()):
+            assert torch.equal(b, c), name
