@@ -19,11 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from model.config import ModelConfig
+from optim.groups import ADAMW, assign
 from model.summary import build_meta
 
-# Parameters AdamW trains under the default grouping (1-D tensors and the documented names);
-# used for the optimizer-state estimate only.
-_ADAMW_HINTS = ("embed.", "head.", "norm", "hc_", "attn_sink", "ape", "ffn.gate.weight")
 
 
 @dataclass
@@ -122,7 +120,7 @@ def make_plan(cfg: ModelConfig, world: int, ep: int, micro_batch: int, seq_len: 
         resident += local
         if is_expert:
             expert_local += local
-        if p.dim() < 2 or any(h in name for h in _ADAMW_HINTS):
+        if assign(name, p.shape)[0] == ADAMW:  # the optimizer's own grouping rules
             adamw += local
         elif is_expert:
             expert_muon += local
