@@ -19,9 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from model.config import ModelConfig
-from optim.groups import ADAMW, assign
 from model.summary import build_meta
-
+from optim.groups import ADAMW, assign
 
 
 @dataclass
