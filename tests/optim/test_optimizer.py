@@ -58,7 +58,13 @@ def test_adamw_half_matches_torch_adamw():
     z, w = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
     z.grad, w.grad = torch.zeros(3), torch.ones(3)
     MuonAdamW([{"params": [z, w], "use_muon": False}], lr=1.0, weight_decay=0.0).step()
-    assert torch.equal(z.detach(), torch.ones(3)) and torch.equal(w.detach(), torch.zeros(3))
+    # z: m = 0 so the update is 0 / (0 + eps) = 0 exactly, on any machine.
+    assert torch.equal(z.detach(), torch.ones(3))
+    # w: the bias-corrected update is 1 in exact arithmetic, but it goes through a handful of fp32
+    # roundings (1 - beta^t, the division, the square root), each within half an ulp of 1, so
+    # 1 - update lands within a few machine epsilons of 0 (1.19e-7 was seen on one CPU).
+    fp32_eps = torch.finfo(torch.float32).eps
+    assert w.detach().abs().max().item() <= 8 * fp32_eps
 
 
 def test_zero_gradient_first_step_only_creates_state():

@@ -1,13 +1,20 @@
 """Expert parallelism against a single process on the same global batch (real gloo ranks,
 DeepSpeed engine, gradient accumulation, MuonAdamW, router-bias update, EP-aware clipping).
 
-Gradients are compared right after the first step's reduction, every parameter (experts
-gathered from their ranks), at 1e-5. Weights after 3 optimizer steps are compared at 1e-4:
-Muon orthogonalises each gradient by its own norm, so matrices whose gradients are tiny (mHC's
-`hc_*_fn` at init, ~1e-6) amplify summation-order round-off of ~1e-9 into ~5e-5 weight
-differences; that happens for any change of reduction order, EP or not. Real EP bugs (experts
-reduced over the wrong group, Muon broadcasting across expert shards, wrong scaling) move
-weights by ≥ 1e-3 and gradients by O(1).
+What EP changes is where gradients are computed and reduced, so the test is about gradients:
+every parameter's gradient after the first step's reduction (experts gathered from their ranks),
+the loss and the global grad norm, at 1e-5 (fp32 sums of a few hundred O(1e-3) terms in another
+order differ by ~1e-9).
+
+Weights after 3 optimizer steps (so routing, router biases and Muon ownership act too) are
+compared at 1e-4 where the first-step gradient is well determined (RMS >= 1e-6; measured
+differences there are <= 1e-6). Muon orthogonalises each gradient by its own norm, and at residual
+init the mHC `hc_*_fn` matrices have gradients of RMS 1e-9..1e-7 that are nearly rank-deficient:
+a relative gradient change of 3e-6 (summation order alone) moves their update by up to ~6% of an
+lr-sized step (1.3e-4 measured for `mtp.0.hc_ffn_fn`, and seen on another CPU). Those are compared
+at LR / 4: a real EP bug (experts reduced over the wrong group, Muon broadcasting across expert
+shards, a missed or doubled update, wrong scaling) moves weights by >= one lr-sized step (2e-3)
+and gradients by O(1).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import numpy as np
 import pytest
 
 from tests.helpers.distributed import run_distributed
-from tests.parallel.harness import train
+from tests.parallel.harness import LR, train
 
 pytest.importorskip("deepspeed")
 
@@ -41,8 +48,16 @@ def _compare(ref, got, what):
                                    err_msg=f"{what}: gradient of {k}")
     assert ref["weights"].keys() == got["weights"].keys()
     for k, w in ref["weights"].items():
-        np.testing.assert_allclose(got["weights"][k], w, atol=1e-4, rtol=1e-4,
+        well_determined = k not in ref["grads"] or rms(ref["grads"][k]) >= 1e-6
+        atol = 1e-4 if well_determined else LR / 4
+        np.testing.assert_allclose(got["weights"][k], w, atol=atol, rtol=1e-4,
                                    err_msg=f"{what}: {k} after 3 steps")
+    ill = [k for k, g in ref["grads"].items() if rms(g) < 1e-6 and np.any(g)]
+    assert all("hc_" in k for k in ill), f"unexpectedly tiny gradients: {ill}"
+
+
+def rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
 
 
 def test_ep2_matches_single_process(reference):
