@@ -31,12 +31,17 @@ CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="pretrain")
 def main(cfg: TrainConfig) -> None:
     from model.config import get_config
+    from train.config import ConfigError, validate_config
     from train.dist import init_distributed
     from train.plan import make_plan
 
     model_cfg = get_config(cfg.model.preset, **OmegaConf.to_container(cfg.model.overrides))
+    world = (cfg.world_size if cfg.dry_run else None) or int(os.environ.get("WORLD_SIZE", "1"))
+    try:  # every key's range and the rules between keys, before any data or model work
+        validate_config(cfg, world, model_cfg)
+    except ConfigError as e:
+        raise SystemExit(f"{e}") from None  # the list of bad keys is the message; no traceback
     if cfg.dry_run:
-        world = cfg.world_size or int(os.environ.get("WORLD_SIZE", "1"))
         bf16 = cfg.dtype != "fp32"
         plan = make_plan(model_cfg, world, cfg.parallel.ep_size, cfg.data.micro_batch,
                          cfg.data.seq_len, cfg.batch.global_batch, bf16,
