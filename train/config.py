@@ -37,13 +37,17 @@ def _num(default: Any, rule: str, **kw: Any) -> Any:
     return field(default=default, metadata={"range": rule}, **kw)
 
 
+def _bound(text: str) -> float:
+    return int(text) if re.fullmatch(r"-?\d+", text) else float(text)  # exact for big ints
+
+
 def _within(value: float, rule: str) -> bool:
     m = _RULE.match(rule)
     if m.group(1):
-        op, bound = m.group(1), float(m.group(2))
+        op, bound = m.group(1), _bound(m.group(2))
         return {">=": value >= bound, ">": value > bound, "<=": value <= bound,
                 "<": value < bound}[op]
-    lo, hi = float(m.group(4)), float(m.group(5))
+    lo, hi = _bound(m.group(4)), _bound(m.group(5))
     return ((value >= lo if m.group(3) == "[" else value > lo)
             and (value <= hi if m.group(6) == "]" else value < hi))
 
@@ -169,7 +173,8 @@ class TrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     steps: int = _num(100, ">= 1")  # optimizer steps
-    seed: int = _num(0, "[0, 4294967295]")  # numpy seeds are 32-bit
+    # non-negative for numpy's default_rng, at most 2**64 - 1 for torch.manual_seed
+    seed: int = _num(0, "[0, 18446744073709551615]")
     run_dir: str = "runs/${run_name}"
     run_name: str = "tiny"
     dry_run: bool = False

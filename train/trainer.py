@@ -109,6 +109,9 @@ class Trainer:
         check_zero_stage(cfg.parallel.zero_stage)
         ep.validate(model_cfg, info.world, cfg.parallel.ep_size, cfg.parallel.zero_stage)
         self.check_fit()
+        # the checkpoint to resume is complete, of this layout and model (no side effects yet)
+        ckpt.check_resume(cfg.checkpoint.resume, self.run_dir, info.world, cfg.parallel.ep_size,
+                          model_cfg)
 
     # ------------------------------------------------------------------ set-up
     def grad_accum(self, global_batch: int) -> int:
@@ -290,8 +293,8 @@ class Trainer:
 
     def resume(self) -> None:
         self.pending_loader_state = None
-        ckpt.clean_partial(self.run_dir, self.info)
-        path = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.run_dir)
+        # cleans crash leftovers, skips unusable checkpoints, sets later ones aside
+        path = ckpt.start_point(self.cfg.checkpoint.resume, self.run_dir, self.info)
         if path is None:
             return
         state = ckpt.load_checkpoint(path, self.info, self.model, self.optimizer)  # EP-aware

@@ -66,7 +66,8 @@ def test_defaults_and_presets_are_valid():
 @pytest.mark.parametrize("key,value,rule", [
     ("steps", 0, ">= 1"),
     ("steps", -5, ">= 1"),
-    ("seed", -1, "in [0, 4294967295]"),
+    ("seed", -1, "in [0, 18446744073709551615]"),
+    ("seed", 2**64, "in [0, 18446744073709551615]"),
     ("max_bad_steps", 0, ">= 1"),
     ("world_size", 0, ">= 1"),
     ("data.micro_batch", 0, ">= 1"),
