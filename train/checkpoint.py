@@ -291,7 +291,7 @@ def set_aside_newer(run_dir: str | os.PathLike, start: Path | None,
         target = root / f"abandoned_{stamp}_{n}"
     target.mkdir()
     why = (f"resuming from {start} (step {start_step})" if start is not None
-           else "starting fresh (checkpoint.resume=none or no usable checkpoint)")
+           else "starting fresh (checkpoint.resume=none)")
     (target / "REASON.txt").write_text(
         f"Moved here at {stamp} by a run {why}: these checkpoints belong to the branch it no "
         f"longer follows. Nothing reads this directory; delete it when not needed.\n")
