@@ -7,28 +7,45 @@ Layout of `run_dir/checkpoints/step_00000050/`:
     optimizer_rank{r}.pt each rank's optimizer state (Muon momentum lives on its owner rank)
     trainer_rank{r}.pt   scheduler, data-loader state, RNG states, counters of rank r
     config.yaml          the resolved training config
+    manifest.json        step, world size, ep_size and the size of every file, written last
 
-Every rank writes into `step_N.tmp/`; after a barrier rank 0 renames it to `step_N`. A crash at
-any point leaves either the previous complete checkpoints or an ignored `.tmp` directory, never
-a checkpoint that looks complete. Router biases and the hash tables are buffers, so they travel
-in the weights.
+Nothing is ever lost or half-visible:
+
+- Every rank writes into `step_N.tmp/`; after a barrier rank 0 writes the manifest, fsyncs and
+  renames it to `step_N`. A crash at any point leaves either the previous complete checkpoints
+  or an ignored `.tmp` directory, never a checkpoint that looks complete.
+- Deleting (keep-K pruning, re-saving a step) first renames `step_N` to `step_N.deleting`, so a
+  kill mid-delete leaves an ignored name, never a half-deleted `step_N`. Start-up removes both
+  kinds of leftovers (`clean_partial`).
+- Pruning only ever removes checkpoints *older* than the one just written.
+- Resuming from an older step (or starting fresh with `checkpoint.resume=none`) moves this run's
+  later checkpoints aside into `checkpoints/abandoned_<time>/` (`set_aside_newer`): they belong
+  to a branch of the run that is no longer followed, so `resume=auto` and pruning must not see
+  them, but they are not deleted either.
+- `resume=auto` takes the newest checkpoint that passes `checkpoint_problem` (files present with
+  their manifest sizes, safetensors headers and data complete), warning about each one skipped.
+
+Router biases and the hash tables are buffers, so they travel in the weights.
 
 Expert parallelism: `model/` always holds full `[n_routed_experts, ...]` expert stacks (gathered
 over the expert-parallel group before rank 0 writes), so its layout does not depend on
 `parallel.ep_size`; loading slices each rank's experts for the ep_size it runs with
 (`load_weights`), e.g. a run saved at EP=2 serves at EP=1 or EP=4. Optimizer shards are per rank
-and are *not* resharded: resuming training needs the same world size and ep_size (checked, with
-a message), while the weights alone load at any ep_size.
+and are *not* resharded: resuming training needs the same world size and ep_size (checked at
+start-up, before any data work, with the overrides that start fresh instead).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -39,6 +56,13 @@ from . import expert_parallel as ep
 from .dist import DistInfo, barrier
 
 _STEP_DIR = re.compile(r"step_(\d+)$")
+MANIFEST = "manifest.json"
+_DELETING = ".deleting"
+_SHOWN_MISMATCHES = 5
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed; the message names the file and what to do."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -61,8 +85,13 @@ def checkpoint_root(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def step_of(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Checkpoints with a complete-looking name (`step_N`, not `.tmp`/`.deleting`), oldest
+    first; whether their files are complete is `checkpoint_problem`'s business."""
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
@@ -71,18 +100,243 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path | None:
-    """`auto` → the latest complete checkpoint of this run (or None); `none` → None; else a path."""
+# ---------------------------------------------------------------------- completeness
+def _read_header(file: Path) -> tuple[dict[str, Any], str | None]:
+    """(safetensors header, None) or ({}, why the file is unusable). Reads only the header, so
+    a truncated or garbled file is reported (naming it) without loading any tensor."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 0 or 8 + n > size:
+            return {}, f"{file}: truncated ({size} bytes, the header is incomplete)"
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items()
+                       if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            return {}, f"{file}: unreadable safetensors header ({e})"
+    if 8 + n + end > size:
+        return {}, f"{file}: truncated ({size} of {8 + n + end} bytes)"
+    header.pop("__metadata__", None)
+    return header, None
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    return _read_header(file)[1]
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    file = path / MANIFEST
+    if not file.is_file():
+        return None  # written before manifests existed: checked file by file
+    try:
+        return json.loads(file.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{file}: unreadable ({e})") from None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` cannot be resumed (naming the file), or None when it looks complete."""
+    if not path.is_dir():
+        return f"{path}: not a directory"
+    try:
+        manifest = read_manifest(path)
+    except CheckpointError as e:
+        return str(e)
+    if manifest is not None:
+        for rel, size in manifest.get("files", {}).items():
+            f = path / rel
+            if not f.is_file():
+                return f"{f}: missing (listed in {MANIFEST}); the checkpoint is incomplete"
+            if f.stat().st_size != size:
+                return (f"{f}: truncated or damaged ({f.stat().st_size} bytes, {MANIFEST} "
+                        f"records {size})")
+    if not (path / "trainer_rank0.pt").is_file():
+        return f"{path / 'trainer_rank0.pt'}: missing; the checkpoint is incomplete"
+    weights = sorted((path / "model").glob("*.safetensors"))
+    if not weights:
+        return f"{path / 'model'}: no *.safetensors weights; the checkpoint is incomplete"
+    for f in weights:
+        if problem := _safetensors_problem(f):
+            return problem
+    return None
+
+
+def resolve_resume(resume: str | None, run_dir: str | os.PathLike,
+                   warn: Callable[[str], None] | None = None) -> Path | None:
+    """`auto` → the newest usable checkpoint of this run (skipping, with a warning, any that is
+    incomplete or unreadable) or None when there is none; `none` → None; else that path, which
+    must be usable."""
     if resume in ("none", "", None):
         return None
-    if resume == "auto":
-        found = list_checkpoints(run_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / "trainer_rank0.pt").is_file():
-        raise FileNotFoundError(f"checkpoint.resume={resume!r}: not a complete checkpoint "
-                                f"directory (no trainer_rank0.pt)")
+    if resume != "auto":
+        path = Path(resume)
+        if problem := checkpoint_problem(path):
+            raise CheckpointError(f"checkpoint.resume={resume}: {problem}")
+        return path
+    found = list_checkpoints(run_dir)
+    skipped = []
+    for path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        skipped.append(problem)
+        if warn is not None:
+            warn(f"checkpoint.resume=auto: skipping {path.name}: {problem}")
+    if skipped:
+        raise CheckpointError(
+            f"checkpoint.resume=auto: no usable checkpoint under {checkpoint_root(run_dir)}:\n  "
+            + "\n  ".join(skipped) + "\nResume from a good copy with checkpoint.resume=PATH, or "
+            "start fresh with checkpoint.resume=none (these are then moved aside, not deleted)")
+    return None
+
+
+# ---------------------------------------------------------------------- layout
+def saved_layout(path: Path) -> tuple[int | None, int]:
+    """(world size, ep_size) the checkpoint was written with."""
+    manifest = read_manifest(path)
+    if manifest is not None and "world" in manifest:
+        return manifest["world"], manifest.get("ep_size", 1)
+    state = _load_pt(path / "trainer_rank0.pt", "cpu")
+    return state.get("world"), state.get("ep_size", 1)
+
+
+def check_layout(path: Path, world: int, ep_size: int) -> None:
+    """Raises, naming the overrides that start fresh, if `path` was written by another world
+    size or ep_size (optimizer state is sharded per rank and not resharded)."""
+    saved_world, saved_ep = saved_layout(path)
+    diffs = []
+    if saved_world != world:
+        diffs.append(f"written with world size {saved_world}, resuming with {world}")
+    if saved_ep != ep_size:
+        diffs.append(f"written with parallel.ep_size={saved_ep}, resuming with {ep_size}")
+    if diffs:
+        raise CheckpointError(
+            f"{path}: {'; '.join(diffs)}. Optimizer state is sharded per rank and is not "
+            f"resharded, so training resumes only with the saved layout (world size "
+            f"{saved_world}, parallel.ep_size={saved_ep}). To start a new run instead, pass "
+            f"checkpoint.resume=none (the run directory's checkpoints are then moved aside into "
+            f"checkpoints/abandoned_<time>/, not deleted) or a new run_name=... / run_dir=... .")
+
+
+def check_resume(resume: str | None, run_dir: str | os.PathLike, world: int, ep_size: int,
+                 model_cfg: Any = None) -> Path | None:
+    """The start-up check (no side effects): the checkpoint to resume is usable, has this
+    launch's layout and (given `model_cfg`) this model's tensor shapes. Cheap (file sizes,
+    safetensors headers, one small pickle, a model on the meta device), so it runs before any
+    data or model work."""
+    path = resolve_resume(resume, run_dir)
+    if path is None:
+        return None
+    check_layout(path, world, ep_size)
+    if model_cfg is not None:
+        from model.transformer import Transformer
+
+        with torch.device("meta"):
+            expected = {k: t.shape for k, t in Transformer(model_cfg).state_dict().items()}
+        shapes = {}
+        for f in sorted((path / "model").glob("*.safetensors")):
+            shapes.update({k: v["shape"] for k, v in _read_header(f)[0].items()})
+        if problem := _fit_problems(path / "model", shapes, expected, model_cfg):
+            raise CheckpointError(problem)
     return path
+
+
+def start_point(resume: str | None, run_dir: str | os.PathLike, info: DistInfo) -> Path | None:
+    """Cleans leftovers of crashes, resolves the checkpoint to resume (warning about skipped
+    ones) and moves this run's later checkpoints aside; every rank returns the same path."""
+    clean_partial(run_dir, info)
+    path = resolve_resume(resume, run_dir, warn=_warner(info))
+    barrier()  # every rank has resolved before rank 0 moves anything
+    if info.is_main:
+        set_aside_newer(run_dir, path, log=_warner(info))
+    barrier()
+    return path
+
+
+def _warner(info: DistInfo) -> Callable[[str], None]:
+    def warn(message: str) -> None:
+        if info.is_main:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+    return warn
+
+
+def _step_at(path: Path) -> int:
+    manifest = read_manifest(path)
+    if manifest is not None and "step" in manifest:
+        return int(manifest["step"])
+    if _STEP_DIR.match(path.name):
+        return step_of(path)
+    return int(_load_pt(path / "trainer_rank0.pt", "cpu").get("step", 0))
+
+
+def set_aside_newer(run_dir: str | os.PathLike, start: Path | None,
+                    log: Callable[[str], None] = print) -> Path | None:
+    """Moves the checkpoints this run would branch away from (a later step than `start`, or the
+    same step from another directory; all of them when starting fresh) into
+    `checkpoints/abandoned_<time>/`, so pruning and `resume=auto` follow the new branch and
+    nothing is silently deleted. Returns that directory, or None when nothing moved."""
+    start_step = _step_at(start) if start is not None else 0
+    start_real = start.resolve() if start is not None else None
+    later = [p for p in list_checkpoints(run_dir)
+             if step_of(p) > start_step or (step_of(p) == start_step and p.resolve() != start_real)]
+    if not later:
+        return None
+    root = checkpoint_root(run_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = root / f"abandoned_{stamp}", 1
+    while target.exists():
+        n += 1
+        target = root / f"abandoned_{stamp}_{n}"
+    target.mkdir()
+    why = (f"resuming from {start} (step {start_step})" if start is not None
+           else "starting fresh (checkpoint.resume=none)")
+    (target / "REASON.txt").write_text(
+        f"Moved here at {stamp} by a run {why}: these checkpoints belong to the branch it no "
+        f"longer follows. Nothing reads this directory; delete it when not needed.\n")
+    for p in later:
+        os.rename(p, target / p.name)
+    log(f"checkpoint: {why}; moved {len(later)} later checkpoint(s) "
+        f"({', '.join(p.name for p in later)}) aside to {target}")
+    return target
+
+
+# ---------------------------------------------------------------------- saving
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            _fsync(Path(dirpath) / name)
+        _fsync(Path(dirpath))
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Renames to `step_N.deleting` first: a kill mid-delete never leaves a half-deleted
+    directory under a complete-looking name (the leftover is removed at the next start)."""
+    trash = path.with_name(path.name + _DELETING)
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def prune(run_dir: str | os.PathLike, just_written: Path, keep: int) -> None:
+    """Keeps `just_written` and the `keep - 1` newest *older* checkpoints (keep=0: all).
+    Checkpoints with a later step are never touched: pruning must not delete this run's own
+    new checkpoints in favour of an abandoned branch's (those are set aside at resume)."""
+    if keep <= 0:
+        return
+    older = [p for p in list_checkpoints(run_dir) if step_of(p) < step_of(just_written)]
+    for old in older[:max(0, len(older) - (keep - 1))]:
+        remove_checkpoint(old)
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, info: DistInfo, model: torch.nn.Module,
@@ -103,66 +357,141 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, info: DistInfo, model
     ep_size = ep_groups.ep_size if ep_groups is not None else 1
     torch.save({**trainer_state, "rng": rng_state(), "world": info.world, "ep_size": ep_size},
                tmp / f"trainer_rank{info.rank}.pt")
+    for name in (f"optimizer_rank{info.rank}.pt", f"trainer_rank{info.rank}.pt"):
+        _fsync(tmp / name)
     full = ep.full_state_dict(model, ep_groups) if ep_size > 1 else None  # collective
     if info.is_main:
         save_pretrained(model, tmp / "model", tokenizer_file=tokenizer_file, state_dict=full)
         (tmp / "config.yaml").write_text(config_yaml)
     barrier()
     if info.is_main:
+        files = {str(p.relative_to(tmp)): p.stat().st_size
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps(
+            {"step": step, "world": info.world, "ep_size": ep_size, "files": files}, indent=1))
+        _fsync_tree(tmp)
+        trash = final.with_name(final.name + _DELETING)
         if final.exists():  # re-saving the same step (e.g. a signal right after a save)
-            shutil.rmtree(final)
+            if trash.exists():
+                shutil.rmtree(trash)
+            os.rename(final, trash)  # the new copy is in place before the old one is deleted
         os.replace(tmp, final)
-        for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        _fsync(root)
+        if trash.exists():
+            shutil.rmtree(trash, ignore_errors=True)
+        prune(run_dir, final, keep)
     barrier()
     return final
+
+
+# ---------------------------------------------------------------------- loading
+def _load_pt(file: Path, map_location: Any) -> Any:
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing; the checkpoint is incomplete (resume from "
+                              f"another one with checkpoint.resume=PATH)")
+    try:
+        return torch.load(file, map_location=map_location, weights_only=False)
+    except Exception as e:  # torch raises several types for a damaged pickle/zip
+        raise CheckpointError(f"{file}: unreadable ({type(e).__name__}: {e}); the checkpoint is "
+                              f"damaged (resume from another one with checkpoint.resume=PATH)"
+                              ) from None
 
 
 def load_checkpoint(path: Path, info: DistInfo, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restores weights, this rank's optimizer state and RNG; returns the trainer state."""
-    state_file = path / f"trainer_rank{info.rank}.pt"
-    if not state_file.is_file():
-        raise FileNotFoundError(f"{state_file}: missing; the checkpoint was written by a run "
-                                f"with another world size")
-    trainer_state = torch.load(state_file, map_location="cpu", weights_only=False)
-    if trainer_state.get("world") != info.world:
-        raise ValueError(f"{path}: written with world size {trainer_state.get('world')}, "
-                         f"resuming with {info.world}; optimizer state is sharded per rank")
-    saved_ep = trainer_state.get("ep_size", 1)
     ep_size = getattr(model, "expert_parallel", (0, 1))[1]
-    if saved_ep != ep_size:
-        raise ValueError(f"{path}: written with parallel.ep_size={saved_ep}, resuming with "
-                         f"{ep_size}; optimizer state is not resharded across ep_size. The "
-                         f"weights alone load at any ep_size (train.checkpoint.load_weights)")
+    check_layout(path, info.world, ep_size)  # before any rank's own file: a missing
+    # trainer_rank1.pt is a world-size change only if the checkpoint says so
+    trainer_state = _load_pt(path / f"trainer_rank{info.rank}.pt", "cpu")
     load_weights(path / "model", model, info.device)
-    optimizer.load_state_dict(torch.load(path / f"optimizer_rank{info.rank}.pt",
-                                         map_location=info.device, weights_only=False))
+    optimizer.load_state_dict(_load_pt(path / f"optimizer_rank{info.rank}.pt", info.device))
     set_rng_state(trainer_state["rng"])
     return trainer_state
 
 
-def load_weights(model_dir: Path, model: torch.nn.Module, device: torch.device | str) -> None:
-    """Loads consolidated weights into `model`, slicing the expert stacks to the experts this
-    rank holds (`model.expert_parallel` = (ep_rank, ep_size); any ep_size dividing E)."""
+def _load_safetensors(file: Path, device: torch.device | str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    if problem := _safetensors_problem(file):
+        raise CheckpointError(problem)
+    try:
+        return load_file(file, device=str(device))
+    except Exception as e:  # SafetensorError names no file
+        raise CheckpointError(f"{file}: unreadable ({type(e).__name__}: {e})") from None
+
+
+def _config_diff(model_dir: Path, model_cfg: Any) -> list[str]:
+    """Model config fields that differ between the checkpoint's config.json and this run."""
+    try:
+        saved = json.loads((model_dir / "config.json").read_text()).get("v4lab") or {}
+    except (OSError, ValueError):
+        return []
+    ours = model_cfg.to_dict() if model_cfg is not None else {}
+    return [f"{k}: checkpoint {saved[k]!r} vs this run {v!r}" for k, v in ours.items()
+            if k in saved and saved[k] != v and k != "seed"]
+
+
+def _fit_problems(model_dir: Path, shapes: dict[str, Any], expected: dict[str, Any],
+                  model_cfg: Any = None) -> str | None:
+    """One message for tensors whose shape differs and for missing/unexpected names, with the
+    model config fields that explain it."""
+    mismatched = [(k, tuple(shapes[k]), tuple(s)) for k, s in expected.items()
+                  if k in shapes and tuple(shapes[k]) != tuple(s)]
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
+    if not (mismatched or missing or unexpected):
+        return None
+    lines = [f"{model_dir}: the checkpoint does not fit this model"]
+    if mismatched:
+        lines.append(f"{len(mismatched)} tensor(s) differ in shape, e.g.")
+        lines += [f"  {k}: checkpoint {list(a)} vs model {list(b)}"
+                  for k, a, b in mismatched[:_SHOWN_MISMATCHES]]
+    if missing:
+        lines.append(f"{len(missing)} tensor(s) missing from the checkpoint, e.g. "
+                     f"{missing[:_SHOWN_MISMATCHES]}")
+    if unexpected:
+        lines.append(f"{len(unexpected)} tensor(s) not in the model, e.g. "
+                     f"{unexpected[:_SHOWN_MISMATCHES]}")
+    diff = _config_diff(model_dir, model_cfg)
+    if diff:
+        lines.append("model config differences: " + "; ".join(diff[:_SHOWN_MISMATCHES]))
+    lines.append(f"It was written for another model config (compare {model_dir / 'config.json'} "
+                 f"with this run's model.preset / model.overrides). To train this model from "
+                 f"scratch, pass checkpoint.resume=none or a new run_name=... / run_dir=... .")
+    return "\n".join(lines)
+
+
+def load_weights(model_dir: Path, model: torch.nn.Module, device: torch.device | str) -> None:
+    """Loads consolidated weights into `model`, slicing the expert stacks to the experts this
+    rank holds (`model.expert_parallel` = (ep_rank, ep_size); any ep_size dividing E). Shapes
+    are compared first, on the full stacks, so a checkpoint of another model gives one message
+    naming the directory and the first few tensors."""
+    model_dir = Path(model_dir)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{model_dir}: no *.safetensors weights")
     weights = {}
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        weights.update(load_file(f, device=str(device)))
+    for f in files:
+        weights.update(_load_safetensors(f, device))
     ep_rank, ep_size = getattr(model, "expert_parallel", (0, 1))
+    expected = {k: (t.shape[0] * ep_size, *t.shape[1:])
+                if ep_size > 1 and ep.is_expert_param(k) else t.shape
+                for k, t in model.state_dict().items()}
+    shapes = {k: t.shape for k, t in weights.items()}
+    if problem := _fit_problems(model_dir, shapes, expected, getattr(model, "cfg", None)):
+        raise CheckpointError(problem)
     if ep_size > 1:
         weights = ep.local_state_dict(weights, ep_rank, ep_size)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{model_dir}: missing tensors {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}")
+    model.load_state_dict(weights, strict=True)
 
 
 def clean_partial(run_dir: str | os.PathLike, info: DistInfo) -> None:
-    """Removes `.tmp` directories left by a crash mid-save."""
+    """Removes `.tmp` directories left by a crash mid-save and `.deleting` ones left by a kill
+    mid-prune."""
     if info.is_main:
         root = checkpoint_root(run_dir)
-        for p in root.glob("step_*.tmp") if root.is_dir() else []:
-            shutil.rmtree(p, ignore_errors=True)
+        for pattern in ("step_*.tmp", f"step_*{_DELETING}"):
+            for p in root.glob(pattern) if root.is_dir() else []:
+                shutil.rmtree(p, ignore_errors=True)
     barrier()

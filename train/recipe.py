@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import RecipeSection
+from .config import RecipeSection, raise_problems, recipe_problems
 
 
 @dataclass(frozen=True)
@@ -42,12 +42,6 @@ def phase_at(step: int, recipe: RecipeSection, decay_start: int, base_seq_len: i
 
 
 def validate_recipe(recipe: RecipeSection) -> None:
-    steps = [s.step for s in recipe.seq_len_stages]
-    if steps != sorted(steps) or len(set(steps)) != len(steps):
-        raise ValueError(f"recipe.seq_len_stages: steps {steps} must be strictly ascending")
-    for s in recipe.seq_len_stages:
-        if s.seq_len <= 0:
-            raise ValueError(f"recipe.seq_len_stages: seq_len={s.seq_len} at step {s.step}")
-    for name in ("csa_dense_until", "indexer_warmup_steps"):
-        if getattr(recipe, name) < 0:
-            raise ValueError(f"recipe.{name}={getattr(recipe, name)} must be >= 0")
+    """The recipe's ranges and stage order (the launcher checks the whole config at start-up
+    with `train.config.validate_config`, which includes these)."""
+    raise_problems(recipe_problems(recipe))

@@ -33,11 +33,11 @@ from . import checkpoint as ckpt
 from . import expert_parallel as ep
 from . import faults
 from .activation import apply_activation_checkpointing
-from .config import TrainConfig
+from .config import TrainConfig, validate_config
 from .dist import DistInfo, all_reduce_sum, any_rank, barrier
 from .metrics import MetricsLogger, detect_peak_tflops, flops_per_token, memory_bytes
 from .plan import available_memory, make_plan
-from .recipe import Phase, phase_at, validate_recipe
+from .recipe import Phase, phase_at
 
 
 class Task(Protocol):
@@ -93,7 +93,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, info: DistInfo, model_cfg: ModelConfig):
         """Validates everything that can be checked without data or weights."""
         self.cfg, self.info, self.model_cfg = cfg, info, model_cfg
-        validate_recipe(cfg.recipe)
+        validate_config(cfg, info.world, model_cfg)
         self.run_dir = Path(cfg.run_dir)
         self.bf16 = (cfg.dtype == "bf16" or (cfg.dtype == "auto" and info.device.type == "cuda"))
         if cfg.dtype not in ("auto", "bf16", "fp32"):
@@ -109,6 +109,9 @@ class Trainer:
         check_zero_stage(cfg.parallel.zero_stage)
         ep.validate(model_cfg, info.world, cfg.parallel.ep_size, cfg.parallel.zero_stage)
         self.check_fit()
+        # the checkpoint to resume is complete, of this layout and model (no side effects yet)
+        ckpt.check_resume(cfg.checkpoint.resume, self.run_dir, info.world, cfg.parallel.ep_size,
+                          model_cfg)
 
     # ------------------------------------------------------------------ set-up
     def grad_accum(self, global_batch: int) -> int:
@@ -290,8 +293,8 @@ class Trainer:
 
     def resume(self) -> None:
         self.pending_loader_state = None
-        ckpt.clean_partial(self.run_dir, self.info)
-        path = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.run_dir)
+        # cleans crash leftovers, skips unusable checkpoints, sets later ones aside
+        path = ckpt.start_point(self.cfg.checkpoint.resume, self.run_dir, self.info)
         if path is None:
             return
         state = ckpt.load_checkpoint(path, self.info, self.model, self.optimizer)  # EP-aware
