@@ -105,11 +105,14 @@ def checkpoint_dir(path: str) -> str:
     `model/` subdirectory."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not os.path.isdir(path) or os.path.exists(os.path.join(path, "config.json")):
+        return path  # load_pretrained says what is wrong with it, if anything
     inner = os.path.join(path, "model")
-    if (os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json"))
-            and os.path.isfile(os.path.join(inner, "config.json"))):
+    if os.path.isfile(os.path.join(inner, "config.json")):
         return inner
-    return path
+    raise FileNotFoundError(f"{path}: no config.json, neither here nor in {inner} (ckpt= is a "
+                            f"weights directory with config.json + *.safetensors, or a training "
+                            f"checkpoint step_N holding them under model/)")
 
 
 def clean_text(text: str, what: str, err: TextIO) -> str:

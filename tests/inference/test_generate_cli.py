@@ -109,6 +109,9 @@ def test_ckpt_may_be_a_training_step_directory(micro_model, tokenizer_file, tmp_
                           "temperature=0", "device=cpu"])
     assert code == 0, err
     assert out.startswith("the cat")
+    (step / "model" / "config.json").unlink()
+    code, _, err = run([f"ckpt={step}", "prompt=x"])
+    assert code == 2 and f"{step}: no config.json" in err and "under model/" in err, err
 
 
 def test_unreadable_weights_are_an_error_line(micro_model, tokenizer_file, tmp_path):

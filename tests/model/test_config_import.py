@@ -147,6 +147,19 @@ def test_model_cli_reports_a_missing_key(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+def test_training_on_an_incomplete_config_fails_before_any_work(tmp_path):
+    """`model.preset=PATH` without moe_intermediate_size used to train Flash's 2048 (exit 0)."""
+    raw = _hf()
+    del raw["moe_intermediate_size"], raw["vocab_size"]
+    path = _write(tmp_path, raw)
+    out = subprocess.run([sys.executable, "train/pretrain.py", f"model.preset={path}",
+                          "dry_run=true", f"run_dir={tmp_path / 'run'}"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "missing required key(s) vocab_size, moe_intermediate_size" in out.stderr, out.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 @needs_conformance
 @pytest.mark.parametrize("name", ["flash", "pro"])
 @pytest.mark.parametrize("naming", ["hf", "inference"])
