@@ -157,7 +157,10 @@ class ModelConfig:
                              f"reference-inference ('dim') naming; cannot read it as a "
                              f"DeepSeek-V4 config")
         assert set(kw) == set(fields), sorted(set(fields) ^ set(kw))  # no dataclass default
-        return _build(cls, kw, source)
+        cfg = _build(cls, kw, source)
+        if "v4lab" in raw:  # the Hugging Face keys beside it must say the same (hand edits)
+            _check_hf_agrees(cfg, raw, source)
+        return cfg
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
@@ -195,6 +198,21 @@ class ModelConfig:
         return out
 
 
+
+
+def _check_hf_agrees(cfg: ModelConfig, raw: dict[str, Any], source: str) -> None:
+    """The "v4lab" block wins over the Hugging Face keys written beside it; a disagreement
+    (someone edited one of them) is an error rather than a silently ignored edit."""
+    expected = cfg.to_hf_dict()
+    differ = [f"{key}={raw[key]!r} (v4lab: {expected[key]!r})"
+              for key in config_import.HF_NAMES.values()
+              if key in raw and key in expected
+              and (list(raw[key]) if isinstance(raw[key], (list, tuple)) else raw[key])
+              != (list(expected[key]) if isinstance(expected[key], (list, tuple))
+                  else expected[key])]
+    if differ:
+        raise ValueError(f"{source}: the Hugging Face keys disagree with the 'v4lab' block: "
+                         f"{', '.join(differ)}; edit both or remove one")
 
 
 def _build(cls, kw: dict[str, Any], source: str) -> ModelConfig:

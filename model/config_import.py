@@ -198,7 +198,8 @@ def from_inference(raw: dict[str, Any], fields: list[str], source: str) -> dict[
 
 
 def from_own(block: Any, fields: list[str], source: str) -> dict[str, Any]:
-    """The "v4lab" block our writers add: every field, nothing else."""
+    """The "v4lab" block our writers add: every field, nothing else. (A field added to
+    ModelConfig later needs a default here, so that older checkpoints keep loading.)"""
     if not isinstance(block, dict):
         raise ValueError(f"{source}: field 'v4lab' must be an object, got {type(block).__name__}")
     missing = [f for f in fields if f not in block]

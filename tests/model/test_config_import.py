@@ -131,6 +131,10 @@ def test_own_block_must_hold_every_field(tmp_path):
     raw = _hf()
     raw["v4lab"] = TINY.to_dict()
     assert ModelConfig.from_json(_write(tmp_path, raw)) == TINY
+    raw["hidden_size"] = 512  # edited beside the block
+    with pytest.raises(ValueError, match=r"disagree with the 'v4lab' block: hidden_size=512 "
+                                         r"\(v4lab: 256\)"):
+        ModelConfig.from_json(_write(tmp_path, raw))
     del raw["v4lab"]["moe_inter_dim"]
     raw["v4lab"]["extra"] = 1
     with pytest.raises(ValueError, match="'v4lab' lacks moe_inter_dim; has unknown key.* extra"):
