@@ -18,9 +18,11 @@ from model.rope import rope_frequencies
 from model.transformer import Transformer
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = Path(os.environ.get("V4_CONFORMANCE_DIR", REPO.parent / "shared" / "conformance")) / "configs"
+CONFORMANCE = Path(os.environ.get("V4_CONFORMANCE_DIR", REPO.parent / "shared" / "conformance"))
+CONFIGS = CONFORMANCE / "configs"
 needs_conformance = pytest.mark.skipif(
-    not CONFIGS.is_dir(), reason=f"released configs not found at {CONFIGS} (set V4_CONFORMANCE_DIR)")
+    not CONFIGS.is_dir(),
+    reason=f"released configs not found at {CONFIGS} (set V4_CONFORMANCE_DIR)")
 
 TINY = get_config("tiny")
 
