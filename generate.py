@@ -5,6 +5,9 @@
     python generate.py ckpt=PATH input_file=prompts.txt     # prompts separated by blank lines
     python generate.py ckpt=PATH interactive=true [mode=thinking reasoning_effort=max]
 
+PATH is a weights directory (config.json + *.safetensors: `save_pretrained`, an export, a
+release) or a training checkpoint `runs/x/checkpoints/step_N`, whose `model/` is used.
+
 Other overrides: tokenizer=PATH (default: the checkpoint's tokenizer.json), device=cpu|cuda,
 dtype=bfloat16|float32, chat=true (wrap prompt/input_file prompts as one user message with the
 chat encoding; default: raw text after BOS), bos=false, stop="text" (an extra stop string),
@@ -12,9 +15,11 @@ batch_size=N (input_file), csa_mode=dense|sparse.
 
 Interactive mode is a multi-turn chat encoded with `encoding/` (`mode=chat` or `thinking`);
 `/clear` starts a new conversation and `/exit` quits. Tokens are printed as they come (one
-prompt at a time); prefill and decode tokens/s go to stderr. Bad input (no checkpoint, a
-tokenizer larger than the model's vocabulary, a prompt longer than the context) is an
-`error: ...` line and exit status 2.
+prompt at a time); prefill and decode tokens/s go to stderr. Bad input (no checkpoint, an
+unreadable, truncated or mismatched weights file, a tokenizer larger than the model's
+vocabulary, a prompt longer than the context) is an `error: ...` line naming the file or value
+and exit status 2. Input bytes that are not UTF-8 (stdin, prompt, input_file) are replaced by
+U+FFFD, with a warning on stderr, instead of ending the session.
 """
 
 from __future__ import annotations
@@ -82,17 +87,50 @@ def load(opts: dict[str, Any]):
         dtype = getattr(torch, opts["dtype"], None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"dtype={opts['dtype']!r}: not a torch dtype")
-    if not os.path.exists(opts["ckpt"]):
-        raise FileNotFoundError(f"checkpoint not found: {opts['ckpt']}")
-    tok_path = opts["tokenizer"] or os.path.join(opts["ckpt"], "tokenizer.json")
+    ckpt = checkpoint_dir(opts["ckpt"])
+    tok_path = opts["tokenizer"] or os.path.join(ckpt, "tokenizer.json")
     if not os.path.exists(tok_path):
         raise FileNotFoundError(f"no tokenizer at {tok_path} (pass tokenizer=PATH)")
     tokenizer = load_tokenizer(tok_path)
-    model = load_pretrained(opts["ckpt"], device=device, dtype=dtype).eval()
+    model = load_pretrained(ckpt, device=device, dtype=dtype).eval()
     if opts["csa_mode"]:
         model.set_csa_mode(opts["csa_mode"])
     check_vocab(tokenizer, model.cfg.vocab_size, tok_path)
     return model, tokenizer
+
+
+def checkpoint_dir(path: str) -> str:
+    """The weights directory of `ckpt=`: the path itself, or, for a training checkpoint
+    `runs/x/checkpoints/step_N` (weights under `model/`, spec in train/checkpoint.py), its
+    `model/` subdirectory."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not os.path.isdir(path) or os.path.exists(os.path.join(path, "config.json")):
+        return path  # load_pretrained says what is wrong with it, if anything
+    inner = os.path.join(path, "model")
+    if os.path.isfile(os.path.join(inner, "config.json")):
+        return inner
+    raise FileNotFoundError(f"{path}: no config.json, neither here nor in {inner} (ckpt= is a "
+                            f"weights directory with config.json + *.safetensors, or a training "
+                            f"checkpoint step_N holding them under model/)")
+
+
+def clean_text(text: str, what: str, err: TextIO) -> str:
+    """`text` with bytes that are not UTF-8 (kept as lone surrogates by Python's
+    surrogateescape decoding of stdin and argv) replaced by U+FFFD, telling the user; the
+    tokenizer cannot encode surrogates and would end the session."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # surrogates that are no escaped bytes
+        raw = text.encode("utf-8", "replace")
+    err.write(f"warning: {what} had bytes that are not valid UTF-8; replaced them with "
+              f"U+FFFD\n")
+    return raw.decode("utf-8", "replace")
 
 
 def check_vocab(tokenizer, vocab_size: int, source: str) -> None:
@@ -167,6 +205,7 @@ def sample(model, tokenizer, prompts: list[list[int]], opts: dict[str, Any],
 
 
 def run_prompts(model, tokenizer, texts: list[str], opts, out: TextIO, err: TextIO) -> None:
+    texts = [clean_text(t, f"prompt {i + 1}", err) for i, t in enumerate(texts)]
     ids = [encode_prompt(tokenizer, t, opts) for t in texts]
     for i, p in enumerate(ids):
         check_context(p, model.cfg.max_seq_len, f"prompt {i + 1}")
@@ -194,6 +233,7 @@ def run_interactive(model, tokenizer, opts, read: Callable[[str], str], out: Tex
             line = read(">>> ")
         except EOFError:
             return
+        line = clean_text(line, "the input line", err)
         if line.strip() == "/exit":
             return
         if line.strip() == "/clear":
@@ -226,6 +266,10 @@ def main(argv: list[str] | None = None, read: Callable[[str], str] = input,
     try:
         opts = parse_overrides(sys.argv[1:] if argv is None else argv)
         model, tokenizer = load(opts)
+        if opts["interactive"] and read is input and hasattr(sys.stdin, "reconfigure"):
+            # keep undecodable bytes (as surrogates, which clean_text replaces) instead of a
+            # UnicodeDecodeError that ends the conversation
+            sys.stdin.reconfigure(errors="surrogateescape")
         if opts["interactive"]:
             run_interactive(model, tokenizer, opts, read, out, err)
         elif opts["prompt"] is not None:
@@ -233,7 +277,7 @@ def main(argv: list[str] | None = None, read: Callable[[str], str] = input,
         else:
             if not os.path.isfile(opts["input_file"]):
                 raise FileNotFoundError(f"input_file not found: {opts['input_file']}")
-            with open(opts["input_file"], encoding="utf-8") as f:
+            with open(opts["input_file"], encoding="utf-8", errors="surrogateescape") as f:
                 texts = [p.strip() for p in f.read().split("\n\n") if p.strip()]
             if not texts:
                 raise ValueError(f"input_file {opts['input_file']}: no prompts (they are "

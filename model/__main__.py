@@ -23,7 +23,12 @@ def main(argv: list[str]) -> int:
             print(f"usage: python -m model [conf=tiny|small|flash|pro|PATH/config.json] "
                   f"(got {arg!r})", file=sys.stderr)
             return 2
-    print(format_summary(get_config(name), name))
+    try:
+        cfg = get_config(name)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(cfg, name))
     return 0
 
 

@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import config_import
+
 CSA_RATIO = 4
 SCORE_FUNCS = ("sqrtsoftplus", "softmax", "sigmoid")
 CSA_MODES = ("dense", "sparse")
@@ -114,6 +116,8 @@ class ModelConfig:
             fail("csa_mode", f"choose one of {CSA_MODES}")
         if self.rope_factor < 1:
             fail("rope_factor", "must be >= 1 (1 disables YaRN)")
+        if self.original_seq_len < 0:
+            fail("original_seq_len", "must be >= 0 (0 disables YaRN, as in the reference code)")
         if self.tie_word_embeddings:
             fail("tie_word_embeddings", "DeepSeek-V4 keeps a separate output head")
 
@@ -134,13 +138,29 @@ class ModelConfig:
     # ------------------------------------------------------------------ released config.json
     @classmethod
     def from_released(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
-        """Builds a config from a released `config.json` in either naming (detected by keys)."""
-        if "hidden_size" in raw:
-            return cls._from_hf(raw, source)
-        if "dim" in raw:
-            return cls._from_inference(raw, source)
-        raise ValueError(f"{source}: neither Hugging Face ('hidden_size') nor reference-inference "
-                         f"('dim') naming; cannot read it as a DeepSeek-V4 config")
+        """Builds a config from a `config.json` dict: our "v4lab" block if present, else Hugging
+        Face naming (also transformers' own spelling) or reference-inference naming, detected
+        by key. Strict about missing and unused keys; config_import.py says which keys are
+        required, which optional (and their defaults), which ignored."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        if "v4lab" in raw:
+            kw = config_import.from_own(raw["v4lab"], fields, source)
+        elif "hidden_size" in raw:
+            kw = config_import.from_hf(config_import.rewrite_transformers_keys(raw, source),
+                                       source)
+        elif "dim" in raw:
+            kw = config_import.from_inference(raw, fields, source)
+        else:
+            raise ValueError(f"{source}: neither Hugging Face ('hidden_size') nor "
+                             f"reference-inference ('dim') naming; cannot read it as a "
+                             f"DeepSeek-V4 config")
+        assert set(kw) == set(fields), sorted(set(fields) ^ set(kw))  # no dataclass default
+        cfg = _build(cls, kw, source)
+        if "v4lab" in raw:  # the Hugging Face keys beside it must say the same (hand edits)
+            _check_hf_agrees(cfg, raw, source)
+        return cfg
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
@@ -152,45 +172,22 @@ class ModelConfig:
                 raw = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         return cls.from_released(raw, path)
-
-    @classmethod
-    def _from_hf(cls, raw: dict[str, Any], source: str) -> "ModelConfig":
-        rope = raw.get("rope_scaling") or {}
-        kw = {ours: raw[theirs] for ours, theirs in _HF_NAMES.items() if theirs in raw}
-        if rope:
-            kw.update(rope_factor=rope.get("factor", 1.0),
-                      original_seq_len=rope.get("original_max_position_embeddings", 65536),
-                      beta_fast=rope.get("beta_fast", 32), beta_slow=rope.get("beta_slow", 1))
-        else:
-            kw["rope_factor"] = 1.0
-        if "quantization_config" in raw:
-            kw["quantization"] = dict(raw["quantization_config"])
-        if raw.get("num_key_value_heads", 1) != 1:
-            raise ValueError(f"{source}: num_key_value_heads={raw['num_key_value_heads']}; "
-                             f"DeepSeek-V4 uses one shared K=V head")
-        return _build(cls, kw, source)
-
-    @classmethod
-    def _from_inference(cls, raw: dict[str, Any], source: str) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in raw.items() if k in known}
-        if "dtype" in raw:
-            kw["quantization"] = {"quant_method": raw["dtype"], "scale_fmt": raw.get("scale_fmt")}
-        return _build(cls, kw, source)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The Hugging Face `config.json` content (`DeepseekV4ForCausalLM`)."""
         out: dict[str, Any] = {"architectures": ["DeepseekV4ForCausalLM"],
                                "model_type": "deepseek_v4"}
-        for ours, theirs in _HF_NAMES.items():
+        for ours, theirs in config_import.HF_NAMES.items():
             out[theirs] = getattr(self, ours)
         out["compress_ratios"] = list(self.compress_ratios)
         out.update(num_key_value_heads=1, hidden_act="silu", attention_bias=False,
                    attention_dropout=0.0, norm_topk_prob=True, topk_method="noaux_tc",
                    initializer_range=self.init_std, tie_word_embeddings=False, use_cache=True,
                    torch_dtype="bfloat16")
-        if self.rope_factor > 1:
+        if self.rope_factor > 1 and self.original_seq_len > 0:  # else no YaRN (rope.py)
             out["rope_scaling"] = {"type": "yarn", "factor": self.rope_factor,
                                    "original_max_position_embeddings": self.original_seq_len,
                                    "beta_fast": self.beta_fast, "beta_slow": self.beta_slow}
@@ -201,30 +198,27 @@ class ModelConfig:
         return out
 
 
-# our field -> Hugging Face field
-_HF_NAMES = {
-    "vocab_size": "vocab_size", "dim": "hidden_size", "n_layers": "num_hidden_layers",
-    "n_heads": "num_attention_heads", "head_dim": "head_dim", "rope_head_dim": "qk_rope_head_dim",
-    "q_lora_rank": "q_lora_rank", "o_groups": "o_groups", "o_lora_rank": "o_lora_rank",
-    "window_size": "sliding_window", "compress_ratios": "compress_ratios",
-    "index_n_heads": "index_n_heads", "index_head_dim": "index_head_dim",
-    "index_topk": "index_topk", "n_routed_experts": "n_routed_experts",
-    "n_shared_experts": "n_shared_experts", "n_activated_experts": "num_experts_per_tok",
-    "moe_inter_dim": "moe_intermediate_size", "n_hash_layers": "num_hash_layers",
-    "score_func": "scoring_func", "route_scale": "routed_scaling_factor",
-    "swiglu_limit": "swiglu_limit", "n_mtp_layers": "num_nextn_predict_layers",
-    "hc_mult": "hc_mult", "hc_sinkhorn_iters": "hc_sinkhorn_iters", "hc_eps": "hc_eps",
-    "norm_eps": "rms_norm_eps", "rope_theta": "rope_theta",
-    "compress_rope_theta": "compress_rope_theta", "max_seq_len": "max_position_embeddings",
-    "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id",
-    "expert_dtype": "expert_dtype",
-}
+
+
+def _check_hf_agrees(cfg: ModelConfig, raw: dict[str, Any], source: str) -> None:
+    """The "v4lab" block wins over the Hugging Face keys written beside it; a disagreement
+    (someone edited one of them) is an error rather than a silently ignored edit."""
+    expected = cfg.to_hf_dict()
+    differ = [f"{key}={raw[key]!r} (v4lab: {expected[key]!r})"
+              for key in config_import.HF_NAMES.values()
+              if key in raw and key in expected
+              and (list(raw[key]) if isinstance(raw[key], (list, tuple)) else raw[key])
+              != (list(expected[key]) if isinstance(expected[key], (list, tuple))
+                  else expected[key])]
+    if differ:
+        raise ValueError(f"{source}: the Hugging Face keys disagree with the 'v4lab' block: "
+                         f"{', '.join(differ)}; edit both or remove one")
 
 
 def _build(cls, kw: dict[str, Any], source: str) -> ModelConfig:
     try:
         return cls(**kw)
-    except ValueError as e:
+    except (TypeError, ValueError) as e:  # TypeError: e.g. null where a number belongs
         raise ValueError(f"{source}: {e}") from None
 
 

@@ -2,8 +2,13 @@
 `transformers.AutoModelForCausalLM.from_pretrained` loads as `DeepseekV4ForCausalLM`, and import
 such directories (or the released weights) back.
 
-    python -m model.convert export SRC DST [--dtype bfloat16] [--shard-gb 4]
-    python -m model.convert import SRC DST [--dtype float32]
+    python -m model.convert export SRC DST [--dtype bfloat16] [--shard-gb 4] [--overwrite]
+    python -m model.convert import SRC DST [--dtype float32] [--overwrite]
+
+DST is written atomically (a temporary sibling renamed into place). An existing DST is replaced
+only if it is a previous checkpoint/export of ours (only our files, config.json with the
+"v4lab" block); anything else (a run directory, a released download) is refused before any work
+unless `--overwrite` says to replace it and everything in it.
 
 The exported tensors use the released naming (per-expert `layers.N.ffn.experts.E.w1.weight`,
 unquantised), which transformers' own conversion mapping renames on load; MTP blocks are
@@ -30,8 +35,8 @@ import torch
 from . import naming
 from .config import CSA_RATIO, ModelConfig
 from .transformer import Transformer
-from .weights import (DEFAULT_SHARD_BYTES, _FP32_NAMES, atomic_dir, load_pretrained,
-                      save_pretrained, write_config, write_tensors)
+from .weights import (DEFAULT_SHARD_BYTES, _FP32_NAMES, atomic_dir, check_destination,
+                      load_pretrained, save_pretrained, write_config, write_tensors)
 
 _HF_TYPES = {"swa": "sliding_attention", "csa": "compressed_sparse_attention",
              "hca": "heavily_compressed_attention"}
@@ -58,16 +63,17 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype, csa_mode: str | None = None)
 
 def export_hf(model: Transformer, dst: str | os.PathLike, dtype: torch.dtype | None = None,
               tokenizer_file: str | os.PathLike | None = None,
-              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False) -> None:
     """Writes `model` as a Hugging Face directory. `dtype` casts floating tensors (not the
-    fp32-by-design ones); default: as stored."""
+    fp32-by-design ones); default: as stored. `overwrite`: see `weights.check_destination`."""
+    check_destination(dst, overwrite)
     state = {}
     for name, t in model.state_dict().items():
         if dtype is not None and t.is_floating_point() and not _FP32_NAMES.search(name):
             t = t.to(dtype)
         state[name] = t
     stored = dtype or model.embed.weight.dtype
-    with atomic_dir(dst) as tmp:
+    with atomic_dir(dst, overwrite) as tmp:
         write_config(tmp, hf_config(model.cfg, stored, model.csa_mode))
         write_tensors(tmp, naming.split_experts(state), max_shard_bytes)
         if tokenizer_file is not None:
@@ -75,12 +81,13 @@ def export_hf(model: Transformer, dst: str | os.PathLike, dtype: torch.dtype | N
 
 
 def import_hf(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype | None = None,
-              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False) -> None:
     """Any supported directory (exported, released, reference-inference) → our format."""
+    check_destination(dst, overwrite)
     model = load_pretrained(src, dtype=dtype)
     tok = Path(src) / "tokenizer.json"
     save_pretrained(model, dst, tokenizer_file=tok if tok.is_file() else None,
-                    max_shard_bytes=max_shard_bytes)
+                    max_shard_bytes=max_shard_bytes, overwrite=overwrite)
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
@@ -100,15 +107,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dst")
     parser.add_argument("--dtype", default=None, help="cast floating weights (default: keep)")
     parser.add_argument("--shard-gb", type=float, default=DEFAULT_SHARD_BYTES / 2**30)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace DST even if it is not a previous checkpoint/export")
     args = parser.parse_args(argv)
     shard = int(args.shard_gb * 2**30)
     try:
+        check_destination(args.dst, args.overwrite)  # before loading anything
+        _dtype(args.dtype)
         if args.direction == "export":
             model = load_pretrained(args.src)
             tok = Path(args.src) / "tokenizer.json"
-            export_hf(model, args.dst, _dtype(args.dtype), tok if tok.is_file() else None, shard)
+            export_hf(model, args.dst, _dtype(args.dtype), tok if tok.is_file() else None, shard,
+                      overwrite=args.overwrite)
         else:
-            import_hf(args.src, args.dst, _dtype(args.dtype), shard)
+            import_hf(args.src, args.dst, _dtype(args.dtype), shard, overwrite=args.overwrite)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

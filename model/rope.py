@@ -3,7 +3,8 @@
 Only the last `rope_head_dim` channels of a vector rotate, and pairs are (2i, 2i+1) (GPT-J /
 complex convention), which is what the released checkpoints were trained with. SWA layers use
 `rope_theta` without YaRN; compressed (CSA/HCA) layers use `compress_rope_theta` with YaRN
-(frequency interpolation only: no mscale on the softmax), as the released config hard-wires.
+(frequency interpolation only: no mscale on the softmax), as the released config hard-wires;
+`original_seq_len: 0` or `rope_factor: 1` turn YaRN off, as in the reference inference code.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ def rope_frequencies(cfg: ModelConfig, compressed: bool) -> torch.Tensor:
     rd = cfg.rope_head_dim
     theta = cfg.compress_rope_theta if compressed else cfg.rope_theta
     freqs = 1.0 / theta ** (torch.arange(0, rd, 2, dtype=torch.float64) / rd)
-    if compressed and cfg.rope_factor > 1:
+    # YaRN only where the reference applies it: compressed layers with original_seq_len > 0
+    # (0 disables it there, like a factor of 1)
+    if compressed and cfg.rope_factor > 1 and cfg.original_seq_len > 0:
         def correction(beta: float) -> float:
             return rd * math.log(cfg.original_seq_len / (2 * math.pi * beta)) / (2 * math.log(theta))
 

@@ -24,12 +24,13 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import naming
@@ -45,22 +46,76 @@ _FP32_NAMES = re.compile(r"(attn_sink|\.ape|\.gate\.bias|(^|\.)hc_\w+)$")
 
 
 # ---------------------------------------------------------------------- writing
+class DestinationError(ValueError):
+    """Refused to replace an existing directory that is not a previous output of ours."""
+
+
+class WeightsFileError(ValueError):
+    """A weights file that cannot be read (truncated, corrupt, not safetensors); the message
+    starts with the file's path."""
+
+
+# the names our writers put in a checkpoint / export directory (module docstring)
+_OUR_FILES = re.compile(r"^(config\.json|tokenizer\.json|model\.safetensors(\.index\.json)?|"
+                        r"model-\d{5}-of-\d{5}\.safetensors)$")
+
+
+def is_previous_output(path: Path) -> bool:
+    """A directory written by `save_pretrained` or export: only the files they write, and a
+    config.json carrying the "v4lab" block (the marker)."""
+    entries = list(path.iterdir())
+    if not all(e.is_file() and not e.is_symlink() and _OUR_FILES.match(e.name) for e in entries):
+        return False
+    try:
+        with open(path / "config.json", encoding="utf-8") as f:
+            return isinstance(json.load(f).get("v4lab"), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_destination(path: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuses (DestinationError) to replace `path` unless it is absent, an empty directory, a
+    previous output of ours (`is_previous_output`) or `overwrite` is set. Replacing deletes
+    what was there, so anything else (a run directory, a released download with its README,
+    a file) must never be replaced by accident. Cheap: callers run it before any work."""
+    path = Path(path)
+    if overwrite or not os.path.lexists(path):
+        return
+    if not path.is_dir() or path.is_symlink():
+        raise DestinationError(f"{path}: exists and is not a directory; refusing to replace it "
+                               f"(choose another destination, or pass --overwrite)")
+    if not any(path.iterdir()) or is_previous_output(path):
+        return
+    names = sorted(e.name for e in path.iterdir())
+    shown = ", ".join(names[:6]) + (f", ... ({len(names)} entries)" if len(names) > 6 else "")
+    raise DestinationError(f"{path}: destination is not empty and is not a previous v4lab "
+                           f"checkpoint/export (it holds {shown}); writing there would delete "
+                           f"it. Choose a new directory, or pass --overwrite (overwrite=True) "
+                           f"to replace it and everything in it")
+
+
 @contextmanager
-def atomic_dir(path: str | os.PathLike):
-    """Yields a temporary directory next to `path` that replaces `path` on success."""
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
+    """Yields a temporary directory next to `path` that replaces `path` on success.
+    `check_destination` runs before (so no work is wasted) and again just before the swap."""
+    check_destination(path, overwrite)
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
+        check_destination(path, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
+    if os.path.lexists(path):
+        old = path.parent / f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.rename(path, old)
         os.rename(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
     else:
         os.rename(tmp, path)
 
@@ -99,16 +154,20 @@ def write_config(directory: Path, config: dict) -> None:
 def save_pretrained(model: Transformer, path: str | os.PathLike,
                     tokenizer_file: str | os.PathLike | None = None,
                     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                    state_dict: dict[str, torch.Tensor] | None = None) -> None:
+                    state_dict: dict[str, torch.Tensor] | None = None,
+                    overwrite: bool = False) -> None:
     """Writes `model` in our checkpoint format (module docstring) to directory `path`.
     `state_dict` replaces `model.state_dict()`, e.g. with expert stacks gathered from the
-    expert-parallel ranks (the config always describes the full model)."""
+    expert-parallel ranks (the config always describes the full model). An existing `path`
+    is replaced only if it is a previous checkpoint of ours or `overwrite` is set
+    (`check_destination`)."""
     if tokenizer_file is not None and not os.path.isfile(tokenizer_file):
         raise FileNotFoundError(f"tokenizer_file not found: {tokenizer_file}")
+    check_destination(path, overwrite)
     config = model.cfg.to_hf_dict()
     config["v4lab"] = model.cfg.to_dict()
     config["v4lab"]["csa_mode"] = model.csa_mode
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, overwrite) as tmp:
         write_config(tmp, config)
         write_tensors(tmp, model.state_dict() if state_dict is None else state_dict,
                       max_shard_bytes)
@@ -121,47 +180,7 @@ def read_config(path: Path) -> ModelConfig:
     file = path / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"no config.json in checkpoint directory {path}")
-    with open(file, encoding="utf-8") as f:
-        try:
-            raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}:{e.lineno}: invalid JSON ({e.msg})") from None
-    if isinstance(raw.get("v4lab"), dict):
-        try:
-            return ModelConfig(**raw["v4lab"])
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{file}: field 'v4lab': {e}") from None
-    return ModelConfig.from_released(_from_transformers_config(raw), str(file))
-
-
-_HF_RATIO_KEYS = {"sliding_attention": None, "compressed_sparse_attention":
-                  "compressed_sparse_attention", "heavily_compressed_attention":
-                  "heavily_compressed_attention"}
-
-
-def _from_transformers_config(raw: dict) -> dict:
-    """A config.json written by transformers' DeepseekV4Config has `layer_types`,
-    `compress_rates`, `mlp_layer_types` and `rope_parameters` instead of the released
-    `compress_ratios`, `num_hash_layers` and `rope_scaling`; rebuild those."""
-    raw = dict(raw)
-    if "compress_ratios" not in raw and "layer_types" in raw:
-        rates = raw.get("compress_rates") or {}
-        ratios = []
-        for t in raw["layer_types"]:
-            if t not in _HF_RATIO_KEYS:
-                raise ValueError(f"config.json: unknown layer type {t!r} in layer_types")
-            ratios.append(0 if _HF_RATIO_KEYS[t] is None else int(rates.get(
-                t, 4 if t == "compressed_sparse_attention" else 128)))
-        raw["compress_ratios"] = ratios + [0] * int(raw.get("num_nextn_predict_layers", 1))
-    if "num_hash_layers" not in raw and "mlp_layer_types" in raw:
-        raw["num_hash_layers"] = sum(t == "hash_moe" for t in raw["mlp_layer_types"])
-    compress = (raw.get("rope_parameters") or {}).get("compress")
-    if "rope_scaling" not in raw and isinstance(compress, dict) and compress.get(
-            "rope_type", compress.get("type")) == "yarn":
-        raw["rope_scaling"] = {k: compress[k] for k in ("factor", "beta_fast", "beta_slow",
-                                                        "original_max_position_embeddings")
-                               if k in compress}
-    return raw
+    return ModelConfig.from_json(file)
 
 
 def tensor_files(path: Path) -> tuple[list[Path], str]:
@@ -169,9 +188,13 @@ def tensor_files(path: Path) -> tuple[list[Path], str]:
     'mp' (reference inference, ranks in order) or 'glob'."""
     index = path / INDEX_FILE
     if index.is_file():
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map", {})
-        files = sorted({path / v for v in weight_map.values()})
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted({path / v for v in weight_map.values()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise WeightsFileError(f"{index}: not a readable safetensors index "
+                                   f"({type(e).__name__}: {e})") from None
         for file in files:
             if not file.is_file():
                 raise FileNotFoundError(f"{index} names {file.name}, which is missing")
@@ -198,17 +221,28 @@ def read_tensors(files: list[Path], layout: str) -> tuple[dict[str, torch.Tensor
     tensors: dict[str, torch.Tensor] = {}
     where: dict[str, str] = {}
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                t = f.get_tensor(name)
-                if name not in tensors:
-                    tensors[name], where[name] = t, file.name
-                elif layout == "mp" and naming.MP_SPLIT_DIM.get(naming.mp_split_key(name)) is not None:
-                    dim = naming.MP_SPLIT_DIM[naming.mp_split_key(name)]
-                    tensors[name] = torch.cat((tensors[name], t), dim=dim)
-                elif layout != "mp":
-                    raise ValueError(f"tensor {name} appears in both {where[name]} and {file.name}")
+        for name, t in read_weights_file(file).items():
+            if name not in tensors:
+                tensors[name], where[name] = t, file.name
+            elif layout == "mp" and naming.MP_SPLIT_DIM.get(naming.mp_split_key(name)) is not None:
+                dim = naming.MP_SPLIT_DIM[naming.mp_split_key(name)]
+                tensors[name] = torch.cat((tensors[name], t), dim=dim)
+            elif layout != "mp":
+                raise ValueError(f"{file.parent}: tensor {name} appears in both {where[name]} "
+                                 f"and {file.name}")
     return tensors, where
+
+
+def read_weights_file(file: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file, read in full (also for training's checkpoint
+    loading). A truncated, corrupt or unreadable file is a WeightsFileError whose message starts
+    with the file's path (safetensors' own error names no file)."""
+    try:
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise WeightsFileError(f"{file}: unreadable weights file ({type(e).__name__}: {e}); "
+                               f"truncated or corrupt? (re-copy or re-export it)") from None
 
 
 def released_to_ours(tensors: dict[str, torch.Tensor], where: dict[str, str], cfg: ModelConfig,

@@ -75,3 +75,24 @@ def test_cli_export_and_import(micro_model, tokenizer_file, tmp_path, capsys):
     assert torch.equal(back["embed.weight"], micro_model.embed.weight.bfloat16())
     assert convert.main(["import", str(tmp_path / "nope"), str(tmp_path / "x")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_cli_refuses_to_replace_a_foreign_destination(micro_model, tmp_path, capsys):
+    """`export CK DIR` into a directory holding other files used to delete them (rc 0). Now:
+    refused before any work (even before reading SRC), rc 2, DIR untouched; a previous export
+    is replaced; --overwrite replaces anything."""
+    save_pretrained(micro_model, tmp_path / "ours")
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000002" / "model").mkdir(parents=True)
+    (run / "train.log").write_text("log")
+    for direction in ("export", "import"):
+        assert convert.main([direction, str(tmp_path / "missing_src"), str(run)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {run}: destination is not empty" in err and "--overwrite" in err, err
+        assert (run / "train.log").read_text() == "log" and (run / "checkpoints").is_dir()
+    assert convert.main(["export", str(tmp_path / "ours"), str(tmp_path / "hf")]) == 0
+    assert convert.main(["export", str(tmp_path / "ours"), str(tmp_path / "hf")]) == 0  # again
+    assert convert.main(["import", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 0
+    assert convert.main(["export", str(tmp_path / "ours"), str(run), "--overwrite"]) == 0
+    assert not (run / "train.log").exists() and (run / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "ours", "run"]  # no temporaries

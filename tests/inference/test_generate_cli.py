@@ -83,3 +83,46 @@ def test_runs_as_a_script(ckpt):
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("hello")
+
+
+@pytest.mark.parametrize("env", [{}, {"PYTHONIOENCODING": "utf-8:strict"}])
+def test_interactive_survives_bytes_that_are_not_utf8(ckpt, env):
+    """A stdin line with an invalid byte used to end the session (TypeError from the
+    tokenizer, or UnicodeDecodeError with strict stdin): it is decoded with U+FFFD, the user
+    is told, and the conversation goes on."""
+    import os
+    stdin = b"hello \xff world\none two\n/exit\n"
+    proc = subprocess.run([sys.executable, str(REPO / "generate.py"), f"ckpt={ckpt}",
+                           "interactive=true", "max_new_tokens=2", "temperature=0"],
+                          input=stdin, capture_output=True, timeout=300, cwd=REPO,
+                          env={**os.environ, **env})
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 0, err
+    assert "not valid UTF-8" in err and err.count("prefill:") == 2, err
+
+
+def test_ckpt_may_be_a_training_step_directory(micro_model, tokenizer_file, tmp_path):
+    step = tmp_path / "run" / "checkpoints" / "step_00000003"
+    save_pretrained(micro_model, step / "model", tokenizer_file)
+    (step / "trainer_rank0.pt").write_bytes(b"")
+    code, out, err = run([f"ckpt={step}", "prompt=the cat", "max_new_tokens=2",
+                          "temperature=0", "device=cpu"])
+    assert code == 0, err
+    assert out.startswith("the cat")
+    (step / "model" / "config.json").unlink()
+    code, _, err = run([f"ckpt={step}", "prompt=x"])
+    assert code == 2 and f"{step}: no config.json" in err and "under model/" in err, err
+
+
+def test_unreadable_weights_are_an_error_line(micro_model, tokenizer_file, tmp_path):
+    path = tmp_path / "ckpt"
+    save_pretrained(micro_model, path, tokenizer_file)
+    file = path / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:1000])
+    code, _, err = run([f"ckpt={path}", "prompt=x", "device=cpu"])
+    assert code == 2 and err.startswith(f"error: {file}: unreadable weights file"), err
+    config = (path / "config.json").read_bytes()
+    save_pretrained(build_model(micro_config(moe_inter_dim=32)), path, tokenizer_file)
+    (path / "config.json").write_bytes(config)  # weights of other shapes than config.json's
+    code, _, err = run([f"ckpt={path}", "prompt=x", "device=cpu"])
+    assert code == 2 and err.startswith(f"error: {path}") and "has shape" in err, err

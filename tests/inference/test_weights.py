@@ -193,3 +193,49 @@ def test_reference_inference_model_parallel_shards_merge(micro_model, tmp_path):
     (path / "model1-mp2.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="incomplete"):
         load_pretrained(path)
+
+
+def test_save_never_replaces_a_foreign_directory(micro_model, tmp_path):
+    """Replacing `path` deletes what was there: only an empty directory or a previous
+    checkpoint of ours is replaced unless overwrite=True (a run directory once lost its
+    checkpoints this way)."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000001").mkdir(parents=True)
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(weights.DestinationError, match=r"run: destination is not empty.*"
+                                                       r"checkpoints, notes.txt.*overwrite"):
+        save_pretrained(micro_model, run)
+    assert (run / "notes.txt").read_text() == "mine" and (run / "checkpoints").is_dir()
+    assert sorted(os.listdir(tmp_path)) == ["run"]  # refused before any temporary was made
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(weights.DestinationError, match="not a directory"):
+        save_pretrained(micro_model, tmp_path / "file")
+    # a previous checkpoint plus a stranger is foreign too
+    save_pretrained(micro_model, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "optimizer.pt").write_bytes(b"")
+    with pytest.raises(weights.DestinationError, match="optimizer.pt"):
+        save_pretrained(micro_model, tmp_path / "ckpt")
+    save_pretrained(micro_model, run, overwrite=True)  # explicitly asked
+    assert sorted(os.listdir(run)) == ["config.json", "model.safetensors"]
+    (tmp_path / "empty").mkdir()
+    save_pretrained(micro_model, tmp_path / "empty")
+
+
+def test_unreadable_weights_files_name_the_file(micro_model, tmp_path):
+    """Truncated / corrupt safetensors and index files: a ValueError subclass whose message
+    names the file (safetensors' own error names none)."""
+    path = tmp_path / "ckpt"
+    save_pretrained(micro_model, path)
+    file = path / "model.safetensors"
+    data = file.read_bytes()
+    for cut in (len(data) // 2, 6):
+        file.write_bytes(data[:cut])
+        with pytest.raises(weights.WeightsFileError, match=f"^{file}: unreadable weights file"):
+            load_pretrained(path)
+    file.write_bytes(data)
+    save_pretrained(micro_model, tmp_path / "sharded", max_shard_bytes=200_000)
+    index = tmp_path / "sharded" / weights.INDEX_FILE
+    index.write_text('{"weight_map": ')
+    with pytest.raises(ValueError, match=f"^{index}: not a readable safetensors index"):
+        load_pretrained(tmp_path / "sharded")
+    assert issubclass(weights.WeightsFileError, ValueError)

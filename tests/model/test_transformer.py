@@ -1,6 +1,7 @@
 """Whole-model behaviour on the tiny preset: causality, document isolation, gradients, learning,
 routing replay, determinism; configs and parameter counts of the released shapes."""
 
+import json
 import os
 import subprocess
 import sys
@@ -69,8 +70,10 @@ def test_bad_config_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.json"):
         get_config(str(tmp_path / "nope.json"))
     bad = tmp_path / "bad.json"
-    bad.write_text('{"hidden_size": 64, "num_attention_heads": 3, "o_groups": 2}')
-    with pytest.raises(ValueError, match="bad.json.*n_heads"):
+    raw = TINY.to_hf_dict()
+    raw.update(num_attention_heads=3, o_groups=2)
+    bad.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"bad.json: ModelConfig.n_heads=3"):
         get_config(str(bad))
     with pytest.raises(ValueError, match="unknown model preset 'huge'"):
         get_config("huge")
