@@ -36,6 +36,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.Pat
     if vocab_size < n_min:
         raise ValueError(f"vocab_size={vocab_size}: must be at least {n_min} (256 byte tokens "
                          f"plus {len(SPECIAL_TOKENS)} special tokens)")
+    out_dir = Path(out_dir)
+    if out_dir.is_dir() and (existing := sorted(p.name for p in out_dir.iterdir())):
+        # the atomic rename cannot replace a non-empty directory: refuse before training rather
+        # than train and then keep whatever was there (nothing of the user's is ever deleted)
+        raise FileExistsError(f"{out_dir}: tokenizer output directory is not empty "
+                              f"({', '.join(existing[:5])}); choose a new directory or remove it")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -49,7 +55,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.Pat
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
               "pad_token": EOS, "add_bos_token": False, "add_eos_token": False,
               "model_max_length": 1 << 20, "clean_up_tokenization_spaces": False}
-    out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
         tok.save(str(tmp / TOKENIZER_FILE))
         (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=1))

@@ -48,13 +48,16 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
     file = given / "tokenizer.json" if given.is_dir() else given
     if not file.is_file():
         raise FileNotFoundError(f"no tokenizer.json at {str(file)!r} (from path {str(path)!r})")
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_file=str(file),
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=EOS,
-        clean_up_tokenization_spaces=False,
-    )
+    try:
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_file=str(file),
+            bos_token=BOS,
+            eos_token=EOS,
+            pad_token=EOS,
+            clean_up_tokenization_spaces=False,
+        )
+    except Exception as e:  # the tokenizers library's parse errors name no file
+        raise ValueError(f"{file}: unreadable tokenizer file ({type(e).__name__}: {e})") from None
     tokenizer.add_special_tokens(
         {
             "additional_special_tokens": [

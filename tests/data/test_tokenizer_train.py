@@ -52,6 +52,17 @@ def test_too_small_vocab_rejected(tmp_path):
     assert not (tmp_path / "t").exists()
 
 
+def test_existing_directory_is_refused_before_training(tmp_path):
+    """The atomic rename cannot replace a non-empty directory; training into one used to keep
+    the old contents silently. Now it is refused up front and the user's files stay."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        train_tokenizer(make_docs(20, seed=1), 400, out)
+    assert (out / "notes.txt").read_text() == "keep me" and not (out / "tokenizer.json").exists()
+
+
 def test_fingerprint_tracks_content(tmp_path, tok):
     other = train_tokenizer(make_docs(50, seed=9), 400, tmp_path / "t2")
     from encoding.tokenizer import load_tokenizer

@@ -126,3 +126,12 @@ def test_unreadable_weights_are_an_error_line(micro_model, tokenizer_file, tmp_p
     (path / "config.json").write_bytes(config)  # weights of other shapes than config.json's
     code, _, err = run([f"ckpt={path}", "prompt=x", "device=cpu"])
     assert code == 2 and err.startswith(f"error: {path}") and "has shape" in err, err
+
+
+def test_corrupt_tokenizer_is_an_error_line(micro_model, tokenizer_file, tmp_path):
+    path = tmp_path / "ckpt"
+    save_pretrained(micro_model, path, tokenizer_file)
+    tok = path / "tokenizer.json"
+    tok.write_text(tok.read_text()[:500])  # truncated JSON
+    code, _, err = run([f"ckpt={path}", "prompt=x", "device=cpu"])
+    assert code == 2 and err.startswith(f"error: {tok}: unreadable tokenizer file"), err
