@@ -120,6 +120,9 @@ class ReasoningGymDomain(AnswerDomain):
         answer = _extract(content)
         if not answer:
             return Score.invalid("empty answer")
-        credit = float(self._dataset(item.seed).score_answer(answer, item.problem["entry"]))
+        try:  # third-party scoring code: contain its failures like any unreadable answer
+            credit = float(self._dataset(item.seed).score_answer(answer, item.problem["entry"]))
+        except Exception as error:  # noqa: BLE001
+            return Score.invalid(f"reasoning-gym scorer failed: {type(error).__name__}")
         ok = credit >= 1.0
         return Score.graded(ok, "correct" if ok else f"score {credit:.3f}")

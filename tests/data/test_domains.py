@@ -148,6 +148,8 @@ def test_answer_readers_are_lenient_about_whitespace_only():
         assert item.problem["result"] >= 0
         assert a.verify(item, _answer_turn(item, item.answer + " 0")).reward == 1.0  # 0-padded
         assert not a.verify(item, _answer_turn(item, item.answer[::-1] + " 1")).correct
+    huge = a.verify(item, _answer_turn(item, "7" * 5000))  # beyond int()'s digit limit
+    assert (huge.correct, huge.format_valid) == (False, True)
 
 
 def test_countdown_checks_numbers_operators_and_exact_division():
