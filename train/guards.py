@@ -24,12 +24,15 @@ class NonFiniteError(RuntimeError):
 def non_finite_tensors(model: torch.nn.Module) -> list[str]:
     """Names of this rank's parameters and buffers holding NaN or ±inf (router biases are
     buffers and steer every token, so they count)."""
-    bad = []
-    tensors = [*model.named_parameters(), *model.named_buffers()]
-    for name, t in tensors:
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-            bad.append(name)
-    return bad
+    tensors = [(name, t) for name, t in [*model.named_parameters(), *model.named_buffers()]
+               if t.is_floating_point() and t.numel()]
+    if not tensors:
+        return []
+    # one flag per tensor, fetched at once: a single device sync, not one per tensor
+    device = tensors[0][1].device
+    finite = torch.stack([torch.isfinite(t.detach()).all().to(device) for _, t in tensors])
+    finite = finite.cpu()
+    return [name for (name, _), ok in zip(tensors, finite.tolist()) if not ok]
 
 
 def check_finite_weights(model: torch.nn.Module, where: str, device: torch.device) -> None:

@@ -15,6 +15,9 @@ import torch
 
 from model.config import ModelConfig
 
+from . import faults
+from .guards import finish
+
 
 def flops_per_token(cfg: ModelConfig, activated_params: int, seq_len: int) -> float:
     """Training FLOPs per token: 6·activated parameters (forward + backward matmuls) plus the
@@ -107,8 +110,6 @@ class MetricsLogger:
         raised afterwards); the plot is cosmetic and only ever warns."""
         if not self.enabled:
             return
-        from .guards import finish
-
         self.enabled = False  # closing twice (an error path after a close) is a no-op
         parts = [("the progress bar", self.bar.close if self.bar is not None else lambda: None),
                  ("metrics.jsonl", self.file.close),
@@ -136,8 +137,6 @@ class MetricsLogger:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        from . import faults
 
         fig, ax = plt.subplots(figsize=(7, 4))
         target = self.run_dir / "loss_curve.png"

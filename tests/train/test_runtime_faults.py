@@ -104,6 +104,9 @@ def test_sigterm_to_deepspeed_runner_stops_its_ranks_with_a_checkpoint(tmp_path,
     for r in range(2):
         state = torch.load(saved[0] / f"trainer_rank{r}.pt", weights_only=False)
         assert state["step"] == step and state["world"] == 2
+    run([f"steps={step + 1}", "checkpoint.every=0"], tmp_path, cache_dir, "deepspeed2",
+        timeout=300)  # and it resumes
+    assert max(losses(tmp_path)) == step + 1
 
 
 def test_nan_weights_in_checkpoint_stop_naming_the_tensor(tmp_path, cache_dir):

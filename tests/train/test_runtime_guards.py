@@ -163,3 +163,32 @@ def test_resume_keeps_this_configs_lr_schedule():
     assert trainer.scheduler.last_epoch == 3
     assert opt.param_groups[0]["lr"] == 2.0 * new_schedule(3)
     assert trainer.scheduler.get_last_lr() == [2.0 * new_schedule(3)]
+
+
+def test_first_non_finite_eval_stops_and_a_later_one_is_reported():
+    messages = []
+    trainer = SimpleNamespace(model=torch.nn.Linear(2, 2), info=SimpleNamespace(
+        device=torch.device("cpu")), step=4, evals_this_run=0,
+                              logger=SimpleNamespace(message=messages.append))
+    nan = {"val_loss": float("nan"), "val_bpb": float("nan")}
+    with pytest.raises(guards.NonFiniteError, match=r"first held-out loss .* \(step 4\)"):
+        Trainer.check_eval(trainer, nan)
+    Trainer.check_eval(trainer, {"val_loss": 1.0, "val_bpb": 1.0})
+    Trainer.check_eval(trainer, nan)  # after a finite one: reported, training goes on
+    assert messages == ["step 4: held-out loss is non-finite"]
+    with torch.no_grad():
+        trainer.model.weight[0, 0] = float("nan")
+    with pytest.raises(guards.NonFiniteError, match=r"non-finite weights .* weight"):
+        Trainer.check_eval(trainer, nan)  # garbage weights always stop
+
+
+def test_replayed_tokens_of_old_checkpoints_match_the_ramp():
+    """The tokens an old checkpoint (no `tokens_seen`) consumed, replayed from the config:
+    the values the ramp e2e run logs (2 → 8 sequences over 2560 tokens, seq 128 then 64)."""
+    cfg = SimpleNamespace(batch=SimpleNamespace(ramp_start=2, global_batch=8, ramp_tokens=2560),
+                          data=SimpleNamespace(micro_batch=2))
+    trainer = SimpleNamespace(cfg=cfg, info=SimpleNamespace(world=1))
+    trainer.global_batch_at = lambda tokens: Trainer.global_batch_at(trainer, tokens)
+    trainer.phase_for = lambda step: SimpleNamespace(seq_len=128 if step < 3 else 64)
+    assert [Trainer.replay_tokens(trainer, n) for n in range(7)] == \
+        [0, 256, 512, 768, 896, 1152, 1408]
