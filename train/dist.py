@@ -12,7 +12,7 @@ import os
 import re
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -44,6 +44,7 @@ class DistInfo:
     world: int
     local_rank: int
     device: torch.device
+    launcher: "LauncherWatch | None" = None  # set by init_distributed
 
     @property
     def is_main(self) -> bool:
@@ -69,7 +70,8 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
 
 def init_distributed(device_preference: str = "auto", timeout_s: float = 600) -> DistInfo:
     """Initialises the default process group (gloo on CPU, nccl on GPU) through DeepSpeed."""
-    if "RANK" not in os.environ:  # plain `python`: a one-process group
+    launched = "RANK" in os.environ
+    if not launched:  # plain `python`: a one-process group
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -82,7 +84,67 @@ def init_distributed(device_preference: str = "auto", timeout_s: float = 600) ->
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    timeout=datetime.timedelta(seconds=timeout_s),
                                    verbose=False)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device,
+                    LauncherWatch.for_launched(launched))
+
+
+@dataclass
+class LauncherWatch:
+    """Notices that the launcher of this rank is gone, so the rank stops (checkpoint, exit) the
+    way it does on SIGTERM instead of training on as an orphan.
+
+    Under `deepspeed` the tree is runner (`deepspeed ...`) → `deepspeed.launcher.launch` → ranks.
+    SIGTERM to the runner kills only the runner: `launch` keeps waiting on its ranks, so the
+    ranks' parent is alive and only the runner, their grandparent, says the job was cancelled.
+    Both layers are watched. Under torchrun (or another launcher) the parent is the launcher. A
+    plain `python` run watches nothing: a closed shell must not stop a `nohup` run.
+
+    A process is gone when it has exited, is a zombie waiting to be reaped, or its pid now
+    belongs to a newer process; the parent is also gone when this rank was re-parented.
+    """
+
+    ppid: int | None = None
+    watched: list[tuple[int, float, str]] = field(default_factory=list)  # pid, start, label
+
+    @classmethod
+    def for_launched(cls, launched: bool) -> "LauncherWatch":
+        if not launched:
+            return cls()
+        import psutil
+
+        try:
+            parent = psutil.Process().parent()
+            if parent is None or parent.pid <= 1:
+                return cls(os.getppid())
+            chain = [parent]
+            if "deepspeed.launcher.launch" in " ".join(parent.cmdline()):
+                runner = parent.parent()
+                if runner is not None and runner.pid > 1:
+                    chain.append(runner)
+            watched = [(p.pid, p.create_time(), " ".join(p.cmdline())[:120]) for p in chain]
+        except psutil.Error:  # watching is a safeguard; never a reason not to train
+            return cls(os.getppid())
+        return cls(os.getppid(), watched)
+
+    def gone(self) -> str | None:
+        """A description of the launcher process that is gone, or None while all are alive."""
+        if self.ppid is not None and os.getppid() != self.ppid:
+            return f"parent process {self.ppid} exited (this rank was re-parented)"
+        if not self.watched:
+            return None
+        import psutil
+
+        for pid, started, label in self.watched:
+            try:
+                p = psutil.Process(pid)
+                alive = p.create_time() == started and p.status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                alive = False
+            except psutil.Error:
+                continue  # unknowable (permissions): assume alive
+            if not alive:
+                return f"launcher process {pid} ({label}) exited"
+        return None
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,9 @@ import torch
 
 from model.config import ModelConfig
 
+from . import faults
+from .guards import finish
+
 
 def flops_per_token(cfg: ModelConfig, activated_params: int, seq_len: int) -> float:
     """Training FLOPs per token: 6·activated parameters (forward + backward matmuls) plus the
@@ -103,37 +106,59 @@ class MetricsLogger:
             print(text, flush=True)
 
     def close(self) -> None:
+        """Ends the run's logging. Every part runs even if another fails (the first failure is
+        raised afterwards); the plot is cosmetic and only ever warns."""
         if not self.enabled:
             return
-        if self.bar is not None:
-            self.bar.close()
-        self.file.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-        self.plot()
+        self.enabled = False  # closing twice (an error path after a close) is a no-op
+        parts = [("the progress bar", self.bar.close if self.bar is not None else lambda: None),
+                 ("metrics.jsonl", self.file.close),
+                 ("wandb", self.wandb.finish if self.wandb is not None else lambda: None),
+                 ("the loss-curve plot", self._plot_or_warn)]
+        finish(parts, None)
+
+    def _plot_or_warn(self) -> None:
+        try:
+            self.plot()
+        except ImportError as e:
+            print(f"loss_curve.png not written: matplotlib is not importable ({e}); "
+                  f"`pip install matplotlib` to get the plot", flush=True)
+        except Exception as e:  # noqa: BLE001 - a missing plot must not fail a finished run
+            print(f"loss_curve.png not written: {type(e).__name__}: {e}", flush=True)
 
     def plot(self) -> None:
-        """loss_curve.png: training loss and held-out loss against steps."""
+        """loss_curve.png: training loss and held-out loss against steps. Written to a
+        temporary file and renamed, so a failed write (full disk) leaves no truncated PNG."""
         train = [(r["step"], r["loss"]) for r in self.history if "loss" in r]
         val = [(r["step"], r["val_loss"]) for r in self.history if "val_loss" in r]
         if not train:
             return
-        import matplotlib
+        import matplotlib  # lazy: only the end of a run needs it
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(*zip(*train), label="train loss", linewidth=1)
-        if val:
-            ax.plot(*zip(*val), "o-", label="held-out loss")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(self.run_dir / "loss_curve.png", dpi=120)
-        plt.close(fig)
+        target = self.run_dir / "loss_curve.png"
+        tmp = target.with_name(f".{target.name}.tmp")
+        try:
+            ax.plot(*zip(*train), label="train loss", linewidth=1)
+            if val:
+                ax.plot(*zip(*val), "o-", label="held-out loss")
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel("loss (nats/token)")
+            ax.grid(alpha=0.3)
+            ax.legend()
+            fig.tight_layout()
+            with open(tmp, "wb") as f:
+                faults.disk_full(tmp)
+                fig.savefig(f, format="png", dpi=120)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            plt.close(fig)
 
 
 def memory_bytes(device: torch.device) -> float:

@@ -32,6 +32,7 @@ from optim.schedule import LRSchedule, batch_size_ramp, make_scheduler
 from . import checkpoint as ckpt
 from . import expert_parallel as ep
 from . import faults
+from . import guards
 from .activation import apply_activation_checkpointing
 from .config import TrainConfig, validate_config
 from .dist import DistInfo, all_reduce_sum, any_rank, barrier
@@ -103,6 +104,9 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.bad_in_a_row = 0
+        self.tokens_seen = 0  # drives the batch-size ramp; checkpointed
+        self.good_steps_this_run = 0  # this process's finite steps: a first NaN step stops
+        self.evals_this_run = 0
         self.grad_accum(cfg.batch.global_batch)
         if cfg.batch.ramp_start is not None:
             self.grad_accum(cfg.batch.ramp_start)
@@ -194,11 +198,16 @@ class Trainer:
             p.requires_grad_(not phase.indexer_only or ".attn.indexer." in name)
         stage = sum(1 for s in self.cfg.recipe.seq_len_stages if self.step >= s.step)
         if getattr(self, "loader_key", None) != (phase.seq_len, stage):
+            if hasattr(self, "loader"):
+                getattr(self.loader, "close", lambda: None)()
             self.loader = self.task.train_loader(phase.seq_len, stage)
             self.loader_key = (phase.seq_len, stage)
-            if self.pending_loader_state is not None:
+            # the saved position belongs to the loader of the stage it was saved in; resuming
+            # exactly at a stage boundary starts the new stage's fresh pass, as the
+            # uninterrupted run does
+            if self.pending_loader_state is not None and self.pending_loader_key == self.loader_key:
                 self.loader.load_state_dict(self.pending_loader_state)
-                self.pending_loader_state = None
+            self.pending_loader_state = None
         self.phase = phase
 
     def phase_for(self, step: int) -> Phase:
@@ -211,7 +220,12 @@ class Trainer:
         counts = None
         bad = False
         tokens = 0
-        for _ in range(self.gas):
+        for i in range(self.gas):
+            # the boundary is set, not inferred from DeepSpeed's micro-step counter: that counter
+            # runs over the whole process, so after a batch-ramp change (or a resume, which
+            # restarts it) it would put the boundary mid-step
+            last = i == self.gas - 1
+            engine.set_gradient_accumulation_boundary(last)
             batch = {k: v.to(info.device, non_blocking=True) for k, v in next(self.loader).items()}
             terms, out = self.task.loss(engine, batch, self.phase)
             if faults.nan_at(self.step + 1):
@@ -225,7 +239,7 @@ class Trainer:
                                    dtype=torch.float64)
             c = out.expert_counts.detach().float()
             counts = c if counts is None else counts + c
-            if not engine.is_gradient_accumulation_boundary():
+            if not last:
                 engine.step()
         grad_norm = self.grad_norm()
         skip = any_rank(bad or not math.isfinite(grad_norm), info.device)
@@ -281,31 +295,70 @@ class Trainer:
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "scheduler": self.scheduler.state_dict(),
                 "loader": self.loader.state_dict(), "loader_key": self.loader_key,
-                "skipped_steps": self.skipped_steps, "bad_in_a_row": self.bad_in_a_row}
+                "skipped_steps": self.skipped_steps, "bad_in_a_row": self.bad_in_a_row,
+                "tokens_seen": self.tokens_seen}
 
     def save(self) -> Path:
-        path = ckpt.save_checkpoint(
-            self.run_dir, self.step, self.info, self.model, self.optimizer, self.trainer_state(),
-            OmegaConf.to_yaml(self.cfg), self.task.tokenizer_file, self.cfg.checkpoint.keep,
-            ep_groups=self.ep)
+        target = ckpt.checkpoint_root(self.run_dir) / f"step_{self.step:08d}"
+        try:
+            faults.disk_full(target)
+            path = ckpt.save_checkpoint(
+                self.run_dir, self.step, self.info, self.model, self.optimizer,
+                self.trainer_state(), OmegaConf.to_yaml(self.cfg), self.task.tokenizer_file,
+                self.cfg.checkpoint.keep, ep_groups=self.ep)
+        except OSError as e:
+            raise OSError(e.errno, guards.save_failure(target, self.step, e)) from e
+        except RuntimeError as e:  # torch reports a full disk as a bare RuntimeError
+            raise RuntimeError(guards.save_failure(target, self.step, e)) from e
         self.logger.message(f"checkpoint: {path}")
         return path
 
+    def load_scheduler(self, state: dict[str, Any]) -> None:
+        """Restores the schedule's position (optimizer steps taken; skipped steps do not count)
+        but keeps this config's schedule: LambdaLR would otherwise overwrite the `LRSchedule`
+        in place with the checkpoint's, so `steps=` or `schedule.*` changed for a resumed run
+        were silently ignored (and the phases, which read the same object, moved with it)."""
+        saved = state.get("lr_lambdas")
+        # None entries: LambdaLR leaves those lambdas as they are
+        self.scheduler.load_state_dict({**state, "lr_lambdas": [None] * len(saved or [None])})
+        if saved and saved[0] != vars(self.schedule) and self.info.is_main:
+            print(f"LR schedule differs from the checkpoint's {saved[0]}; using this config's "
+                  f"{vars(self.schedule)}", flush=True)
+        factor = self.schedule(self.scheduler.last_epoch)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * factor  # LambdaLR's own expression: the same float
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+    def replay_tokens(self, steps: int) -> int:
+        """Tokens consumed by `steps` optimizer steps, for checkpoints written before
+        `tokens_seen` was saved: every step (skipped or not) consumes global_batch × seq_len."""
+        tokens = 0
+        for s in range(steps):
+            tokens += self.global_batch_at(tokens) * self.phase_for(s).seq_len
+        return tokens
+
     def resume(self) -> None:
         self.pending_loader_state = None
+        self.pending_loader_key = None
         # cleans crash leftovers, skips unusable checkpoints, sets later ones aside
         path = ckpt.start_point(self.cfg.checkpoint.resume, self.run_dir, self.info)
         if path is None:
+            guards.check_finite_weights(self.model, f"after initialisation (seed={self.cfg.seed})",
+                                        self.info.device)
             return
         state = ckpt.load_checkpoint(path, self.info, self.model, self.optimizer)  # EP-aware
         refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
         if refresh is not None and self.engine.optimizer is not self.optimizer:
             refresh()  # bf16: DeepSpeed's fp32 master copies must see the loaded weights
         self.step = state["step"]
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.load_scheduler(state["scheduler"])
         self.skipped_steps = state["skipped_steps"]
         self.bad_in_a_row = state["bad_in_a_row"]
+        self.tokens_seen = (state["tokens_seen"] if "tokens_seen" in state
+                            else self.replay_tokens(self.step))
         self.pending_loader_state = state["loader"]
+        self.pending_loader_key = tuple(state["loader_key"])
+        guards.check_finite_weights(self.model, f"in checkpoint {path}", self.info.device)
         if self.info.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
@@ -324,21 +377,24 @@ class Trainer:
                                     cfg.logging.wandb, OmegaConf.to_container(cfg, resolve=True),
                                     cfg.logging.progress)
         self.enter_phase(self.phase_for(self.step))
-        tokens_seen = 0
+        error = None
         try:
             while self.step < cfg.steps:
                 phase = self.phase_for(self.step)
                 if phase != self.phase:
                     self.enter_phase(phase)
-                new_gas = self.grad_accum(self.global_batch_at(tokens_seen))
+                new_gas = self.grad_accum(self.global_batch_at(self.tokens_seen))
                 if new_gas != self.gas:
                     self.gas = new_gas
                     self.engine.set_train_batch_size(cfg.data.micro_batch * new_gas * info.world)
                 t0 = time.perf_counter()
                 stats = self.train_step()
                 dt = time.perf_counter() - t0
-                tokens_seen += stats.tokens
+                self.tokens_seen += stats.tokens
                 self.step += 1
+                faults.maybe_sigterm(self.step)
+                if stats.skipped and self.good_steps_this_run == 0:
+                    self.stop_on_first_bad_step()
                 if stats.skipped:
                     self.skipped_steps += 1
                     self.bad_in_a_row += 1
@@ -350,9 +406,14 @@ class Trainer:
                             f"under {ckpt.checkpoint_root(self.run_dir)}")
                 else:
                     self.bad_in_a_row = 0
+                    self.good_steps_this_run += 1
                 self.log_step(stats, dt)
                 if self.due(cfg.logging.eval_every) or self.step == cfg.steps:
                     self.eval_and_sample()
+                gone = info.launcher.gone() if info.launcher is not None else None
+                if gone and not self.stop_requested:
+                    self.stop_requested = True
+                    print(f"rank {info.rank}: {gone}; stopping as on SIGTERM", flush=True)
                 stop = any_rank(self.stop_requested, info.device)
                 # never checkpoint inside a streak of skipped steps: the last good one stays
                 if self.bad_in_a_row == 0 and (self.due(cfg.checkpoint.every) or stop
@@ -362,10 +423,14 @@ class Trainer:
                     self.logger.message(f"stopped by signal at step {self.step}; resume with "
                                         f"checkpoint.resume=auto")
                     break
+        except BaseException as e:
+            error = e
+            raise
         finally:  # no collective here: after an error the other ranks must not wait on us
-            if hasattr(self, "loader"):
-                getattr(self.loader, "close", lambda: None)()
-            self.logger.close()
+            # best-effort while an error propagates: a failing plot must not replace it
+            guards.finish([("closing the data loader",
+                            getattr(getattr(self, "loader", None), "close", lambda: None)),
+                           ("closing the metrics logger", self.logger.close)], error)
         barrier()
 
     def due(self, every: int) -> bool:
@@ -381,6 +446,8 @@ class Trainer:
                    "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tps,
                    "step_seconds": seconds, "memory_gib": memory_bytes(self.info.device) / 2**30,
                    "skipped_steps": self.skipped_steps, "csa_mode": self.phase.csa_mode,
+                   "global_batch": self.gas * self.cfg.data.micro_batch * self.info.world,
+                   "tokens_seen": self.tokens_seen,
                    "seq_len": self.phase.seq_len,
                    "expert_imbalance_max": max(imbalance),
                    **{f"expert_imbalance/layer{i}": v for i, v in enumerate(imbalance)}}
@@ -389,8 +456,31 @@ class Trainer:
             metrics["mfu"] = tps * self.flops_per_token / (self.peak_flops * self.info.world)
         self.logger.log(self.step, metrics)
 
+    def stop_on_first_bad_step(self) -> None:
+        """The first step of this process is non-finite: skipping it would only skip all the
+        others (weights full of garbage skip every step), so stop and say which it is."""
+        guards.check_finite_weights(self.model, f"at step {self.step}", self.info.device)
+        raise guards.NonFiniteError(
+            f"the first loss or gradient of this run (step {self.step}) is non-finite although "
+            f"the weights are finite; check the data and numerics (dtype={self.cfg.dtype}, "
+            f"optim.lr={self.cfg.optim.lr}) before resuming")
+
+    def check_eval(self, metrics: dict[str, float]) -> None:
+        """A non-finite held-out loss: garbage weights stop the run (named); so does a first
+        evaluation of this process that is non-finite. A later one is reported."""
+        self.evals_this_run += 1
+        if not metrics or math.isfinite(metrics["val_loss"]):
+            return
+        guards.check_finite_weights(self.model, f"at step {self.step}", self.info.device)
+        if self.evals_this_run == 1:
+            raise guards.NonFiniteError(
+                f"the first held-out loss of this run (step {self.step}) is non-finite "
+                f"({metrics['val_loss']}) although the weights are finite")
+        self.logger.message(f"step {self.step}: held-out loss is non-finite")
+
     def eval_and_sample(self) -> None:
         metrics = self.evaluate()
+        self.check_eval(metrics)
         # Under EP every rank must run the forward (each MoE layer is an all-to-all over the
         # EP group); greedy decoding gives the same text everywhere and only rank 0 prints it.
         sample = (self.task.sample(self.model, self.step)
