@@ -128,7 +128,7 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, routes=None,
                 token_mask: torch.Tensor | None = None, cache: ModelCache | None = None,
-                logits_index: torch.Tensor | None = None) -> ModelOutput:
+                logits_index: torch.Tensor | None = None, mtp: bool = True) -> ModelOutput:
         """input_ids `[batch, seq]`; `routes` replays expert ids (one `[batch, seq, topk]` per
         block, MTP blocks last; an entry may be None) instead of the routers' own top-k.
 
@@ -137,7 +137,9 @@ class Transformer(nn.Module):
         (a prefix; the rest is right padding, computed but not cached), the attention layers
         append to the cache, and the MTP blocks are skipped (`mtp_logits` is empty).
         `logits_index` `[batch, k]` computes logits only at those sequence indices
-        (`[batch, k, vocab]`), e.g. each row's last real token in a prefill."""
+        (`[batch, k, vocab]`), e.g. each row's last real token in a prefill. `mtp=False` skips
+        the MTP blocks (a post-training stage that does not train them saves their compute;
+        `mtp_logits` is then empty and `expert_counts` has main-layer rows only)."""
         cfg = self.cfg
         batch, seq = input_ids.shape
         step = None
@@ -175,7 +177,7 @@ class Transformer(nn.Module):
         logits = self.head(self.norm(y))
 
         mtp_logits = []
-        if self.mtp and cache is None:
+        if self.mtp and mtp and cache is None:
             # token i+1 at position i. A document's last position has no next token of its own;
             # it re-reads its own token (its MTP target is masked), so nothing crosses documents.
             same_doc = doc_ids[:, 1:] == doc_ids[:, :-1]

@@ -52,7 +52,7 @@ def main(cfg: TrainConfig) -> None:
         return
 
     from train.checkpoint import CheckpointError
-    from train.task import PretrainTask
+    from train.pretrain_task import PretrainTask
     from train.trainer import Trainer
 
     info = init_distributed(cfg.device)

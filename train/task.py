@@ -1,80 +1,73 @@
-"""Pre-training as a `Task` for the trainer core: packed batches from `data/`, the V4 objective
-from `model/loss.py`, a short greedy sample for the logs."""
+"""The seam between the trainer core and a training stage.
+
+Pre-training, SFT, GRPO and distillation are four `Task`s on one trainer (`train/trainer.py`).
+The trainer owns the run: engine, optimizer, the step loop, gradient accumulation, checkpoints,
+resume, signals, skipping of non-finite steps, expert parallelism, router-bias updates, logging.
+A task owns what is particular to its stage:
+
+- `batches(step, n_micro, phase, model)`: this step's micro-batches, asked for at the step
+  boundary, so a stage can first roll out with the current weights (RL) and a stage's data
+  position is its own (`state_dict` / `load_state_dict`, stored in every checkpoint).
+- `count(batch)`: how many units the micro-batch's loss sums over (response tokens for SFT,
+  sequences for a sequence-mean RL loss), known before the forward. The trainer sums it over
+  micro-batches and ranks, so the gradient is that of (sum of all losses) / (global count), the
+  same however the global batch is cut into micro-batches and ranks (torchtitan's rule; a mean
+  per micro-batch would weight a micro-batch of 3 masked tokens like one of 300).
+- `loss(model, batch, phase)`: a `LossOutput` holding the loss as a sum, metric sums in the same
+  units (divided by the same global count for logging) and the router's expert counts.
+- `evaluate(model, step, phase)`: the stage's own evaluation (held-out loss, domain pass@1,
+  samples), called on every rank (under EP the forward is collective); an `EvalResult`.
+- `train_mtp`: whether the stage trains the MTP block; if not, the trainer freezes it and the
+  task's forward skips it (`model(..., mtp=False)`).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from model.config import ModelConfig
-from model.loss import LossWeights, compute_loss
+import torch
 
-from .config import TrainConfig
-from .dist import DistInfo
 from .recipe import Phase
 
 
-def data_config(cfg: TrainConfig):
-    from data.config import DataConfig
-
-    d = cfg.data
-    return DataConfig(sources=[dict(s) for s in d.sources],
-                      val_sources=[dict(s) for s in d.val_sources], val_fraction=d.val_fraction,
-                      tokenizer=d.tokenizer, vocab_size=d.vocab_size,
-                      default_max_files=d.default_max_files, cache_dir=d.cache_dir,
-                      prefetch=d.prefetch, progress=cfg.logging.progress)
+@dataclass
+class LossOutput:
+    total: torch.Tensor                                  # [] the loss summed over `count` units
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [] sum, same units
+    expert_counts: torch.Tensor | None = None            # [blocks, experts] tokens per expert
 
 
-class PretrainTask:
-    def __init__(self, cfg: TrainConfig, info: DistInfo, model_cfg: ModelConfig):
-        from data.pretrain import make_train_loader, make_val_loader, prepare_pretrain
+@dataclass
+class EvalResult:
+    metrics: dict[str, float] = field(default_factory=dict)  # logged; `*loss` keys are checked
+    messages: list[str] = field(default_factory=list)        # printed by rank 0
 
-        self.cfg, self.info, self.model_cfg = cfg, info, model_cfg
-        self.data_cfg = data_config(cfg)
-        self._make_train, self._make_val = make_train_loader, make_val_loader
-        self._prepared = {}
-        self._val = {}
-        self._prepare = prepare_pretrain
-        prep = self.prepared(cfg.data.seq_len)  # validates tokenizer vs model before training
-        self.tokenizer = prep.tokenizer
-        # the run's own copy of the tokenizer, bundled into every checkpoint
-        self.tokenizer_file = str(Path(cfg.run_dir) / "tokenizer.json")
-        if info.is_main:
-            Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-            self.tokenizer.backend_tokenizer.save(self.tokenizer_file)
 
-    def prepared(self, seq_len: int):
-        if seq_len not in self._prepared:
-            self._prepared[seq_len] = self._prepare(self.data_cfg, None, seq_len=seq_len,
-                                                    model_cfg=self.model_cfg)
-        return self._prepared[seq_len]
+class Task(Protocol):
+    """What a training stage provides to the trainer core."""
 
-    def train_loader(self, seq_len: int, stage: int):
-        # each sequence-length stage draws its own shuffled pass over the data
-        return self._make_train(self.prepared(seq_len), self.data_cfg, seq_len,
-                                self.cfg.data.micro_batch, self.info.rank, self.info.world,
-                                self.cfg.seed + 1000 * stage)
+    tokenizer_file: str | None  # bundled into every checkpoint
+    train_mtp: bool
 
-    def val_loader(self, seq_len: int):
-        if seq_len not in self._val:
-            self._val[seq_len] = self._make_val(self.prepared(seq_len), seq_len,
-                                                self.cfg.data.micro_batch, self.info.rank,
-                                                self.info.world, self.cfg.logging.eval_batches)
-        return self._val[seq_len]
+    def batches(self, step: int, n_micro: int, phase: Phase, model) -> list[dict[str, Any]]:
+        """This rank's `n_micro` micro-batches for optimizer step `step` (tensors on any
+        device; the trainer moves them)."""
 
-    def loss(self, model, batch, phase: Phase):
-        out = model(batch["input_ids"], doc_ids=batch["doc_ids"], positions=batch["positions"])
-        r = self.cfg.recipe
-        weights = LossWeights(mtp=phase.mtp_weight, balance=r.balance_weight,
-                              indexer=r.indexer_weight)
-        return compute_loss(out, batch["input_ids"], batch["labels"], batch["doc_ids"],
-                            weights), out
+    def count(self, batch: dict[str, Any]) -> float:
+        """The number of units `loss(batch).total` sums over."""
 
-    def sample(self, model, step: int) -> str | None:
-        from model.generation import generate
+    def loss(self, model, batch: dict[str, Any], phase: Phase) -> LossOutput: ...
 
-        lg = self.cfg.logging
-        ids = self.tokenizer.encode(lg.sample_prompt, add_special_tokens=False)
-        out = generate(model, [[self.model_cfg.bos_token_id] + ids],
-                       max_new_tokens=lg.sample_tokens, temperature=0.0,
-                       eos_id=self.model_cfg.eos_token_id)
-        return lg.sample_prompt + self.tokenizer.decode(out.tokens[0])
+    def evaluate(self, model, step: int, phase: Phase) -> EvalResult: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def labelled_tokens(labels: torch.Tensor) -> float:
+    """Positions with a target (labels != -100): the count of token-mean losses."""
+    return float((labels != -100).sum())

@@ -1,13 +1,17 @@
 """The trainer core every stage shares: engine construction, the step loop with gradient
 accumulation, router-bias updates, skipping of non-finite steps, evaluation, checkpointing,
-signals and metrics. A stage supplies a `Task` (its batches and its loss); pre-training's is in
-`train/task.py`, SFT, GRPO and distillation plug in the same way.
+signals and metrics. A stage supplies a `Task` (`train/task.py`: its batches, its loss as a sum
+plus a count, its evaluation); pre-training's is `train/pretrain_task.py`, SFT, GRPO and
+distillation plug in the same way.
 
 One optimizer step, as data (design.md):
 
-    gas × [batch → engine.forward → loss terms → engine.backward]   (DeepSpeed all-reduces at the
-    boundary) → grad norm, finiteness → optimizer.step (or skip) → LR schedule → router biases
-    from expert counts summed over micro-batches and ranks → metrics → checkpoint
+    task.batches (at the step boundary: RL rolls out here with the current weights)
+    → global count = Σ task.count over micro-batches and ranks
+    → gas × [engine.forward → loss sum → engine.backward(sum · gas · world / count)]
+      (DeepSpeed divides by gas and averages over ranks at the boundary: the gradient is that of
+      Σ sums / global count) → grad norm, finiteness → optimizer.step (or skip) → LR schedule
+    → router biases from expert counts summed over micro-batches and ranks → metrics → checkpoint
 """
 
 from __future__ import annotations
@@ -17,13 +21,12 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 
 from model.config import ModelConfig
-from model.loss import LossTerms
 from model.summary import count_parameters
 from model.transformer import Transformer
 from optim import build_optimizer, check_zero_stage
@@ -39,21 +42,7 @@ from .dist import DistInfo, all_reduce_sum, any_rank, barrier
 from .metrics import MetricsLogger, detect_peak_tflops, flops_per_token, memory_bytes
 from .plan import available_memory, make_plan
 from .recipe import Phase, phase_at
-
-
-class Task(Protocol):
-    """What a training stage provides to the trainer."""
-
-    tokenizer_file: str | None
-
-    def train_loader(self, seq_len: int, stage: int): ...  # iterable with state_dict()
-
-    def val_loader(self, seq_len: int): ...  # finite iterable with bytes_per_token, or None
-
-    def loss(self, model, batch: dict[str, torch.Tensor], phase: Phase) -> tuple[LossTerms, Any]:
-        """(loss terms, model output) for one micro-batch."""
-
-    def sample(self, model, step: int) -> str | None: ...
+from .task import EvalResult, Task
 
 
 @dataclass
@@ -194,20 +183,12 @@ class Trainer:
     # ------------------------------------------------------------------ phases and data
     def enter_phase(self, phase: Phase) -> None:
         self.model.set_csa_mode(phase.csa_mode, indexer_loss=phase.indexer_loss)
-        for name, p in self.model.named_parameters():  # indexer warm-up trains the indexer only
-            p.requires_grad_(not phase.indexer_only or ".attn.indexer." in name)
-        stage = sum(1 for s in self.cfg.recipe.seq_len_stages if self.step >= s.step)
-        if getattr(self, "loader_key", None) != (phase.seq_len, stage):
-            if hasattr(self, "loader"):
-                getattr(self.loader, "close", lambda: None)()
-            self.loader = self.task.train_loader(phase.seq_len, stage)
-            self.loader_key = (phase.seq_len, stage)
-            # the saved position belongs to the loader of the stage it was saved in; resuming
-            # exactly at a stage boundary starts the new stage's fresh pass, as the
-            # uninterrupted run does
-            if self.pending_loader_state is not None and self.pending_loader_key == self.loader_key:
-                self.loader.load_state_dict(self.pending_loader_state)
-            self.pending_loader_state = None
+        for name, p in self.model.named_parameters():
+            # indexer warm-up trains the indexer only; a stage that does not train the MTP
+            # block freezes it (DeepSpeed then reduces no gradient for it and the optimizer
+            # neither decays nor moves it)
+            p.requires_grad_((not phase.indexer_only or ".attn.indexer." in name)
+                             and (self.task.train_mtp or not name.startswith("mtp.")))
         self.phase = phase
 
     def phase_for(self, step: int) -> Phase:
@@ -215,49 +196,77 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> StepStats:
+        """One optimizer step on the task's micro-batches for this step."""
+        batches = self.task.batches(self.step, self.gas, self.phase, self.model)
+        if len(batches) != self.gas:
+            raise RuntimeError(f"the task gave {len(batches)} micro-batches for step "
+                               f"{self.step + 1}, the trainer asked for {self.gas}")
+        return self.step_on(batches)
+
+    def step_on(self, batches: list[dict[str, Any]]) -> StepStats:
         info, engine = self.info, self.engine
-        totals = torch.zeros(5, dtype=torch.float64)
-        counts = None
-        bad = False
-        tokens = 0
-        for i in range(self.gas):
-            # the boundary is set, not inferred from DeepSpeed's micro-step counter: that counter
-            # runs over the whole process, so after a batch-ramp change (or a resume, which
-            # restarts it) it would put the boundary mid-step
-            last = i == self.gas - 1
-            engine.set_gradient_accumulation_boundary(last)
-            batch = {k: v.to(info.device, non_blocking=True) for k, v in next(self.loader).items()}
-            terms, out = self.task.loss(engine, batch, self.phase)
-            if faults.nan_at(self.step + 1):
-                terms.total = terms.total * float("nan")
-            faults.maybe_raise(info.rank)
-            tokens += batch["input_ids"].numel()
-            bad |= not bool(torch.isfinite(terms.total))
-            engine.backward(terms.total)
-            totals += torch.tensor([float(t) for t in (terms.total.detach(), terms.lm, terms.mtp,
-                                                       terms.balance, terms.indexer)],
-                                   dtype=torch.float64)
-            c = out.expert_counts.detach().float()
-            counts = c if counts is None else counts + c
-            if not last:
-                engine.step()
+        batches = [{k: v.to(info.device, non_blocking=True) if torch.is_tensor(v) else v
+                    for k, v in b.items()} for b in batches]
+        self.accumulate(batches)
         grad_norm = self.grad_norm()
-        skip = any_rank(bad or not math.isfinite(grad_norm), info.device)
+        skip = any_rank(bool(self.bad) or not math.isfinite(grad_norm), info.device)
         if skip:
             self.optimizer_core().skip_next_step()
         elif self.ep is not None and not self.bf16:
             ep.clip_grads_(self.model, self.cfg.optim.grad_clip, grad_norm)
         engine.step()  # the boundary: DeepSpeed calls our optimizer (which may skip)
+        counts = self.last_counts
         all_reduce_sum(counts)
         if not skip:
             self.scheduler.step()
             self.model.update_router_biases(counts, self.cfg.recipe.bias_update_speed)
-        totals = all_reduce_sum(totals.to(info.device)).cpu() / (self.gas * info.world)
-        self.last_counts = counts
+        sums = all_reduce_sum(self.sums.to(info.device)).cpu()
+        loss, *terms = (sums / max(self.global_count, 1.0)).tolist()
         self.last_ep_metrics = ep.dispatch_metrics(self.model, self.ep, counts)  # this step's
-        names = ("loss", "lm_loss", "mtp_loss", "balance_loss", "indexer_loss")
-        return StepStats(float(totals[0]), dict(zip(names[1:], totals[1:].tolist())), grad_norm,
-                         skip, tokens * info.world)
+        tokens = sum(b["input_ids"].numel() for b in batches)
+        return StepStats(loss, dict(zip(self.metric_names, terms)), grad_norm, skip,
+                         tokens * info.world)
+
+    def accumulate(self, batches: list[dict[str, Any]]) -> None:
+        """Forward and backward over this step's micro-batches; afterwards the parameters hold
+        the gradient of (Σ loss sums over micro-batches and ranks) / (global count)."""
+        info, engine = self.info, self.engine
+        local = torch.tensor([sum(float(self.task.count(b)) for b in batches)],
+                             dtype=torch.float64, device=info.device)
+        self.global_count = float(all_reduce_sum(local))
+        # DeepSpeed divides each backward by gas and averages gradients over the ranks
+        scale = len(batches) * info.world / max(self.global_count, 1.0)
+        self.bad = torch.zeros((), dtype=torch.bool, device=info.device)
+        self.last_counts, self.metric_names, sums = None, None, []
+        for i, batch in enumerate(batches):
+            # the boundary is set, not inferred from DeepSpeed's micro-step counter: that counter
+            # runs over the whole process, so after a batch-ramp change (or a resume, which
+            # restarts it) it would put the boundary mid-step
+            last = i == len(batches) - 1
+            engine.set_gradient_accumulation_boundary(last)
+            out = self.task.loss(engine, batch, self.phase)
+            total = out.total
+            if faults.nan_at(self.step + 1):
+                total = total * float("nan")
+            faults.maybe_raise(info.rank)
+            self.bad |= ~torch.isfinite(total.detach())  # stays on the device: no sync here
+            engine.backward(total * scale)
+            names = sorted(out.metrics)
+            if self.metric_names is None:
+                self.metric_names = names
+            elif names != self.metric_names:  # every rank all-reduces the same vector
+                raise RuntimeError(f"the task's loss metrics changed within a step: "
+                                   f"{self.metric_names} then {names}")
+            sums.append(torch.stack([total.detach().double(),
+                                     *(out.metrics[k].detach().double() for k in names)]))
+            if out.expert_counts is not None:
+                c = out.expert_counts.detach().float()
+                self.last_counts = c if self.last_counts is None else self.last_counts + c
+            if not last:
+                engine.step()
+        self.sums = torch.stack(sums).sum(0)
+        if self.last_counts is None:
+            self.last_counts = torch.zeros(0, 0, device=info.device)
 
     def optimizer_core(self):
         """Our optimizer, even when DeepSpeed wraps it (bf16 master weights)."""
@@ -272,29 +281,20 @@ class Trainer:
         return ep.global_grad_norm(self.model, self.ep)
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        val = self.task.val_loader(self.phase.seq_len)
-        if val is None:
-            return {}
-        totals = torch.zeros(2, dtype=torch.float64, device=self.info.device)
-        for batch in val:
-            batch = {k: v.to(self.info.device) for k, v in batch.items()}
-            out = self.engine(batch["input_ids"], doc_ids=batch["doc_ids"],
-                              positions=batch["positions"])
-            labels = batch["labels"]
-            ce = torch.nn.functional.cross_entropy(
-                out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                reduction="sum")
-            totals += torch.stack([ce.double(), (labels != -100).sum().double()])
-        all_reduce_sum(totals)
-        loss = float(totals[0] / totals[1].clamp_min(1))
-        return {"val_loss": loss, "val_bpb": loss / math.log(2) / val.bytes_per_token}
+    def evaluate(self) -> EvalResult:
+        """The stage's evaluation, on every rank (collective forwards under EP), in eval mode."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return self.task.evaluate(self.model, self.step, self.phase)
+        finally:
+            self.model.train(was_training)
 
     # ------------------------------------------------------------------ checkpoints
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "scheduler": self.scheduler.state_dict(),
-                "loader": self.loader.state_dict(), "loader_key": self.loader_key,
+                "task": self.task.state_dict(),
                 "skipped_steps": self.skipped_steps, "bad_in_a_row": self.bad_in_a_row,
                 "tokens_seen": self.tokens_seen}
 
@@ -338,8 +338,6 @@ class Trainer:
         return tokens
 
     def resume(self) -> None:
-        self.pending_loader_state = None
-        self.pending_loader_key = None
         # cleans crash leftovers, skips unusable checkpoints, sets later ones aside
         path = ckpt.start_point(self.cfg.checkpoint.resume, self.run_dir, self.info)
         if path is None:
@@ -356,8 +354,9 @@ class Trainer:
         self.bad_in_a_row = state["bad_in_a_row"]
         self.tokens_seen = (state["tokens_seen"] if "tokens_seen" in state
                             else self.replay_tokens(self.step))
-        self.pending_loader_state = state["loader"]
-        self.pending_loader_key = tuple(state["loader_key"])
+        # checkpoints written before the task seam kept the pre-training loader at top level
+        self.task.load_state_dict(state["task"] if "task" in state else
+                                  {"loader": state["loader"], "loader_key": state["loader_key"]})
         guards.check_finite_weights(self.model, f"in checkpoint {path}", self.info.device)
         if self.info.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
@@ -428,8 +427,7 @@ class Trainer:
             raise
         finally:  # no collective here: after an error the other ranks must not wait on us
             # best-effort while an error propagates: a failing plot must not replace it
-            guards.finish([("closing the data loader",
-                            getattr(getattr(self, "loader", None), "close", lambda: None)),
+            guards.finish([("closing the task's data", self.task.close),
                            ("closing the metrics logger", self.logger.close)], error)
         barrier()
 
@@ -466,30 +464,26 @@ class Trainer:
             f"optim.lr={self.cfg.optim.lr}) before resuming")
 
     def check_eval(self, metrics: dict[str, float]) -> None:
-        """A non-finite held-out loss: garbage weights stop the run (named); so does a first
-        evaluation of this process that is non-finite. A later one is reported."""
+        """A non-finite held-out loss (any `*loss` metric of the stage's evaluation): garbage
+        weights stop the run (named); so does a first evaluation of this process that is
+        non-finite. A later one is reported."""
         self.evals_this_run += 1
-        if not metrics or math.isfinite(metrics["val_loss"]):
+        bad = {k: v for k, v in metrics.items()
+               if k.endswith("loss") and isinstance(v, float) and not math.isfinite(v)}
+        if not bad:
             return
         guards.check_finite_weights(self.model, f"at step {self.step}", self.info.device)
         if self.evals_this_run == 1:
             raise guards.NonFiniteError(
                 f"the first held-out loss of this run (step {self.step}) is non-finite "
-                f"({metrics['val_loss']}) although the weights are finite")
-        self.logger.message(f"step {self.step}: held-out loss is non-finite")
+                f"({bad}) although the weights are finite")
+        self.logger.message(f"step {self.step}: held-out loss is non-finite ({bad})")
 
     def eval_and_sample(self) -> None:
-        metrics = self.evaluate()
-        self.check_eval(metrics)
-        # Under EP every rank must run the forward (each MoE layer is an all-to-all over the
-        # EP group); greedy decoding gives the same text everywhere and only rank 0 prints it.
-        sample = (self.task.sample(self.model, self.step)
-                  if self.info.is_main or self.ep is not None else None)
-        if not self.info.is_main:
-            sample = None
-        if metrics:
-            self.logger.log(self.step, metrics)
-            self.logger.message(f"step {self.step}: held-out loss {metrics['val_loss']:.4f}, "
-                                f"{metrics['val_bpb']:.4f} bits/byte")
-        if sample is not None:
-            self.logger.message(f"step {self.step} sample: {sample!r}")
+        result = self.evaluate()
+        self.check_eval(result.metrics)
+        if result.metrics:
+            self.logger.log(self.step, result.metrics)
+        if self.info.is_main:
+            for line in result.messages:
+                self.logger.message(line)

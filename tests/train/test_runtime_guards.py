@@ -175,7 +175,7 @@ def test_first_non_finite_eval_stops_and_a_later_one_is_reported():
         Trainer.check_eval(trainer, nan)
     Trainer.check_eval(trainer, {"val_loss": 1.0, "val_bpb": 1.0})
     Trainer.check_eval(trainer, nan)  # after a finite one: reported, training goes on
-    assert messages == ["step 4: held-out loss is non-finite"]
+    assert messages == ["step 4: held-out loss is non-finite ({'val_loss': nan})"]
     with torch.no_grad():
         trainer.model.weight[0, 0] = float("nan")
     with pytest.raises(guards.NonFiniteError, match=r"non-finite weights .* weight"):
