@@ -75,44 +75,12 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
 
 
 def load(opts: dict[str, Any]):
-    """(model, tokenizer), checked against each other."""
-    import torch
+    """(model, tokenizer), checked against each other (`train/loading.py`, shared with the
+    evaluation harness)."""
+    from train.loading import load_model_and_tokenizer
 
-    from encoding.tokenizer import load_tokenizer
-    from model.weights import load_pretrained
-
-    device = opts["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = None
-    if opts["dtype"]:
-        dtype = getattr(torch, opts["dtype"], None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"dtype={opts['dtype']!r}: not a torch dtype")
-    ckpt = checkpoint_dir(opts["ckpt"])
-    tok_path = opts["tokenizer"] or os.path.join(ckpt, "tokenizer.json")
-    if not os.path.exists(tok_path):
-        raise FileNotFoundError(f"no tokenizer at {tok_path} (pass tokenizer=PATH)")
-    tokenizer = load_tokenizer(tok_path)
-    model = load_pretrained(ckpt, device=device, dtype=dtype).eval()
-    if opts["csa_mode"]:
-        model.set_csa_mode(opts["csa_mode"])
-    check_vocab(tokenizer, model.cfg.vocab_size, tok_path)
-    return model, tokenizer
-
-
-def checkpoint_dir(path: str) -> str:
-    """The weights directory of `ckpt=`: the path itself, or, for a training checkpoint
-    `runs/x/checkpoints/step_N` (weights under `model/`, spec in train/checkpoint.py), its
-    `model/` subdirectory."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if not os.path.isdir(path) or os.path.exists(os.path.join(path, "config.json")):
-        return path  # load_pretrained says what is wrong with it, if anything
-    inner = os.path.join(path, "model")
-    if os.path.isfile(os.path.join(inner, "config.json")):
-        return inner
-    raise FileNotFoundError(f"{path}: no config.json, neither here nor in {inner} (ckpt= is a "
-                            f"weights directory with config.json + *.safetensors, or a training "
-                            f"checkpoint step_N holding them under model/)")
+    return load_model_and_tokenizer(opts["ckpt"], opts["tokenizer"], opts["device"],
+                                    opts["dtype"], opts["csa_mode"])
 
 
 def clean_text(text: str, what: str, err: TextIO) -> str:
@@ -131,15 +99,6 @@ def clean_text(text: str, what: str, err: TextIO) -> str:
     err.write(f"warning: {what} had bytes that are not valid UTF-8; replaced them with "
               f"U+FFFD\n")
     return raw.decode("utf-8", "replace")
-
-
-def check_vocab(tokenizer, vocab_size: int, source: str) -> None:
-    if len(tokenizer) > vocab_size:
-        raise ValueError(f"tokenizer/model vocab mismatch: {source} has {len(tokenizer)} tokens, "
-                         f"the model's embedding has {vocab_size} rows")
-    if tokenizer.eos_token_id is None or tokenizer.eos_token_id >= vocab_size:
-        raise ValueError(f"{source}: EOS token id {tokenizer.eos_token_id} is not in the model "
-                         f"vocabulary ({vocab_size})")
 
 
 def encode_prompt(tokenizer, text: str, opts: dict[str, Any]) -> list[int]:
