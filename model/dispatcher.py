@@ -60,6 +60,19 @@ class TokenDispatcher(ABC):
                 weighted: bool = False) -> Tensor:
         ...
 
+    #: True when dispatch/combine are collectives: every rank of the group must then run every
+    #: MoE forward, also with no tokens of its own (see `any_active`).
+    collective: bool = False
+
+    def any_active(self, flag: bool, device: torch.device | str | None = None) -> bool:
+        """Whether `flag` is true on any rank whose forwards are joined to this one's by the
+        dispatch collectives. A loop whose ranks may finish at different times (generation)
+        asks this once per step and keeps running forwards, empty or dummy ones included,
+        until no rank has work left; otherwise a rank that leaves early strands the others in
+        its all-to-all. Local dispatch joins no one: the flag itself, no communication.
+        `device`: where a collective's buffer must live (the model's device; NCCL needs CUDA)."""
+        return bool(flag)
+
 
 class LocalDispatcher(TokenDispatcher):
     """EP = 1: every expert is local, so dispatch is a stable sort of the T*k copies by expert.
@@ -179,6 +192,8 @@ class AllToAllDispatcher(TokenDispatcher):
     of it must call dispatch/combine for every MoE layer, also when it routes no token anywhere.
     """
 
+    collective = True
+
     def __init__(self, n_experts: int, ep_rank: int, ep_size: int, group=None):
         if ep_size < 1 or n_experts % ep_size:
             raise ValueError(f"ep_size={ep_size}: must divide n_experts={n_experts}")
@@ -226,6 +241,14 @@ class AllToAllDispatcher(TokenDispatcher):
         self.stats.dispatch_seconds += time.perf_counter() - t0
         self.stats.calls += 1
         return x_local, recv_counts.sum(0), handle
+
+    def any_active(self, flag: bool, device: torch.device | str | None = None) -> bool:
+        """One MAX all-reduce of a single int over the EP group (a host sync, once per call)."""
+        import torch.distributed as dist
+
+        t = torch.tensor([int(bool(flag))], dtype=torch.int32, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item())
 
     def combine(self, expert_out: Tensor, handle: DispatchHandle,
                 weighted: bool = False) -> Tensor:

@@ -14,6 +14,14 @@ that finish are dropped from the batch. Optional per-token outputs, for GRPO:
   every prompt and generated token ("keep routing"; the last generated token is fed once more
   so it has routes too). Replay with `model(ids, routes=[*per_layer, None])` (MTP: None);
 - `sampling_masks[i]` `[n, vocab]` bool: the kept set at each step ("keep sampling mask").
+
+Expert parallelism. Every MoE forward is then a collective over the EP group (the model's
+dispatcher), so each rank calls `generate` with its own prompts (any number, zero included) and
+all ranks run the same number of forwards: one prefill, then one decode forward per step while
+*any* rank still has rows, agreed by `dispatcher.any_active` once per step (one one-int
+all-reduce; nothing at all with local dispatch). A rank without rows feeds a throw-away
+one-token row and discards its output. Each rank samples only for its own rows with its own
+`seed`, so its draws are those of a single process given the same prompts.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .dispatcher import LocalDispatcher, TokenDispatcher
 from .sampling import SamplingParams, draw, sampling_distribution
 from .transformer import Transformer
 
@@ -86,85 +95,95 @@ def _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, e
               stop_token_sequences, return_logprobs, return_routes, return_sampling_mask,
               stop_strings, decode, on_token, pad_id) -> GenerationOutput:
     cfg = model.cfg
-    params = SamplingParams(temperature, top_p, top_k)
-    params.validate()
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
-    if stop_strings and decode is None:
-        raise ValueError("stop_strings: needs `decode` (token ids -> text) to match them")
-    if not prompts:
-        raise ValueError("prompts: empty batch")
-    rows = []
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"prompts[{i}]: empty prompt")
-        if len(p) >= cfg.max_seq_len:
-            raise ValueError(f"prompts[{i}]: {len(p)} tokens leave no room in the model context "
-                             f"(max_seq_len={cfg.max_seq_len})")
-        bad = [t for t in p if not 0 <= t < cfg.vocab_size]
-        if bad:
-            raise ValueError(f"prompts[{i}]: token id {bad[0]} outside the model vocabulary "
-                             f"[0, {cfg.vocab_size})")
-        rows.append(_Row(len(p), min(max_new_tokens, cfg.max_seq_len - len(p))))
-    stops = [list(s) for s in (stop_token_sequences or []) if len(s)]
     device = model.embed.weight.device
+    peer = _dispatcher(model)
+    try:  # every check before any collective; under EP all ranks then agree to go on or stop
+        params = SamplingParams(temperature, top_p, top_k)
+        params.validate()
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
+        if stop_strings and decode is None:
+            raise ValueError("stop_strings: needs `decode` (token ids -> text) to match them")
+        if not prompts and not peer.collective:
+            raise ValueError("prompts: empty batch")
+        _check_prompts(prompts, cfg)
+        pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
+        if not 0 <= pad < cfg.vocab_size:  # padding is embedded like any token
+            raise ValueError(f"{'pad_id' if pad_id is not None else 'eos_id'}={pad}: outside "
+                             f"the model vocabulary [0, {cfg.vocab_size}) (used as padding)")
+        error = None
+    except ValueError as e:
+        error = e
+    if peer.collective and peer.any_active(error is not None, device):
+        # a rank that raised alone would strand the others in their prefill all-to-all
+        raise error or ValueError("generate: arguments rejected on another rank of the "
+                                  "expert-parallel group (see its error)")
+    if error is not None:
+        raise error
+    rows = [_Row(len(p), min(max_new_tokens, cfg.max_seq_len - len(p))) for p in prompts]
+    stops = [list(s) for s in (stop_token_sequences or []) if len(s)]
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
     n_layers = cfg.n_layers
 
     # prefill: right-padded prompts, logits at each row's last prompt token
-    lens = torch.tensor([len(p) for p in prompts], device=device)
-    width = int(lens.max())
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, :len(p)] = torch.as_tensor(list(p), dtype=torch.long)
-    mask = torch.arange(width, device=device)[None] < lens[:, None]
-    cache = model.new_cache(len(prompts), width + max(r.limit for r in rows) + 1)
+    lens = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
     t0 = time.perf_counter()
-    out = model(ids, token_mask=mask, cache=cache, logits_index=(lens - 1)[:, None])
-    logits = out.logits[:, 0]  # [batch, vocab]
-    if return_routes:
-        prompt_routes = torch.stack(out.routes[:n_layers], dim=2)  # [batch, width, layers, k]
-        for i, r in enumerate(rows):
-            r.routes.append(prompt_routes[i, :r.prompt_len].cpu())
+    cache, logits = None, None
+    if rows:
+        width = int(lens.max())
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.as_tensor(list(p), dtype=torch.long)
+        mask = torch.arange(width, device=device)[None] < lens[:, None]
+        cache = model.new_cache(len(prompts), width + max(r.limit for r in rows) + 1)
+        out = model(ids, token_mask=mask, cache=cache, logits_index=(lens - 1)[:, None])
+        logits = out.logits[:, 0]  # [batch, vocab]
+        if return_routes:
+            prompt_routes = torch.stack(out.routes[:n_layers], dim=2)  # [batch, width, layers, k]
+            for i, r in enumerate(rows):
+                r.routes.append(prompt_routes[i, :r.prompt_len].cpu())
+    else:  # an EP rank without prompts still joins the group's prefill
+        _idle_forward(model, device)
     _sync(device)
     t1 = time.perf_counter()
     active = list(range(len(rows)))  # batch index -> row
     decode_tokens = 0
-    for _ in range(max(r.limit for r in rows)):
+    while True:  # ends when no row (on any rank of an EP group) needs another forward
         finished_now = [i for i, row in enumerate(active) if rows[row].limit == 0]
         for i in finished_now:
             rows[active[i]].finish = "length"
         keep = [i for i in range(len(active)) if i not in finished_now]
         if finished_now:
             active, logits = _shrink(cache, active, logits, keep)
-        if not active:
+        done: list[int] = []
+        if active:
+            logp, kept = sampling_distribution(logits, params)
+            tok = logits.float().argmax(-1) if params.greedy else draw(logp, gen)  # [batch]
+            tok_list = tok.tolist()
+            raw = torch.log_softmax(logits.float(), -1) if return_logprobs else None
+            for i, row_id in enumerate(active):
+                row = rows[row_id]
+                row.tokens.append(tok_list[i])
+                if return_logprobs:
+                    row.logprobs.append(logp[i, tok_list[i]].cpu())
+                    row.raw.append(raw[i, tok_list[i]].cpu())
+                if return_sampling_mask:
+                    row.masks.append(kept[i].cpu())
+                if on_token is not None:
+                    on_token(row_id, tok_list[i])
+                row.finish = _finish_reason(row, eos_id, stops, stop_strings, decode)
+                if row.finish:
+                    done.append(i)
+            decode_tokens += len(active)
+            keep = [i for i in range(len(active)) if i not in done]
+            if done and not return_routes:  # finished rows need no more forwards
+                active, _ = _shrink(cache, active, None, keep)
+                tok = tok[torch.as_tensor(keep, dtype=torch.long, device=device)]
+        if not peer.any_active(bool(active), device):  # under EP: one all-reduce per step
             break
-        logp, kept = sampling_distribution(logits, params)
-        tok = logits.float().argmax(-1) if params.greedy else draw(logp, gen)  # [batch]
-        tok_list = tok.tolist()
-        done = []
-        raw = torch.log_softmax(logits.float(), -1) if return_logprobs else None
-        for i, row_id in enumerate(active):
-            row = rows[row_id]
-            row.tokens.append(tok_list[i])
-            if return_logprobs:
-                row.logprobs.append(logp[i, tok_list[i]].cpu())
-                row.raw.append(raw[i, tok_list[i]].cpu())
-            if return_sampling_mask:
-                row.masks.append(kept[i].cpu())
-            if on_token is not None:
-                on_token(row_id, tok_list[i])
-            row.finish = _finish_reason(row, eos_id, stops, stop_strings, decode)
-            if row.finish:
-                done.append(i)
-        decode_tokens += len(active)
-        keep = [i for i in range(len(active)) if i not in done]
-        if done and not return_routes:  # finished rows need no more forwards
-            active, _ = _shrink(cache, active, None, keep)
-            tok = tok[torch.as_tensor(keep, dtype=torch.long, device=device)]
-        if not active:
-            break
+        if not active:  # this rank is done but another is not: join its all-to-alls
+            _idle_forward(model, device)
+            continue
         out = model(tok[:, None], cache=cache)  # one token per row at cache.lengths
         logits = out.logits[:, 0]
         if return_routes:  # the fed token's routes; finished rows leave after this forward
@@ -190,6 +209,37 @@ def _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, e
     result.stats = {"prefill_tokens": float(lens.sum()), "prefill_s": t1 - t0,
                     "decode_tokens": float(decode_tokens), "decode_s": t2 - t1}
     return result
+
+
+def _check_prompts(prompts, cfg) -> None:
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompts[{i}]: empty prompt")
+        if len(p) >= cfg.max_seq_len:
+            raise ValueError(f"prompts[{i}]: {len(p)} tokens leave no room in the model "
+                             f"context (max_seq_len={cfg.max_seq_len})")
+        bad = [t for t in p if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompts[{i}]: token id {bad[0]} outside the model vocabulary "
+                             f"[0, {cfg.vocab_size})")
+
+
+def _dispatcher(model) -> TokenDispatcher:
+    """The MoE token dispatcher: it knows whether forwards are collectives and over which ranks
+    (the model never sees a process group itself). All MoE layers share one EP group."""
+    for m in model.modules():
+        d = getattr(m, "dispatcher", None)
+        if isinstance(d, TokenDispatcher):
+            return d
+    return LocalDispatcher(1)
+
+
+def _idle_forward(model, device) -> None:
+    """A forward whose output is discarded, run by an EP rank without rows of its own so that
+    its MoE layers join the others' all-to-alls: one token in a fresh one-row cache (a cache,
+    so that the MTP blocks are skipped as in every generation forward, and the collective
+    sequence matches the other ranks' layer for layer)."""
+    model(torch.zeros((1, 1), dtype=torch.long, device=device), cache=model.new_cache(1, 1))
 
 
 def _finish_reason(row: _Row, eos_id, stops, stop_strings, decode) -> str | None:

@@ -98,6 +98,10 @@ def test_context_limit_and_bad_prompts(micro_model):
         generate(micro_model, [[1], [1] * cfg.max_seq_len], max_new_tokens=1)
     with pytest.raises(ValueError, match=r"prompts\[0\]: empty"):
         generate(micro_model, [[]])
+    with pytest.raises(ValueError, match="empty batch"):  # allowed only under EP (a peer works)
+        generate(micro_model, [])
+    with pytest.raises(ValueError, match="pad_id=512.*vocabulary"):
+        generate(micro_model, [[1], [1, 2]], pad_id=cfg.vocab_size)
     with pytest.raises(ValueError, match="vocabulary"):
         generate(micro_model, [[cfg.vocab_size]])
     with pytest.raises(ValueError, match="decode"):

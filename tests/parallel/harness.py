@@ -54,6 +54,26 @@ def starve(model, n_experts: int, keep: int) -> None:
                 gate.bias[:keep] = 10.0
 
 
+def perturbed_model(ep_size: int):
+    """A perturbed (not freshly initialised) small model, identical on every rank, in eval mode,
+    then sharded over EP groups of `ep_size` (a collective) when ep_size > 1.
+    -> (model, EPGroups | None)."""
+    from model.transformer import Transformer
+    from train import expert_parallel as ep
+
+    torch.manual_seed(0)
+    model = Transformer(small_config())
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    groups = None
+    if ep_size > 1:
+        groups = ep.create_groups(ep_size)
+        ep.shard_model(model, groups)
+    return model.eval(), groups
+
+
 def _no_shm():
     os.environ["DS_ACCELERATOR"] = "cpu"
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None

@@ -11,27 +11,13 @@ import pytest
 import torch
 
 from tests.helpers.distributed import run_distributed
-from tests.parallel.harness import small_config
+from tests.parallel.harness import perturbed_model, small_config
 
 pytest.importorskip("deepspeed")
 
 
 def _model(ep_size: int):
-    """A perturbed (not freshly initialised) model, identical on every rank, then sharded."""
-    from model.transformer import Transformer
-    from train import expert_parallel as ep
-
-    torch.manual_seed(0)
-    model = Transformer(small_config())
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    groups = None
-    if ep_size > 1:
-        groups = ep.create_groups(ep_size)
-        ep.shard_model(model, groups)
-    return model.eval(), groups
+    return perturbed_model(ep_size)
 
 
 def _batch():
