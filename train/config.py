@@ -19,7 +19,7 @@ import math
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -162,6 +162,24 @@ class LoggingSection:
 
 
 @dataclass
+class SFTSection:
+    """Supervised fine-tuning data and evaluation (`train/sft.py`; unused by pre-training)."""
+
+    # verifiable domains (data/domains), "name" or "name:weight": [strings] or [strings, arith:2]
+    domains: List[str] = field(default_factory=list)
+    # per-domain constructor options, e.g. {arith: {difficulty: 3}}
+    domain_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    examples: int = _num(20000, ">= 1")  # training conversations drawn from the domains
+    val_examples: int = _num(256, ">= 0")  # held-out conversations from the domains' test split
+    files: List[str] = field(default_factory=list)  # V4 chat JSONL files (data/sft.py format)
+    thinking_mode: str = "chat"  # chat | thinking: the domains' rendering
+    overlong: str = "truncate"  # truncate | drop: conversations longer than data.seq_len
+    train_mtp: bool = False  # also train the MTP block (skipped and frozen otherwise)
+    eval_n: int = _num(64, ">= 0")  # test items per domain at each evaluation (greedy pass@1)
+    eval_max_new_tokens: int = _num(64, ">= 1")
+
+
+@dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -172,6 +190,7 @@ class TrainConfig:
     parallel: ParallelSection = field(default_factory=ParallelSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    sft: SFTSection = field(default_factory=SFTSection)
     steps: int = _num(100, ">= 1")  # optimizer steps
     # non-negative for numpy's default_rng, at most 2**64 - 1 for torch.manual_seed
     seed: int = _num(0, "[0, 18446744073709551615]")
@@ -245,7 +264,9 @@ def _cross_problems(cfg: Any, world: int | None, model_cfg: Any) -> list[str]:
                "dtype": (cfg.dtype, ("auto", "bf16", "fp32")),
                "device": (cfg.device, ("auto", "cpu", "cuda")),
                "activation_checkpointing": (cfg.activation_checkpointing, LEVELS),
-               "logging.wandb.mode": (cfg.logging.wandb.mode, ("offline", "online", "disabled"))}
+               "logging.wandb.mode": (cfg.logging.wandb.mode, ("offline", "online", "disabled")),
+               "sft.thinking_mode": (cfg.sft.thinking_mode, ("chat", "thinking")),
+               "sft.overlong": (cfg.sft.overlong, ("truncate", "drop"))}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             problems.append(f"{key}={value!r}: choose one of {', '.join(map(str, allowed))}")

@@ -7,15 +7,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from model.config import ModelConfig
-from model.loss import LossWeights, compute_loss
 
 from .config import TrainConfig
-from .dist import DistInfo, all_reduce_sum
+from .dist import DistInfo
 from .recipe import Phase
-from .task import EvalResult, LossOutput, labelled_tokens
+from .task import EvalResult, LossOutput, held_out_loss, labelled_tokens, lm_objective
 
 
 def data_config(cfg: TrainConfig):
@@ -97,18 +94,7 @@ class PretrainTask:
         return labelled_tokens(batch["labels"])
 
     def loss(self, model, batch, phase: Phase) -> LossOutput:
-        out = model(batch["input_ids"], doc_ids=batch["doc_ids"], positions=batch["positions"])
-        r = self.cfg.recipe
-        weights = LossWeights(mtp=phase.mtp_weight, balance=r.balance_weight,
-                              indexer=r.indexer_weight)
-        terms = compute_loss(out, batch["input_ids"], batch["labels"], batch["doc_ids"], weights)
-        # compute_loss gives token means; the trainer wants sums (auxiliary terms are weighted
-        # by the micro-batch's token count, i.e. averaged per token like the CE)
-        n = self.count(batch)
-        return LossOutput(terms.total * n,
-                          {"lm_loss": terms.lm * n, "mtp_loss": terms.mtp * n,
-                           "balance_loss": terms.balance * n, "indexer_loss": terms.indexer * n},
-                          out.expert_counts)
+        return lm_objective(model, batch, phase, self.cfg.recipe, train_mtp=True)
 
     # ------------------------------------------------------------------ evaluation
     def val_loader(self, seq_len: int):
@@ -118,23 +104,11 @@ class PretrainTask:
                                                 self.info.world, self.cfg.logging.eval_batches)
         return self._val[seq_len]
 
-    @torch.no_grad()
     def held_out_loss(self, model, seq_len: int) -> dict[str, float]:
         val = self.val_loader(seq_len)
         if val is None:
             return {}
-        totals = torch.zeros(2, dtype=torch.float64, device=self.info.device)
-        for batch in val:
-            batch = {k: v.to(self.info.device) for k, v in batch.items()}
-            out = model(batch["input_ids"], doc_ids=batch["doc_ids"],
-                        positions=batch["positions"], mtp=False)
-            labels = batch["labels"]
-            ce = torch.nn.functional.cross_entropy(
-                out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                reduction="sum")
-            totals += torch.stack([ce.double(), (labels != -100).sum().double()])
-        all_reduce_sum(totals)
-        loss = float(totals[0] / totals[1].clamp_min(1))
+        loss = held_out_loss(model, val, self.info.device)
         return {"val_loss": loss, "val_bpb": loss / math.log(2) / val.bytes_per_token}
 
     def evaluate(self, model, step: int, phase: Phase) -> EvalResult:

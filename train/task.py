@@ -23,11 +23,16 @@ A task owns what is particular to its stage:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
+from model.loss import LossWeights, compute_loss
+
+from .config import RecipeSection
+from .dist import all_reduce_sum
 from .recipe import Phase
 
 
@@ -71,3 +76,39 @@ class Task(Protocol):
 def labelled_tokens(labels: torch.Tensor) -> float:
     """Positions with a target (labels != -100): the count of token-mean losses."""
     return float((labels != -100).sum())
+
+
+def lm_objective(model, batch: dict[str, Any], phase: Phase, recipe: RecipeSection,
+                 train_mtp: bool = True) -> LossOutput:
+    """The V4 language-model objective on a packed batch (pre-training and SFT), as a sum over
+    the batch's target tokens: CE + λ_mtp·MTP CE + balance + indexer KL. `compute_loss` gives
+    token means, so each term is multiplied by the batch's target count; the auxiliary terms are
+    thereby averaged per target token, like the CE."""
+    out = model(batch["input_ids"], doc_ids=batch["doc_ids"], positions=batch["positions"],
+                mtp=train_mtp)
+    weights = LossWeights(mtp=phase.mtp_weight if train_mtp else 0.0,
+                          balance=recipe.balance_weight, indexer=recipe.indexer_weight)
+    terms = compute_loss(out, batch["input_ids"], batch["labels"], batch["doc_ids"], weights)
+    n = labelled_tokens(batch["labels"])
+    metrics = {"lm_loss": terms.lm * n, "balance_loss": terms.balance * n,
+               "indexer_loss": terms.indexer * n}
+    if train_mtp:
+        metrics["mtp_loss"] = terms.mtp * n
+    return LossOutput(terms.total * n, metrics, out.expert_counts)
+
+
+@torch.no_grad()
+def held_out_loss(model, loader, device: torch.device) -> float:
+    """Token-mean CE of the main head over a finite loader of packed batches, all ranks."""
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(batch["input_ids"], doc_ids=batch["doc_ids"], positions=batch["positions"],
+                    mtp=False)
+        labels = batch["labels"]
+        ce = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1),
+                                               labels.flatten(), ignore_index=-100,
+                                               reduction="sum")
+        totals += torch.stack([ce.double(), (labels != -100).sum().double()])
+    all_reduce_sum(totals)
+    return float(totals[0] / totals[1].clamp_min(1)) if totals[1] > 0 else math.nan

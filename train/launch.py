@@ -1,0 +1,88 @@
+"""What every stage's entry point does around its Task, once: validate the whole config before
+any work, plan (`dry_run=true`), start the process group, save the resolved config, check fit and
+resume, then run the trainer core. `train/pretrain.py`, `train/sft.py` and the post-training
+entry points differ only in the Task they build (and checks of their own sections)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+from omegaconf import OmegaConf
+
+from model.config import ModelConfig
+
+from .config import TrainConfig
+
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+
+def hydra_main(config_name: str, make_task: Callable, pre_checks: Callable | None = None) -> None:
+    """Runs `launch` under Hydra with `conf/<config_name>.yaml` and the typed schema; DeepSpeed's
+    `--local_rank` is stripped first so Hydra sees only its overrides."""
+    import hydra
+
+    from .config import register
+    from .dist import strip_launcher_args
+
+    sys.argv = [sys.argv[0], *strip_launcher_args(sys.argv[1:])]
+    register()
+
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
+    def main(cfg: TrainConfig) -> None:
+        launch(cfg, make_task, pre_checks)
+
+    main()
+
+
+def model_config(cfg: TrainConfig) -> ModelConfig:
+    from model.config import get_config
+
+    return get_config(cfg.model.preset, **OmegaConf.to_container(cfg.model.overrides))
+
+
+def _fail(message: str) -> SystemExit:
+    # the message once, from rank 0; no traceback
+    return SystemExit(message if int(os.environ.get("RANK", "0")) == 0 else 1)
+
+
+def launch(cfg: TrainConfig, make_task: Callable, pre_checks: Callable | None = None) -> None:
+    """`make_task(cfg, info, model_cfg)` builds the stage's Task after the trainer's checks;
+    `pre_checks(cfg, model_cfg)` validates the stage's own keys before anything else runs (raise
+    ValueError naming the key)."""
+    from .config import ConfigError, validate_config
+    from .plan import make_plan
+
+    world = (cfg.world_size if cfg.dry_run else None) or int(os.environ.get("WORLD_SIZE", "1"))
+    try:  # every key's range and the rules between keys, before any data or model work
+        model_cfg = model_config(cfg)
+        validate_config(cfg, world, model_cfg)
+        if pre_checks is not None:
+            pre_checks(cfg, model_cfg)
+    except (ConfigError, ValueError) as e:
+        raise _fail(f"{e}") from None
+    if cfg.dry_run:
+        bf16 = cfg.dtype != "fp32"
+        plan = make_plan(model_cfg, world, cfg.parallel.ep_size, cfg.data.micro_batch,
+                         cfg.data.seq_len, cfg.batch.global_batch, bf16,
+                         cfg.activation_checkpointing)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"dry run: conf={cfg.run_name} ({cfg.model.preset})\n{plan.format()}")
+        return
+
+    from .checkpoint import CheckpointError
+    from .dist import init_distributed
+    from .trainer import Trainer
+
+    info = init_distributed(cfg.device)
+    if info.is_main:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
+            f.write(OmegaConf.to_yaml(cfg, resolve=True))
+    try:  # fit and resume checks before any data work
+        trainer = Trainer(cfg, info, model_cfg)
+    except CheckpointError as e:
+        raise SystemExit(f"{e}" if info.is_main else 1) from None
+    trainer.run(make_task(cfg, info, model_cfg))

@@ -1,0 +1,53 @@
+"""Supervised fine-tuning of a domain expert (or a mixed-domain model).
+
+    deepspeed train/sft.py init_from=runs/tiny/checkpoints/step_00000100 sft.domains=[strings]
+    python train/sft.py init_from=... sft.domains=[strings,arith:2] run_name=sft_mix
+    python train/sft.py init_from=... sft.files=[my_chats.jsonl] sft.domains=[]
+    deepspeed --num_gpus 2 train/sft.py ...;  torchrun --nproc_per_node 2 train/sft.py ...
+
+Same trainer core, checkpoints and resume as pre-training (`train/`); the stage is
+`train/sft_task.py`. The tokenizer is the starting checkpoint's (`init_from`), or `data.tokenizer`.
+Checkpoints load in `generate.py`, `init_from` and `python -m train.evaluate`.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def tokenizer_for(cfg) -> str:
+    """The starting checkpoint's tokenizer, else `data.tokenizer` (a file or directory)."""
+    from train.init import init_tokenizer_file
+
+    tok = init_tokenizer_file(cfg.init_from) if cfg.init_from else None
+    tok = tok or cfg.data.tokenizer
+    if not tok:
+        raise ValueError("SFT needs a tokenizer: give init_from=CHECKPOINT (its tokenizer.json "
+                         "is used) or data.tokenizer=PATH")
+    if os.path.isdir(tok):
+        tok = os.path.join(tok, "tokenizer.json")
+    if not os.path.isfile(tok):
+        raise ValueError(f"data.tokenizer={tok}: no such file")
+    return tok
+
+
+def pre_checks(cfg, model_cfg) -> None:
+    from train.sft_task import build_domains
+
+    build_domains(cfg.sft)  # unknown domains, bad options, missing files
+    if not cfg.init_from:
+        print("warning: no init_from: SFT starts from random weights", file=sys.stderr)
+    tokenizer_for(cfg)
+
+
+def make_task(cfg, info, model_cfg):
+    from train.sft_task import SFTTask
+
+    return SFTTask(cfg, info, model_cfg, tokenizer_for(cfg))
+
+
+if __name__ == "__main__":
+    from train.launch import hydra_main
+
+    hydra_main("sft", make_task, pre_checks)
