@@ -52,9 +52,11 @@ def main(cfg: TrainConfig) -> None:
         return
 
     from train.checkpoint import CheckpointError
+    from train.init import adopt_tokenizer
     from train.task import PretrainTask
     from train.trainer import Trainer
 
+    adopt_tokenizer(cfg)  # init_from without data.tokenizer: the checkpoint's tokenizer
     info = init_distributed(cfg.device)
     if info.is_main:
         os.makedirs(cfg.run_dir, exist_ok=True)

@@ -33,6 +33,7 @@ from . import checkpoint as ckpt
 from . import expert_parallel as ep
 from . import faults
 from . import guards
+from . import init
 from .activation import apply_activation_checkpointing
 from .config import TrainConfig, validate_config
 from .dist import DistInfo, all_reduce_sum, any_rank, barrier
@@ -114,8 +115,10 @@ class Trainer:
         ep.validate(model_cfg, info.world, cfg.parallel.ep_size, cfg.parallel.zero_stage)
         self.check_fit()
         # the checkpoint to resume is complete, of this layout and model (no side effects yet)
-        ckpt.check_resume(cfg.checkpoint.resume, self.run_dir, info.world, cfg.parallel.ep_size,
-                          model_cfg)
+        resuming = ckpt.check_resume(cfg.checkpoint.resume, self.run_dir, info.world,
+                                     cfg.parallel.ep_size, model_cfg) is not None
+        # init_from's weights fit this model and tokenizer (headers only; ignored when resuming)
+        self.init_source = init.check_init_from(cfg, model_cfg, resuming, info.is_main)
 
     # ------------------------------------------------------------------ set-up
     def grad_accum(self, global_batch: int) -> int:
@@ -155,6 +158,9 @@ class Trainer:
             ep.shard_model(self.model, self.ep)
         self.model.to_empty(device=info.device)
         self.model.init_weights()
+        # init_from: this rank's share of the starting weights, before the optimizer sees them
+        init.apply_init_from(self.init_source, self.model, info, self.run_dir,
+                             getattr(self, "task", None))
         apply_activation_checkpointing(self.model, cfg.activation_checkpointing)
         if cfg.compile and info.device.type == "cuda":
             for block in [*self.model.layers, *self.model.mtp]:
