@@ -294,10 +294,11 @@ def read_local_state(src: InitSource, ep_rank: int = 0, ep_size: int = 1,
 
     tensors, where = read_tensors(src.files, src.layout, keep)
     if ep_size > 1:  # renumber this rank's experts from 0, so they stack as a local [E/P] stack
-        tensors = {_EXPERT_ID.sub(lambda m: f".experts.{int(m.group(1)) - lo}.", k): t
-                   for k, t in tensors.items()}
-        where = {_EXPERT_ID.sub(lambda m: f".experts.{int(m.group(1)) - lo}.", k): f
-                 for k, f in where.items()}
+        def local(name: str) -> str:
+            return _EXPERT_ID.sub(lambda m: f".experts.{int(m.group(1)) - lo}.", name)
+
+        tensors = {local(k): t for k, t in tensors.items()}
+        where = {local(k): f for k, f in where.items()}
     # released_to_ours reads only these two fields of the config
     local = SimpleNamespace(quantization=src.config.quantization, n_routed_experts=hi - lo)
     try:
