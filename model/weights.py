@@ -28,6 +28,7 @@ import uuid
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -176,6 +177,25 @@ def save_pretrained(model: Transformer, path: str | os.PathLike,
 
 
 # ---------------------------------------------------------------------- reading
+def resolve_weights_dir(path: str | os.PathLike) -> Path:
+    """The weights directory a user means by `path`: the path itself (config.json +
+    *.safetensors: `save_pretrained`, an export, a release), or, for a training checkpoint
+    `runs/x/checkpoints/step_N` (weights under `model/`, spec in train/checkpoint.py), its
+    `model/` subdirectory. Shared by generate.py's `ckpt=`, training's `init_from=` and frozen
+    models, so they all accept the same paths."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not path.is_dir() or (path / "config.json").exists():
+        return path  # load_pretrained says what is wrong with it, if anything
+    inner = path / "model"
+    if (inner / "config.json").is_file():
+        return inner
+    raise FileNotFoundError(f"{path}: no config.json, neither here nor in {inner} (give a "
+                            f"weights directory with config.json + *.safetensors, or a "
+                            f"training checkpoint step_N holding them under model/)")
+
+
 def read_config(path: Path) -> ModelConfig:
     file = path / "config.json"
     if not file.is_file():
@@ -216,12 +236,14 @@ def tensor_files(path: Path) -> tuple[list[Path], str]:
     return files, "glob"
 
 
-def read_tensors(files: list[Path], layout: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors by stored name (reference-inference ranks merged), and the file of each."""
+def read_tensors(files: list[Path], layout: str, keep: Callable[[str], bool] | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors by stored name (reference-inference ranks merged), and the file of each.
+    `keep(stored name)`: read only those (e.g. one expert-parallel rank's experts)."""
     tensors: dict[str, torch.Tensor] = {}
     where: dict[str, str] = {}
     for file in files:
-        for name, t in read_weights_file(file).items():
+        for name, t in read_weights_file(file, keep=keep).items():
             if name not in tensors:
                 tensors[name], where[name] = t, file.name
             elif layout == "mp" and naming.MP_SPLIT_DIM.get(naming.mp_split_key(name)) is not None:
@@ -233,13 +255,15 @@ def read_tensors(files: list[Path], layout: str) -> tuple[dict[str, torch.Tensor
     return tensors, where
 
 
-def read_weights_file(file: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Every tensor of one safetensors file, read in full (also for training's checkpoint
-    loading). A truncated, corrupt or unreadable file is a WeightsFileError whose message starts
-    with the file's path (safetensors' own error names no file)."""
+def read_weights_file(file: str | os.PathLike, device: str = "cpu",
+                      keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file (or those `keep(name)` selects; the others are never
+    read), in full (also for training's checkpoint loading). A truncated, corrupt or unreadable
+    file is a WeightsFileError whose message starts with the file's path (safetensors' own error
+    names no file)."""
     try:
         with safe_open(str(file), framework="pt", device=str(device)) as f:
-            return {name: f.get_tensor(name) for name in f.keys()}
+            return {name: f.get_tensor(name) for name in f.keys() if keep is None or keep(name)}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise WeightsFileError(f"{file}: unreadable weights file ({type(e).__name__}: {e}); "
                                f"truncated or corrupt? (re-copy or re-export it)") from None

@@ -432,10 +432,14 @@ def _config_diff(model_dir: Path, model_cfg: Any) -> list[str]:
             if k in saved and saved[k] != v and k != "seed"]
 
 
+_RESUME_WAY_OUT = ("To train this model from scratch, pass checkpoint.resume=none or a new "
+                   "run_name=... / run_dir=... .")
+
+
 def _fit_problems(model_dir: Path, shapes: dict[str, Any], expected: dict[str, Any],
-                  model_cfg: Any = None) -> str | None:
+                  model_cfg: Any = None, way_out: str = _RESUME_WAY_OUT) -> str | None:
     """One message for tensors whose shape differs and for missing/unexpected names, with the
-    model config fields that explain it."""
+    model config fields that explain it and `way_out` (what the user can do instead)."""
     mismatched = [(k, tuple(shapes[k]), tuple(s)) for k, s in expected.items()
                   if k in shapes and tuple(shapes[k]) != tuple(s)]
     missing = [k for k in expected if k not in shapes]
@@ -457,8 +461,7 @@ def _fit_problems(model_dir: Path, shapes: dict[str, Any], expected: dict[str, A
     if diff:
         lines.append("model config differences: " + "; ".join(diff[:_SHOWN_MISMATCHES]))
     lines.append(f"It was written for another model config (compare {model_dir / 'config.json'} "
-                 f"with this run's model.preset / model.overrides). To train this model from "
-                 f"scratch, pass checkpoint.resume=none or a new run_name=... / run_dir=... .")
+                 f"with this run's model.preset / model.overrides). {way_out}")
     return "\n".join(lines)
 
 

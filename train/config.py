@@ -203,6 +203,9 @@ class TrainConfig:
     activation_checkpointing: str = "off"  # off | block | selective
     compile: bool = False  # torch.compile each block (GPU)
     max_bad_steps: int = _num(5, ">= 1")  # consecutive non-finite steps before stopping
+    # start from these weights (a checkpoint step dir / model dir, an export, a release): fresh
+    # optimizer at step 0; a resumable checkpoint of this run wins (train/init.py)
+    init_from: Optional[str] = None
 
 
 class ConfigError(ValueError):
@@ -288,6 +291,9 @@ def _cross_problems(cfg: Any, world: int | None, model_cfg: Any) -> list[str]:
         problems.append(f"batch.ramp_start={b.ramp_start}: must be <= batch.global_batch="
                         f"{b.global_batch}")
     problems += _stage_order_problems(cfg.recipe)
+    init_from = getattr(cfg, "init_from", None)
+    if init_from is not None and not str(init_from).strip():
+        problems.append("init_from='': give a checkpoint directory, or leave it unset (null)")
     if model_cfg is not None:
         lengths = [("data.seq_len", cfg.data.seq_len)] + [
             (f"recipe.seq_len_stages[{i}].seq_len", s.seq_len)

@@ -76,6 +76,9 @@ def launch(cfg: TrainConfig, make_task: Callable, pre_checks: Callable | None = 
     from .dist import init_distributed
     from .trainer import Trainer
 
+    from .init import adopt_tokenizer
+
+    adopt_tokenizer(cfg)  # init_from without data.tokenizer: the checkpoint's tokenizer
     info = init_distributed(cfg.device)
     if info.is_main:
         os.makedirs(cfg.run_dir, exist_ok=True)

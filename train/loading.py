@@ -17,19 +17,11 @@ from typing import Any
 
 
 def checkpoint_dir(path: str) -> str:
-    """The weights directory of `ckpt=`: the path itself, or, for a training checkpoint
-    `runs/x/checkpoints/step_N` (weights under `model/`, spec in train/checkpoint.py), its
-    `model/` subdirectory."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if not os.path.isdir(path) or os.path.exists(os.path.join(path, "config.json")):
-        return path  # load_pretrained says what is wrong with it, if anything
-    inner = os.path.join(path, "model")
-    if os.path.isfile(os.path.join(inner, "config.json")):
-        return inner
-    raise FileNotFoundError(f"{path}: no config.json, neither here nor in {inner} (ckpt= is a "
-                            f"weights directory with config.json + *.safetensors, or a training "
-                            f"checkpoint step_N holding them under model/)")
+    """The weights directory of `ckpt=` (`model.weights.resolve_weights_dir`: the path itself,
+    or a training checkpoint step_N's `model/`), shared with training's `init_from=`."""
+    from model.weights import resolve_weights_dir
+
+    return str(resolve_weights_dir(path))
 
 
 def check_vocab(tokenizer: Any, vocab_size: int, source: str) -> None:

@@ -10,6 +10,9 @@ Memory per rank (bytes per parameter, `p` = parameters resident on the rank):
 - expert-parallel traffic: per token and MoE layer, dispatch sends k copies of the hidden state
   (activation dtype) plus a fp32 routing weight, combine returns k hidden states; under uniform
   routing a fraction (ep-1)/ep of them leaves the rank (`dispatch_bytes_per_token`).
+- frozen models (GRPO's reference policy, distillation's teachers; `frozen_models`): weights
+  only, in their own dtype (bf16 2 bytes, fp32 4 per parameter), experts split over `ep_size`
+  like the policy's (`load_frozen_model` shards them the same way); no gradients or optimizer.
 Activations are an estimate per micro-batch (documented in `activation_bytes`); they are the
 least exact line, within about 2x of what a profiler shows.
 """
@@ -41,10 +44,15 @@ class Plan:
     grad_accum: int
     expert_params_per_rank: int = 0
     dispatch_bytes: float = 0.0   # per token per MoE layer, forward (dispatch + combine)
+    frozen: tuple = ()            # (name, parameters resident per rank, weight bytes per rank)
+
+    @property
+    def frozen_bytes(self) -> float:
+        return float(sum(b for _, _, b in self.frozen))
 
     @property
     def total(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.activations
+        return self.weights + self.grads + self.optimizer + self.activations + self.frozen_bytes
 
     def format(self) -> str:
         gib = 2 ** 30
@@ -61,6 +69,8 @@ class Plan:
             f"  gradients    {self.grads / gib:10.2f} GiB",
             f"  optimizer    {self.optimizer / gib:10.2f} GiB",
             f"  activations  {self.activations / gib:10.2f} GiB (estimate)",
+            *(f"  frozen {name:<12} {b / gib:8.2f} GiB ({n / 1e9:.2f}B parameters per rank, "
+              f"weights only)" for name, n, b in self.frozen),
             f"  total        {self.total / gib:10.2f} GiB",
             f"routed experts: {self.expert_params_per_rank / 1e9:.2f}B parameters per rank; "
             f"all-to-all {self.dispatch_bytes / 1024:.1f} KiB per token per MoE layer "
@@ -93,8 +103,24 @@ def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, dtype_byt
     return tokens * (per_token + logits)
 
 
+def frozen_weight_bytes(cfg: ModelConfig, ep: int, dtype_bytes: int) -> tuple[int, float]:
+    """(parameters, weight bytes) one rank holds of a frozen model: routed experts split over
+    `ep`, the rest replicated; the fp32-by-design tensors (`model.weights._FP32_NAMES`) at 4."""
+    from model.weights import _FP32_NAMES
+
+    resident, nbytes = 0, 0.0
+    for name, p in build_meta(cfg).named_parameters():
+        local = p.numel() // ep if ".ffn.experts." in name else p.numel()
+        resident += local
+        nbytes += local * (4 if _FP32_NAMES.search(name) else dtype_bytes)
+    return resident, nbytes
+
+
 def make_plan(cfg: ModelConfig, world: int, ep: int, micro_batch: int, seq_len: int,
-              global_batch: int, bf16: bool, checkpointing: str) -> Plan:
+              global_batch: int, bf16: bool, checkpointing: str,
+              frozen_models: list | tuple = ()) -> Plan:
+    """`frozen_models`: (name, ModelConfig, dtype) per frozen model a stage holds besides the
+    policy, dtype "bf16" | "fp32" (or a torch dtype); planned as weights only."""
     if ep < 1 or world % ep:
         raise ValueError(f"parallel.ep_size={ep} must divide the world size {world}")
     if cfg.n_routed_experts % ep:
@@ -130,9 +156,23 @@ def make_plan(cfg: ModelConfig, world: int, ep: int, micro_batch: int, seq_len: 
     grads = resident * (w_bytes + (4 if bf16 else 0))
     optimizer = muon * 4 / dp + expert_muon * 4 / (dp // ep) + adamw * 8
     acts = activation_bytes(cfg, micro_batch, seq_len, w_bytes, checkpointing)
+    frozen = []
+    for name, fcfg, dtype in frozen_models:
+        if fcfg.n_routed_experts % ep:
+            raise ValueError(f"frozen model {name}: parallel.ep_size={ep} must divide its "
+                             f"n_routed_experts={fcfg.n_routed_experts}")
+        frozen.append((name, *frozen_weight_bytes(fcfg, ep, _dtype_bytes(dtype, name))))
     return Plan(world, dp, ep, total, int(activated), resident, weights, grads, optimizer, acts,
                 global_batch * seq_len, micro_batch, seq_len, global_batch // (micro_batch * dp),
-                expert_local, dispatch_bytes_per_token(cfg, ep, w_bytes))
+                expert_local, dispatch_bytes_per_token(cfg, ep, w_bytes), tuple(frozen))
+
+
+def _dtype_bytes(dtype, name: str) -> int:
+    known = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
+    key = str(dtype).removeprefix("torch.")
+    if key not in known:
+        raise ValueError(f"frozen model {name}: dtype {dtype!r}: choose bf16 or fp32")
+    return known[key]
 
 
 def dispatch_bytes_per_token(cfg: ModelConfig, ep: int, act_bytes: int = 2) -> float:

@@ -36,6 +36,7 @@ from . import checkpoint as ckpt
 from . import expert_parallel as ep
 from . import faults
 from . import guards
+from . import init
 from .activation import apply_activation_checkpointing
 from .config import TrainConfig, validate_config
 from .dist import DistInfo, all_reduce_sum, any_rank, barrier
@@ -103,8 +104,10 @@ class Trainer:
         ep.validate(model_cfg, info.world, cfg.parallel.ep_size, cfg.parallel.zero_stage)
         self.check_fit()
         # the checkpoint to resume is complete, of this layout and model (no side effects yet)
-        ckpt.check_resume(cfg.checkpoint.resume, self.run_dir, info.world, cfg.parallel.ep_size,
-                          model_cfg)
+        resuming = ckpt.check_resume(cfg.checkpoint.resume, self.run_dir, info.world,
+                                     cfg.parallel.ep_size, model_cfg) is not None
+        # init_from's weights fit this model and tokenizer (headers only; ignored when resuming)
+        self.init_source = init.check_init_from(cfg, model_cfg, resuming, info.is_main)
 
     # ------------------------------------------------------------------ set-up
     def grad_accum(self, global_batch: int) -> int:
@@ -144,6 +147,9 @@ class Trainer:
             ep.shard_model(self.model, self.ep)
         self.model.to_empty(device=info.device)
         self.model.init_weights()
+        # init_from: this rank's share of the starting weights, before the optimizer sees them
+        init.apply_init_from(self.init_source, self.model, info, self.run_dir,
+                             getattr(self, "task", None))
         apply_activation_checkpointing(self.model, cfg.activation_checkpointing)
         if cfg.compile and info.device.type == "cuda":
             for block in [*self.model.layers, *self.model.mtp]:
@@ -295,6 +301,7 @@ class Trainer:
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "scheduler": self.scheduler.state_dict(),
                 "task": self.task.state_dict(),
+                "init_from": self.init_source.record() if self.init_source else None,
                 "skipped_steps": self.skipped_steps, "bad_in_a_row": self.bad_in_a_row,
                 "tokens_seen": self.tokens_seen}
 
@@ -341,7 +348,9 @@ class Trainer:
         # cleans crash leftovers, skips unusable checkpoints, sets later ones aside
         path = ckpt.start_point(self.cfg.checkpoint.resume, self.run_dir, self.info)
         if path is None:
-            guards.check_finite_weights(self.model, f"after initialisation (seed={self.cfg.seed})",
+            where = (f"loaded from init_from={self.cfg.init_from}" if self.init_source else
+                     f"after initialisation (seed={self.cfg.seed})")
+            guards.check_finite_weights(self.model, where,
                                         self.info.device)
             return
         state = ckpt.load_checkpoint(path, self.info, self.model, self.optimizer)  # EP-aware
