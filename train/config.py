@@ -302,7 +302,10 @@ def _cross_problems(cfg: Any, world: int | None, model_cfg: Any) -> list[str]:
             if value > model_cfg.max_seq_len:
                 problems.append(f"{key}={value}: must be <= the model's max_seq_len="
                                 f"{model_cfg.max_seq_len}")
-        if cfg.data.tokenizer is None and cfg.data.vocab_size > model_cfg.vocab_size:
+        # data.vocab_size sizes a tokenizer trained for this run: none is when one is given
+        # (data.tokenizer) or comes with the starting checkpoint (init_from)
+        trains_tokenizer = cfg.data.tokenizer is None and not getattr(cfg, "init_from", None)
+        if trains_tokenizer and cfg.data.vocab_size > model_cfg.vocab_size:
             problems.append(f"data.vocab_size={cfg.data.vocab_size}: must be <= the model's "
                             f"vocab_size={model_cfg.vocab_size}")
     return problems

@@ -35,8 +35,12 @@ def tokenizer_for(cfg) -> str:
 def pre_checks(cfg, model_cfg) -> None:
     from train.sft_task import build_domains
 
+    from train.init import inspect
+
     build_domains(cfg.sft)  # unknown domains, bad options, missing files
-    if not cfg.init_from:
+    if cfg.init_from:
+        inspect(cfg.init_from)  # a readable checkpoint (headers only), named when it is not
+    else:
         print("warning: no init_from: SFT starts from random weights", file=sys.stderr)
     tokenizer_for(cfg)
 

@@ -90,7 +90,8 @@ class SFTTask:
         self.domains = build_domains(cfg.sft)
         data_dir = Path(cfg.run_dir) / "sft_data"
         train_files, val_files = rank0_first(lambda: self.write_domain_data(data_dir))
-        sft_cfg = SFTConfig(sources=[*train_files, *cfg.sft.files], val_sources=val_files,
+        sources = [{"path": str(f)} for f in [*train_files, *cfg.sft.files]]
+        sft_cfg = SFTConfig(sources=sources, val_sources=[{"path": str(f)} for f in val_files],
                             tokenizer=tokenizer_file, overlong=cfg.sft.overlong,
                             default_thinking_mode=cfg.sft.thinking_mode,
                             cache_dir=cfg.data.cache_dir, prefetch=cfg.data.prefetch,

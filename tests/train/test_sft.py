@@ -1,0 +1,152 @@
+"""Domain-expert SFT (`train/sft.py`, `train/sft_task.py`) on the shared trainer core.
+
+- The loss covers exactly the assistant's tokens: in a packed SFT batch, the labelled targets of
+  every conversation decode to that conversation's reference answer (answer + EOS), and the
+  task's count is their number. With the mask ignored, prompts would be labelled too and the
+  decoded targets would not be answers: the test fails.
+- End to end (real `python train/sft.py` from a random micro checkpoint via `init_from`): the
+  training loss falls and the domain's format-valid rate rises above the base model's (0: a
+  random model never ends a well-formed answer within 16 tokens), the checkpoint is what
+  `python -m train.evaluate` reads, and resume continues the run.
+- Bad input: unknown domain, bad weights, no data, a missing file, a missing `init_from`: clear
+  errors before any data or model work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from tests.inference.conftest import build_model, micro_config
+from tests.train._rollout_support import domain_tokenizer_file  # noqa: F401 (fixture)
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
+       "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+
+
+def sft_config(run_dir, **updates):
+    from train.config import TrainConfig
+
+    cfg = OmegaConf.structured(TrainConfig)
+    base = {"run_dir": str(run_dir), "data.seq_len": 128, "data.micro_batch": 4,
+            "sft.domains": ["strings"], "sft.examples": 64, "sft.val_examples": 8,
+            "data.cache_dir": str(Path(run_dir) / "cache"), "logging.progress": False}
+    for key, value in {**base, **updates}.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
+def test_domain_specs_and_errors(tmp_path):
+    from train.sft_task import build_domains, parse_domain_spec
+
+    assert parse_domain_spec("strings") == ("strings", 1.0)
+    assert parse_domain_spec("arith:2") == ("arith", 2.0)
+    assert parse_domain_spec("rg:spell_backward") == ("rg:spell_backward", 1.0)
+    assert parse_domain_spec("rg:spell_backward:0.5") == ("rg:spell_backward", 0.5)
+    cases = [({"domains": ["nope"]}, "unknown domain 'nope'"),
+             ({"domains": ["strings", "strings"]}, "at most once"),
+             ({"domains": ["strings:-1"]}, "weight must be a number >= 0"),
+             ({"domains": []}, "give domains"),
+             ({"domains": ["strings"], "files": [str(tmp_path / "missing.jsonl")]},
+              "missing.jsonl: no such file"),
+             ({"domains": ["arith"], "domain_options": {"arith": {"difficulty": 99}}},
+              "difficulty=99"),
+             ({"domains": ["arith"], "domain_options": {"strings": {}}}, "not in sft.domains")]
+    for changes, message in cases:
+        cfg = sft_config(tmp_path, **{f"sft.{k}": v for k, v in changes.items()})
+        with pytest.raises(ValueError, match=message):
+            build_domains(cfg.sft)
+
+
+def test_loss_covers_exactly_the_assistant_answers(tmp_path, domain_tokenizer_file):  # noqa: F811
+    from data.domains import get_domain
+    from train.dist import DistInfo
+    from train.recipe import Phase
+    from train.sft_task import SFTTask
+
+    cfg = sft_config(tmp_path, **{"sft.domains": ["strings", "arith:2"]})
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    task = SFTTask(cfg, info, micro_config(vocab_size=512), domain_tokenizer_file)
+    answers = {item.reference_completion() for name in ("strings", "arith")
+               for item in get_domain(name).generate("train", 64, cfg.seed)}
+    phase = Phase("sparse", True, False, 0.3, 128)
+    seen = 0
+    for batch in task.batches(0, 3, phase, None):
+        labels, docs = batch["labels"], batch["doc_ids"]
+        assert task.count(batch) == float((labels != -100).sum()) > 0
+        for row in range(labels.shape[0]):
+            for doc in docs[row].unique().tolist():
+                targets = labels[row][(docs[row] == doc) & (labels[row] != -100)].tolist()
+                if not targets:
+                    continue  # padding
+                text = task.tokenizer.decode(targets, skip_special_tokens=False)
+                assert text in answers, f"labelled text is not an assistant answer: {text!r}"
+                seen += 1
+    assert seen >= 10
+    task.close()
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory, domain_tokenizer_file):  # noqa: F811
+    from model.weights import save_pretrained
+
+    step = tmp_path_factory.mktemp("base") / "checkpoints" / "step_00000001"
+    save_pretrained(build_model(micro_config(vocab_size=512, max_seq_len=256)), step / "model",
+                    domain_tokenizer_file)
+    return step
+
+
+def run_sft(base, run_dir, *extra, timeout=600):
+    args = [f"init_from={base}", f"model.preset={base}/model/config.json",
+            "sft.domains=[strings]", f"run_dir={run_dir}", f"data.cache_dir={run_dir}/cache",
+            "logging.progress=false", "logging.wandb.mode=disabled", "data.seq_len=128",
+            "data.micro_batch=8", "batch.global_batch=8", "sft.examples=400",
+            "sft.val_examples=32", "sft.eval_n=16", "sft.eval_max_new_tokens=16",
+            "optim.lr=3e-3", *extra]
+    return subprocess.run([sys.executable, "train/sft.py", *args], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_sft_learns_the_format_and_resumes(base_ckpt, tmp_path):
+    run = tmp_path / "sft"
+    out = run_sft(base_ckpt, run, "steps=40", "logging.eval_every=0", "checkpoint.every=20")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses
+    final = [r for r in rows if "eval/strings/format_valid" in r][-1]
+    assert final["eval/strings/format_valid"] >= 0.1, final  # the random base model: 0
+    assert final["val_loss"] < losses[0]
+    assert rows[0]["init_from"].endswith("step_00000001/model")
+    # the checkpoint is what the evaluation harness reads
+    ev = subprocess.run([sys.executable, "-m", "train.evaluate",
+                         f"ckpt={run}/checkpoints/step_00000040", "domains=[strings]", "n=16",
+                         "k=0", "max_new_tokens=16", "device=cpu", f"out={tmp_path}/ev.json"],
+                        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert ev.returncode == 0, ev.stdout + ev.stderr
+    harness = json.loads((tmp_path / "ev.json").read_text())["domains"]["strings"]
+    assert harness["format_valid"] == pytest.approx(final["eval/strings/format_valid"])
+    # resume: a longer run continues from step 40 (the init checkpoint is then ignored)
+    more = run_sft(base_ckpt, run, "steps=42", "logging.eval_every=0", "sft.eval_n=0")
+    assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
+    assert "resumed from" in more.stdout and "init_from=" in more.stdout
+
+
+def test_bad_input_fails_before_any_work(tmp_path):
+    for extra, message in [(["init_from=/nonexistent/ckpt"], "/nonexistent/ckpt"),
+                           (["init_from=/x", "sft.domains=[nope]"], "unknown domain 'nope'")]:
+        out = subprocess.run([sys.executable, "train/sft.py", f"run_dir={tmp_path}/r",
+                              f"data.cache_dir={tmp_path}/cache", *extra], cwd=REPO, env=ENV,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0 and message in out.stderr + out.stdout, out.stderr[-2000:]
+        assert "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert not (tmp_path / "cache").exists()
