@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from encoding.special_tokens import SPECIAL_TOKENS
 from model.config import ModelConfig, get_config
 from model.transformer import Transformer
+from tests.helpers.fixtures import one_thread, train_bpe  # noqa: F401 (autouse fixture)
 
 
 def micro_config(**changes) -> ModelConfig:
@@ -35,15 +34,6 @@ def build_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
     return model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The test machine is shared: one intra-op thread is faster than fighting over two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def micro_cfg() -> ModelConfig:
     return micro_config()
@@ -62,13 +52,6 @@ def tokenizer_file(tmp_path_factory):
     import random
     rng = random.Random(0)
     text = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 10))) for _ in range(200)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(text, trainer)
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
+    train_bpe(text, 400, path)
     return path

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from model import naming, weights
 from model.quant import dequant_fp4, dequant_fp8, quant_fp4, quant_fp8
 from model.weights import load_pretrained, save_pretrained
+from tests.helpers.reference_shards import write_reference_shards
 
 # FP8 in the release (spec §7); compressor projections, norms, router, embedding stay as they are
 FP8_LINEARS = (".attn.wq_a.weight", ".attn.wq_b.weight", ".attn.wkv.weight", ".attn.wo_a.weight",
@@ -167,27 +168,10 @@ def test_fp8_weight_without_scale_is_an_error(micro_model, tmp_path):
 
 
 def test_reference_inference_model_parallel_shards_merge(micro_model, tmp_path):
-    cfg, world = micro_model.cfg, 2
     path = tmp_path / "inference"
-    path.mkdir()
-    inference_config = {k: v for k, v in cfg.to_dict().items() if k != "quantization"}
-    (path / "config.json").write_text(json.dumps(inference_config))  # reference naming ("dim")
-    per_expert = cfg.n_routed_experts // world
-    for rank in range(world):
-        shard = {}
-        for name, t in naming.split_experts(micro_model.state_dict()).items():
-            if name.startswith("mtp.") and name.endswith("head.weight"):
-                continue
-            hit = naming.per_expert(name)
-            dim = naming.MP_SPLIT_DIM.get(naming.mp_split_key(name))
-            if hit:
-                if rank * per_expert <= hit[1] < (rank + 1) * per_expert:
-                    shard[name] = t
-            elif dim is not None:
-                shard[name] = t.chunk(world, dim)[rank].contiguous()
-            else:
-                shard[name] = t
-        save_file(shard, str(path / f"model{rank}-mp{world}.safetensors"))
+    # the reference stores no MTP head of its own (it shares the main head)
+    write_reference_shards(micro_model, path, 2, skip=lambda name: name.startswith("mtp.")
+                           and name.endswith("head.weight"))
     model = load_pretrained(path)
     _assert_same(model.state_dict(), micro_model.state_dict())
     (path / "model1-mp2.safetensors").unlink()

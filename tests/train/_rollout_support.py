@@ -13,12 +13,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from data.domains import get_domain
-from encoding.special_tokens import SPECIAL_TOKENS
 from encoding.tokenizer import load_tokenizer
 from model.generation import GenerationOutput
+from tests.helpers.fixtures import train_bpe
 
 TEXT_DOMAINS = [("strings", {}), ("arith", {}), ("countdown", {}),
                 ("calculator", {"schema": "brief"}), ("calculator", {})]
@@ -31,15 +30,7 @@ def train_tokenizer(path) -> str:
         domain = get_domain(name, **options)
         text += [item.prompt_text() + item.reference_completion()
                  for item in domain.generate("train", 30, seed=7)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=480, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(text, trainer)
-    tok.save(str(path))
-    return str(path)
+    return train_bpe(text, 480, path)
 
 
 @pytest.fixture(scope="session")

@@ -34,20 +34,13 @@ from model.quant import quant_fp4, quant_fp8
 from model.transformer import Transformer
 from model.weights import load_pretrained, save_pretrained
 from tests.helpers.distributed import run_distributed
+from tests.helpers.reference_shards import write_reference_shards
 from tests.parallel.harness import small_config
 from train import init
 from train.plan import make_plan
 
 REPO = Path(__file__).resolve().parents[2]
 BLOCK = (32, 32)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def source_model(seed: int = 0) -> Transformer:
@@ -91,24 +84,7 @@ def write_released(model, path: Path) -> None:
 
 def write_mp(model, path: Path, world: int = 2) -> None:
     """Reference-inference shards `model{r}-mp{world}.safetensors`."""
-    cfg = model.cfg
-    path.mkdir()
-    (path / "config.json").write_text(json.dumps(
-        {k: v for k, v in cfg.to_dict().items() if k != "quantization"}))
-    per = cfg.n_routed_experts // world
-    for rank in range(world):
-        shard = {}
-        for name, t in naming.split_experts(model.state_dict()).items():
-            hit = naming.per_expert(name)
-            dim = naming.MP_SPLIT_DIM.get(naming.mp_split_key(name))
-            if hit:
-                if rank * per <= hit[1] < (rank + 1) * per:
-                    shard[name] = t
-            elif dim is not None:
-                shard[name] = t.chunk(world, dim)[rank].contiguous()
-            else:
-                shard[name] = t
-        save_file(shard, str(path / f"model{rank}-mp{world}.safetensors"))
+    write_reference_shards(model, path, world)
 
 
 def make_format(kind: str, model, root: Path) -> Path:

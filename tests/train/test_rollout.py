@@ -14,14 +14,6 @@ from ._rollout_support import (Oracle, domain_tokenizer, domain_tokenizer_file, 
                                scripted_logprob, stub_model)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("schema,mode", [("brief", "chat"), ("full", "chat"),
                                          ("full", "thinking")])
 def test_calculator_rollout_masks_exactly_the_tool_result(domain_tokenizer, schema, mode):
