@@ -104,14 +104,15 @@ def base_ckpt(tmp_path_factory, domain_tokenizer_file):  # noqa: F811
     return step
 
 
-def run_sft(base, run_dir, *extra, timeout=600):
+def run_sft(base, run_dir, *extra, timeout=600, launcher=()):
     args = [f"init_from={base}", f"model.preset={base}/model/config.json",
             "sft.domains=[strings]", f"run_dir={run_dir}", f"data.cache_dir={run_dir}/cache",
             "logging.progress=false", "logging.wandb.mode=disabled", "data.seq_len=128",
             "data.micro_batch=8", "batch.global_batch=8", "sft.examples=400",
             "sft.val_examples=32", "sft.eval_n=16", "sft.eval_max_new_tokens=16",
             "optim.lr=3e-3", *extra]
-    return subprocess.run([sys.executable, "train/sft.py", *args], cwd=REPO, env=ENV,
+    cmd = list(launcher) or [sys.executable]
+    return subprocess.run([*cmd, "train/sft.py", *args], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -139,6 +140,24 @@ def test_sft_learns_the_format_and_resumes(base_ckpt, tmp_path):
     more = run_sft(base_ckpt, run, "steps=42", "logging.eval_every=0", "sft.eval_n=0")
     assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
     assert "resumed from" in more.stdout and "init_from=" in more.stdout
+
+
+def test_two_processes_under_the_deepspeed_launcher(base_ckpt, tmp_path):
+    """`deepspeed --num_gpus 2 train/sft.py`: both ranks train on their shards of the data,
+    evaluate (items sharded, counts summed) and write one checkpoint."""
+    from tests.helpers.distributed import free_port
+
+    launcher = ("deepspeed", "--num_gpus", "2", "--master_port", str(free_port()))
+    run = tmp_path / "sft2"
+    out = run_sft(base_ckpt, run, "steps=3", "sft.eval_n=4", "logging.eval_every=0",
+                  "data.micro_batch=4", launcher=launcher)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    final = [r for r in rows if "eval/strings/evaluated" in r][-1]
+    assert final["eval/strings/evaluated"] == 4  # 2 items per rank, summed
+    ckpt = run / "checkpoints" / "step_00000003"
+    assert (ckpt / "trainer_rank0.pt").exists() and (ckpt / "trainer_rank1.pt").exists()
 
 
 def test_bad_input_fails_before_any_work(tmp_path):
