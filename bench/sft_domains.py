@@ -31,7 +31,8 @@ OPTIONS = {"calculator": ["+sft.domain_options.calculator.schema=brief"]}
 
 
 def evaluate(ckpt: str, domain: str, n: int, out: Path, options: list[str]) -> dict:
-    opts = [o.replace("+sft.domain_options.", "options.") for o in options]
+    opts = [o.replace("+sft.domain_options.", "options.") for o in options
+            if o.startswith("+sft.domain_options.")]
     subprocess.run([sys.executable, "-m", "train.evaluate", f"ckpt={ckpt}",
                     f"domains=[{domain}]", f"n={n}", "k=0", "max_new_tokens=64", "device=cpu",
                     f"out={out}", *opts], cwd=REPO, env=ENV, check=True,
@@ -55,13 +56,14 @@ def main() -> None:
         options = [*OPTIONS.get(domain, []), *args.extra]
         run_dir = runs / domain
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "train/sft.py", f"init_from={args.base}",
-                        f"sft.domains=[{domain}]", f"steps={args.steps}", f"run_dir={run_dir}",
-                        "logging.progress=false", "logging.wandb.mode=disabled",
-                        "sft.eval_n=0", "checkpoint.every=0", *options],
-                       cwd=REPO, env=ENV, check=True, stdout=subprocess.DEVNULL)
+        last = run_dir / "checkpoints" / f"step_{args.steps:08d}"
+        if not last.is_dir():  # a finished expert is reused (and an interrupted one resumed)
+            subprocess.run([sys.executable, "train/sft.py", f"init_from={args.base}",
+                            f"sft.domains=[{domain}]", f"steps={args.steps}",
+                            f"run_dir={run_dir}", "logging.progress=false",
+                            "logging.wandb.mode=disabled", "sft.eval_n=0", "checkpoint.every=50",
+                            *options], cwd=REPO, env=ENV, check=True, stdout=subprocess.DEVNULL)
         minutes = (time.perf_counter() - t0) / 60
-        last = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
         base = evaluate(args.base, domain, args.n, runs / f"{domain}_base.json", options)
         expert = evaluate(str(last), domain, args.n, runs / f"{domain}_expert.json", options)
         print(f"sft/{domain}: pass@1 base {base['pass@1']:.3f}, expert {expert['pass@1']:.3f}; "
