@@ -28,9 +28,8 @@ included); `loss_mask` is 1 on model-generated tokens and 0 on inserted tool-res
 sampled distribution / the model's own softmax) on generated tokens and 0 on inserted ones;
 `routes` `[len(prompt) + len(response), n_layers, topk]` come from the last round's forward over
 the whole transcript; `sampling_masks` `[n_generated, vocab]` bool are the kept sets of the
-generated tokens in order (the rows of `loss_mask == 1`). TODO(GRPO): masks this size do not
-scale to the flash vocabulary; they must become compact per-token index lists (CSR) before
-rollouts are stored. `finish`: "eos" (the answer turn ended), "length" (a turn hit
+generated tokens in order (the rows of `loss_mask == 1`); dense masks suit evaluation and tiny
+vocabularies only, and GRPO (issue #15) stores compact per-token index lists instead. `finish`: "eos" (the answer turn ended), "length" (a turn hit
 `max_new_tokens` or the model context), "tool-limit", "tool-error" (the environment could not
 render a result; `error` says why). `score` is `safe_verify` of the decoded response.
 
