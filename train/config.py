@@ -241,6 +241,11 @@ def _range_problems(node: Any, schema: type, prefix: str) -> list[str]:
     return problems
 
 
+def section_problems(node: Any, schema: type, prefix: str) -> list[str]:
+    """The range problems of one section (for a stage's own schema, e.g. `grpo.`)."""
+    return _range_problems(node, schema, prefix)
+
+
 def _stage_order_problems(recipe: Any) -> list[str]:
     steps = [s.step for s in recipe.seq_len_stages]
     if steps != sorted(steps) or len(set(steps)) != len(steps):

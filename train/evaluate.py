@@ -118,6 +118,24 @@ def evaluate_domains(model, tokenizer, domains: Sequence[Domain | str], n: int, 
             "stats": stats}
 
 
+def stage_evaluation(model, tokenizer, domains: Sequence[Domain], n: int, max_new_tokens: int,
+                     cfg, info, step: int):
+    """A training stage's domain evaluation (SFT, GRPO, distillation): greedy pass@1,
+    format-valid rate and response length on `n` test items per domain, as an `EvalResult`.
+    Items are sharded over data-parallel ranks; under expert parallelism every rank evaluates
+    every item (each forward is collective, and identical weights decode the same greedy
+    tokens, so all ranks run the same number of generation rounds)."""
+    from .task import EvalResult
+
+    sharded = cfg.parallel.ep_size == 1
+    result = evaluate_domains(model, tokenizer, list(domains), n, seed=cfg.seed,
+                              max_new_tokens=max_new_tokens,
+                              batch_size=max(1, cfg.data.micro_batch * 8),
+                              rank=info.rank if sharded else 0, world=info.world if sharded else 1)
+    return EvalResult(flat_metrics(result), [f"step {step}: domain evaluation (test split, "
+                                             f"greedy)\n" + format_table(result)])
+
+
 def _count_greedy(c: dict[str, float], result: RolloutResult) -> None:
     c["skipped"] += len(result.skipped)
     for s in result.samples:

@@ -236,6 +236,21 @@ def check_tokenizer(checkpoint_tokenizer: str | os.PathLike | None,
             f"{checkpoint_tokenizer}, or leave data.tokenizer unset)")
 
 
+def stage_tokenizer(cfg, stage: str) -> str:
+    """A post-training stage's tokenizer file: the starting checkpoint's (`init_from`), else
+    `data.tokenizer` (a file or a directory holding tokenizer.json)."""
+    tok = init_tokenizer_file(cfg.init_from) if cfg.init_from else None
+    tok = tok or cfg.data.tokenizer
+    if not tok:
+        raise ValueError(f"{stage} needs a tokenizer: give init_from=CHECKPOINT (its "
+                         f"tokenizer.json is used) or data.tokenizer=PATH")
+    if os.path.isdir(tok):
+        tok = os.path.join(tok, "tokenizer.json")
+    if not os.path.isfile(tok):
+        raise ValueError(f"data.tokenizer={tok}: no such file")
+    return tok
+
+
 def adopt_tokenizer(cfg) -> None:
     """Pre-training from `init_from` without `data.tokenizer`: use the checkpoint's tokenizer
     (the default one would be trained from this run's data and may differ). Call before the

@@ -19,9 +19,12 @@ from .config import TrainConfig
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
 
-def hydra_main(config_name: str, make_task: Callable, pre_checks: Callable | None = None) -> None:
-    """Runs `launch` under Hydra with `conf/<config_name>.yaml` and the typed schema; DeepSpeed's
-    `--local_rank` is stripped first so Hydra sees only its overrides."""
+def hydra_main(config_name: str, make_task: Callable, pre_checks: Callable | None = None,
+               schema: tuple[str, type] | None = None) -> None:
+    """Runs `launch` under Hydra with `conf/<config_name>.yaml` and the typed schema (the
+    trainer's `train_schema`, plus a stage's own `(name, dataclass)` when given, e.g. GRPO's
+    `grpo_schema`); DeepSpeed's `--local_rank` is stripped first so Hydra sees only its
+    overrides."""
     import hydra
 
     from .config import register
@@ -29,6 +32,10 @@ def hydra_main(config_name: str, make_task: Callable, pre_checks: Callable | Non
 
     sys.argv = [sys.argv[0], *strip_launcher_args(sys.argv[1:])]
     register()
+    if schema is not None:
+        from hydra.core.config_store import ConfigStore
+
+        ConfigStore.instance().store(name=schema[0], node=schema[1])
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
     def main(cfg: TrainConfig) -> None:

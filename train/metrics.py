@@ -127,26 +127,40 @@ class MetricsLogger:
             print(f"loss_curve.png not written: {type(e).__name__}: {e}", flush=True)
 
     def plot(self) -> None:
-        """loss_curve.png: training loss and held-out loss against steps. Written to a
-        temporary file and renamed, so a failed write (full disk) leaves no truncated PNG."""
+        """loss_curve.png: training loss and held-out loss against steps; for a stage that
+        logs rewards (GRPO) also reward_curve.png: the rollouts' mean reward and the held-out
+        greedy pass@1 per domain. Each is written to a temporary file and renamed, so a failed
+        write (full disk) leaves no truncated PNG."""
         train = [(r["step"], r["loss"]) for r in self.history if "loss" in r]
         val = [(r["step"], r["val_loss"]) for r in self.history if "val_loss" in r]
-        if not train:
-            return
+        if train:
+            self._plot_file("loss_curve.png", [("train loss", train, "-"),
+                                               ("held-out loss", val, "o-")],
+                            "loss (nats/token)")
+        reward = [(r["step"], r["reward/mean"]) for r in self.history if "reward/mean" in r]
+        if reward:
+            evals = sorted({k for r in self.history for k in r
+                            if k.startswith("eval/") and k.endswith("/pass@1")})
+            series = [("rollout mean reward", reward, "-")] + [
+                (f"held-out pass@1 ({k.split('/')[1]})",
+                 [(r["step"], r[k]) for r in self.history if k in r], "o-") for k in evals]
+            self._plot_file("reward_curve.png", series, "reward / pass@1")
+
+    def _plot_file(self, name: str, series: list, ylabel: str) -> None:
         import matplotlib  # lazy: only the end of a run needs it
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4))
-        target = self.run_dir / "loss_curve.png"
+        target = self.run_dir / name
         tmp = target.with_name(f".{target.name}.tmp")
         try:
-            ax.plot(*zip(*train), label="train loss", linewidth=1)
-            if val:
-                ax.plot(*zip(*val), "o-", label="held-out loss")
+            for label, points, style in series:
+                if points:
+                    ax.plot(*zip(*points), style, label=label, linewidth=1)
             ax.set_xlabel("optimizer step")
-            ax.set_ylabel("loss (nats/token)")
+            ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
             ax.legend()
             fig.tight_layout()

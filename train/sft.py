@@ -17,19 +17,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def tokenizer_for(cfg) -> str:
-    """The starting checkpoint's tokenizer, else `data.tokenizer` (a file or directory)."""
-    from train.init import init_tokenizer_file
+    from train.init import stage_tokenizer
 
-    tok = init_tokenizer_file(cfg.init_from) if cfg.init_from else None
-    tok = tok or cfg.data.tokenizer
-    if not tok:
-        raise ValueError("SFT needs a tokenizer: give init_from=CHECKPOINT (its tokenizer.json "
-                         "is used) or data.tokenizer=PATH")
-    if os.path.isdir(tok):
-        tok = os.path.join(tok, "tokenizer.json")
-    if not os.path.isfile(tok):
-        raise ValueError(f"data.tokenizer={tok}: no such file")
-    return tok
+    return stage_tokenizer(cfg, "SFT")
 
 
 def pre_checks(cfg, model_cfg) -> None:

@@ -34,7 +34,7 @@ from .recipe import Phase
 from .task import EvalResult, LossOutput, held_out_loss, labelled_tokens, lm_objective
 
 
-def parse_domain_spec(entry: str) -> tuple[str, float]:
+def parse_domain_spec(entry: str, key: str = "sft") -> tuple[str, float]:
     """"strings" -> ("strings", 1.0); "arith:2" -> ("arith", 2.0); "rg:task:0.5" keeps the
     reasoning-gym name whole."""
     name, sep, weight = entry.rpartition(":")
@@ -44,23 +44,25 @@ def parse_domain_spec(entry: str) -> tuple[str, float]:
         except ValueError:
             return entry, 1.0
         if not (value >= 0 and math.isfinite(value)):
-            raise ValueError(f"sft.domains: {entry!r}: the weight must be a number >= 0")
+            raise ValueError(f"{key}.domains: {entry!r}: the weight must be a number >= 0")
         return name, value
     return entry, 1.0
 
 
-def build_domains(sft: SFTSection) -> list[tuple[Any, float]]:
-    """(Domain, weight) for each `sft.domains` entry; an unknown name or a bad option is a
-    ValueError naming it (checked at start-up, before any data or model work)."""
+def build_domains(sft: SFTSection, key: str = "sft") -> list[tuple[Any, float]]:
+    """(Domain, weight) for each `<key>.domains` entry; an unknown name or a bad option is a
+    ValueError naming it (checked at start-up, before any data or model work). `sft` is any
+    section with `domains`, `domain_options`, `thinking_mode` (and `files`): SFT's or GRPO's."""
     from data.domains import get_domain
 
-    specs = [parse_domain_spec(str(e)) for e in sft.domains]
+    files = list(getattr(sft, "files", []) or [])
+    specs = [parse_domain_spec(str(e), key) for e in sft.domains]
     names = [n for n, _ in specs]
     if len(set(names)) != len(names):
-        raise ValueError(f"sft.domains={list(sft.domains)}: each domain at most once")
+        raise ValueError(f"{key}.domains={list(sft.domains)}: each domain at most once")
     unknown = sorted(set(sft.domain_options) - set(names))
     if unknown:
-        raise ValueError(f"sft.domain_options: {unknown} not in sft.domains={names}")
+        raise ValueError(f"{key}.domain_options: {unknown} not in {key}.domains={names}")
     built = []
     for name, weight in specs:
         options = dict(sft.domain_options.get(name, {}))
@@ -68,13 +70,16 @@ def build_domains(sft: SFTSection) -> list[tuple[Any, float]]:
         try:
             built.append((get_domain(name, **options), weight))
         except (ValueError, ImportError) as e:
-            raise ValueError(f"sft.domains: {e}") from None
-    if not built and not sft.files:
-        raise ValueError("sft.domains=[] and sft.files=[]: give domains (e.g. "
-                         "sft.domains=[strings]) or V4 chat JSONL files to train on")
-    for f in sft.files:
+            raise ValueError(f"{key}.domains: {e}") from None
+    if not built and not files:
+        raise ValueError(f"{key}.domains=[]" + (" and sft.files=[]: give domains (e.g. "
+                         "sft.domains=[strings]) or V4 chat JSONL files to train on"
+                         if key == "sft" else ": give at least one domain"))
+    if built and sum(w for _, w in built) <= 0:
+        raise ValueError(f"{key}.domains={list(sft.domains)}: the weights sum to 0")
+    for f in files:
         if not Path(f).is_file():
-            raise ValueError(f"sft.files: {f}: no such file")
+            raise ValueError(f"{key}.files: {f}: no such file")
     return built
 
 
@@ -150,7 +155,7 @@ class SFTTask:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, model, step: int, phase: Phase) -> EvalResult:
-        from .evaluate import evaluate_domains, flat_metrics, format_table
+        from .evaluate import stage_evaluation
 
         metrics: dict[str, float] = {}
         messages: list[str] = []
@@ -158,13 +163,9 @@ class SFTTask:
             metrics["val_loss"] = held_out_loss(model, self.data.val, self.info.device)
             messages.append(f"step {step}: held-out loss {metrics['val_loss']:.4f}")
         if self.domains and self.cfg.sft.eval_n:
-            sharded = self.cfg.parallel.ep_size == 1
-            result = evaluate_domains(
-                model, self.tokenizer, [d for d, _ in self.domains], self.cfg.sft.eval_n,
-                seed=self.cfg.seed, max_new_tokens=self.cfg.sft.eval_max_new_tokens,
-                batch_size=max(1, self.cfg.data.micro_batch * 8),
-                rank=self.info.rank if sharded else 0, world=self.info.world if sharded else 1)
-            metrics.update(flat_metrics(result))
-            messages.append(f"step {step}: domain evaluation (test split, greedy)\n"
-                            + format_table(result))
+            result = stage_evaluation(model, self.tokenizer, [d for d, _ in self.domains],
+                                      self.cfg.sft.eval_n, self.cfg.sft.eval_max_new_tokens,
+                                      self.cfg, self.info, step)
+            metrics.update(result.metrics)
+            messages += result.messages
         return EvalResult(metrics, messages)

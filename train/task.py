@@ -19,6 +19,9 @@ A task owns what is particular to its stage:
   samples), called on every rank (under EP the forward is collective); an `EvalResult`.
 - `train_mtp`: whether the stage trains the MTP block; if not, the trainer freezes it and the
   task's forward skips it (`model(..., mtp=False)`).
+- optional `update_router_bias` (default True): False keeps the routers' balancing biases fixed
+  (GRPO with replayed routes); optional `step_metrics(step_seconds)`: extra metrics logged with
+  the step (GRPO's rollout rewards, lengths and time split).
 """
 
 from __future__ import annotations

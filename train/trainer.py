@@ -225,7 +225,8 @@ class Trainer:
         all_reduce_sum(counts)
         if not skip:
             self.scheduler.step()
-            self.model.update_router_biases(counts, self.cfg.recipe.bias_update_speed)
+            if getattr(self.task, "update_router_bias", True):  # a stage may keep them fixed
+                self.model.update_router_biases(counts, self.cfg.recipe.bias_update_speed)
         sums = all_reduce_sum(self.sums.to(info.device)).cpu()
         loss, *terms = (sums / max(self.global_count, 1.0)).tolist()
         self.last_ep_metrics = ep.dispatch_metrics(self.model, self.ep, counts)  # this step's
@@ -459,6 +460,9 @@ class Trainer:
                    "expert_imbalance_max": max(imbalance),
                    **{f"expert_imbalance/layer{i}": v for i, v in enumerate(imbalance)}}
         metrics.update(self.last_ep_metrics)
+        step_metrics = getattr(self.task, "step_metrics", None)  # e.g. GRPO's rollout metrics
+        if step_metrics is not None:
+            metrics.update(step_metrics(seconds))
         if self.peak_flops:
             metrics["mfu"] = tps * self.flops_per_token / (self.peak_flops * self.info.world)
         self.logger.log(self.step, metrics)

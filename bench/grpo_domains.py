@@ -1,0 +1,76 @@
+"""GRPO from SFT experts: one `python -m rl.grpo` run per domain, each measured by the evaluation
+harness on held-out (test-split) items before and after.
+
+    python bench/grpo_domains.py --expert strings=runs/bench_sft/strings/checkpoints/step_00000200 \
+        [--expert arith=...] [--steps 40] [--n 200] [--minutes 15] [-- hydra overrides]
+
+Prints one line per domain:
+
+    grpo/<domain>: pass@1 expert …, GRPO …, gain …; format-valid …; steps … in … min
+
+and leaves each run's `reward_curve.png` (rollout mean reward and held-out pass@1 per
+evaluation) in its run directory. The goal (issue #15): +0.15 absolute held-out pass@1 on at
+least two domains within 15 minutes of a 2-core CPU each. Extra Hydra overrides after `--` go to
+every GRPO run; domain options use `+grpo.domain_options.<domain>.<key>=<value>` and are passed
+to the harness as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+OPTIONS = {"calculator": ["+grpo.domain_options.calculator.schema=brief"]}
+
+
+def evaluate(ckpt: str, domain: str, n: int, out: Path, options: list[str]) -> dict:
+    prefix = f"+grpo.domain_options.{domain}."
+    opts = [f"options.{o[len(prefix):]}" for o in options if o.startswith(prefix)]
+    subprocess.run([sys.executable, "-m", "train.evaluate", f"ckpt={ckpt}",
+                    f"domains=[{domain}]", f"n={n}", "k=0", "max_new_tokens=64", "device=cpu",
+                    f"out={out}", *opts], cwd=REPO, env=ENV, check=True,
+                   stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())["domains"][domain]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--expert", action="append", required=True, metavar="DOMAIN=CKPT",
+                    help="an SFT expert checkpoint (step directory) per domain")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--n", type=int, default=200, help="held-out items per domain")
+    ap.add_argument("--runs", default="runs/bench_grpo")
+    ap.add_argument("extra", nargs="*", help="more Hydra overrides for every GRPO run")
+    args = ap.parse_args()
+    runs = Path(args.runs)
+    runs.mkdir(parents=True, exist_ok=True)
+    for spec in args.expert:
+        domain, _, expert = spec.partition("=")
+        options = [*OPTIONS.get(domain, []), *args.extra]
+        run_dir = runs / domain
+        last = run_dir / "checkpoints" / f"step_{args.steps:08d}"
+        t0 = time.perf_counter()
+        if not last.is_dir():
+            subprocess.run([sys.executable, "-m", "rl.grpo", f"init_from={expert}",
+                            f"grpo.domains=[{domain}]", f"steps={args.steps}",
+                            f"run_dir={run_dir}", "logging.progress=false",
+                            "logging.wandb.mode=disabled", "checkpoint.every=10",
+                            *options], cwd=REPO, env=ENV, check=True, stdout=subprocess.DEVNULL)
+        minutes = (time.perf_counter() - t0) / 60
+        before = evaluate(expert, domain, args.n, runs / f"{domain}_expert.json", options)
+        after = evaluate(str(last), domain, args.n, runs / f"{domain}_grpo.json", options)
+        print(f"grpo/{domain}: pass@1 expert {before['pass@1']:.3f}, GRPO {after['pass@1']:.3f}, "
+              f"gain {after['pass@1'] - before['pass@1']:+.3f}; format-valid "
+              f"{before['format_valid']:.3f} -> {after['format_valid']:.3f}; {args.steps} steps "
+              f"in {minutes:.1f} min; curve {run_dir / 'reward_curve.png'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Typed schema of `python -m rl.grpo` (`conf/grpo.yaml`): the trainer's `TrainConfig` plus a
+`grpo` section. Every numeric field carries its range, checked at start-up with the rest of the
+config (`grpo_problems`), before any weights or data are touched.
+
+Batch arithmetic. One rollout draws `prompts_per_step` prompts (B) and samples `group_size`
+(G) completions each; its B·G samples are cut into `updates` (μ) mini-batches, one optimizer
+step each. So `batch.global_batch` (samples per optimizer step) is B·G/μ, and the entry point
+sets it from these three (a `batch.global_batch` given on the command line is overridden, with a
+note). B must be a multiple of the world size (each rank rolls out B/world prompts) and B·G/μ a
+multiple of `data.micro_batch` × world.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from train.config import TrainConfig, _num, section_problems
+from train.sft_task import parse_domain_spec
+
+ADV_NORMS = ("mean", "mean_std")
+LOSS_AGGS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
+OVERLONG = ("mask", "penalty", "none")
+
+
+@dataclass
+class GRPOSection:
+    # verifiable domains (data/domains), "name" or "name:weight"
+    domains: List[str] = field(default_factory=lambda: ["strings"])
+    domain_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    thinking_mode: str = "chat"
+    # --- one rollout
+    prompts_per_step: int = _num(8, ">= 1")   # B, prompts per rollout (all ranks together)
+    group_size: int = _num(8, ">= 1")         # G, samples per prompt (>= 2: a group needs peers)
+    updates: int = _num(1, ">= 1")            # μ, optimizer steps (mini-batches) per rollout
+    temperature: float = _num(1.0, "> 0")
+    top_p: float = _num(1.0, "(0, 1]")
+    top_k: int = _num(0, ">= 0")              # 0 = off
+    max_new_tokens: int = _num(64, ">= 1")    # per assistant turn
+    max_tool_turns: Optional[int] = _num(None, ">= 0")  # None: the domain's own
+    rollout_batch_size: int = _num(64, ">= 1")  # rows per generate call
+    # --- rewards
+    reward_timeout: float = _num(10.0, "> 0")  # seconds per verification; a hang scores 0
+    length_penalty: float = _num(0.0, ">= 0")  # reward -= this x generated / max_new_tokens
+    overlong: str = "mask"                     # truncated samples: mask | penalty (DAPO) | none
+    overlong_buffer: int = _num(16, ">= 1")    # DAPO soft-penalty window (tokens)
+    overlong_penalty: float = _num(1.0, ">= 0")  # DAPO soft penalty at the hard limit
+    dynamic_sampling: bool = False             # DAPO: drop zero-variance groups and refill
+    max_refill_rounds: int = _num(3, ">= 0")
+    # --- objective (rl/objective.py)
+    adv_norm: str = "mean"                     # mean (V3.2) | mean_std (R1)
+    loss_agg: str = "seq-mean-token-mean"
+    clip_low: float = _num(0.2, "[0, 1)")
+    clip_high: float = _num(0.28, ">= 0")
+    beta: float = _num(0.0, ">= 0")            # KL to the reference; 0 skips the reference model
+    beta_per_domain: Dict[str, float] = field(default_factory=dict)  # domain -> β override
+    kl_unbiased: bool = True                   # V3.2's ratio-weighted k3; false: plain k3
+    opsm_delta: Optional[float] = _num(None, "> 0")  # off-policy sequence masking; None = off
+    recompute_old_logprobs: bool = False       # π_old from a forward before the first update
+    keep_routing: bool = True                  # replay the sampled routes in training
+    ref: Optional[str] = None                  # reference weights; None: init_from
+    ref_dtype: str = "auto"                    # auto (the policy's) | fp32 | bf16
+    # --- MoE and MTP during RL
+    router_bias_updates: bool = False
+    train_mtp: bool = False
+    # --- evaluation (every logging.eval_every and at the end), test split, greedy
+    eval_n: int = _num(64, ">= 0")
+    eval_max_new_tokens: int = _num(64, ">= 1")
+
+
+@dataclass
+class GRPOTrainConfig(TrainConfig):
+    grpo: GRPOSection = field(default_factory=GRPOSection)
+
+
+def grpo_problems(cfg: Any, world: int) -> list[str]:
+    """Every problem with the `grpo` section and its batch arithmetic, one line per key."""
+    g = cfg.grpo
+    problems = section_problems(g, GRPOSection, "grpo.")
+    for key, value, allowed in (("grpo.adv_norm", g.adv_norm, ADV_NORMS),
+                                ("grpo.loss_agg", g.loss_agg, LOSS_AGGS),
+                                ("grpo.overlong", g.overlong, OVERLONG),
+                                ("grpo.thinking_mode", g.thinking_mode, ("chat", "thinking")),
+                                ("grpo.ref_dtype", g.ref_dtype, ("auto", "fp32", "bf16"))):
+        if value not in allowed:
+            problems.append(f"{key}={value!r}: choose one of {', '.join(allowed)}")
+    if isinstance(g.group_size, int) and g.group_size < 2:
+        problems.append(f"grpo.group_size={g.group_size}: GRPO needs >= 2 samples per prompt "
+                        f"(the advantage compares a sample with its group)")
+    if problems:
+        return problems
+    samples = g.prompts_per_step * g.group_size
+    if g.prompts_per_step % world:
+        problems.append(f"grpo.prompts_per_step={g.prompts_per_step}: must be a multiple of the "
+                        f"world size {world} (each rank rolls out its share)")
+    if samples % g.updates:
+        problems.append(f"grpo.updates={g.updates}: must divide prompts_per_step x group_size "
+                        f"= {samples} (one mini-batch per update)")
+    elif (samples // g.updates) % (cfg.data.micro_batch * world):
+        problems.append(f"grpo: prompts_per_step x group_size / updates = "
+                        f"{samples // g.updates} samples per step must be a multiple of "
+                        f"data.micro_batch={cfg.data.micro_batch} x world size {world}")
+    unknown = sorted(set(g.beta_per_domain) - {parse_domain_spec(str(d))[0] for d in g.domains})
+    if unknown:
+        problems.append(f"grpo.beta_per_domain: {unknown} not in grpo.domains={list(g.domains)}")
+    return problems
