@@ -26,6 +26,7 @@ class BlockAux:
     indexer_loss: torch.Tensor  # scalar fp32
     counts: torch.Tensor        # [n_routed_experts]
     routes: torch.Tensor        # [batch, seq, topk]
+    live_routes: torch.Tensor | None = None  # the router's own top-k when routes were replayed
 
 
 class Block(nn.Module):
@@ -54,4 +55,5 @@ class Block(nn.Module):
         h, post, comb = self._site("ffn", x)
         moe = self.ffn(self.ffn_norm(h), input_ids, routes=routes, token_mask=token_mask)
         x = hc_post(moe.out, x, post, comb)
-        return x, BlockAux(moe.balance_loss, idx_loss, moe.counts, moe.routes)
+        return x, BlockAux(moe.balance_loss, idx_loss, moe.counts, moe.routes,
+                           moe.live_routes)

@@ -13,7 +13,12 @@ that finish are dropped from the batch. Optional per-token outputs, for GRPO:
 - `routes[i]` `[len(prompt) + n, n_layers, topk]`: the expert ids every main layer used for
   every prompt and generated token ("keep routing"; the last generated token is fed once more
   so it has routes too). Replay with `model(ids, routes=[*per_layer, None])` (MTP: None);
-- `sampling_masks[i]` `[n, vocab]` bool: the kept set at each step ("keep sampling mask").
+- `kept_sets[i]`: the kept set at each step ("keep sampling mask") as a `KeptSets` of n rows
+  (token-id lists, on CPU; renormalise a training forward over them with
+  `sampling.logprobs_over_kept`), or None when the sampling parameters cannot drop a token
+  (`sampling.restricts` is False: plain temperature sampling keeps the whole vocabulary, and
+  nothing is stored). A dense `[n, vocab]` mask would be ~2 GB per 16K tokens at the released
+  vocabulary.
 
 Expert parallelism. Every MoE forward is then a collective over the EP group (the model's
 dispatcher), so each rank calls `generate` with its own prompts (any number, zero included) and
@@ -33,7 +38,7 @@ from typing import Callable, Sequence
 import torch
 
 from .dispatcher import LocalDispatcher, TokenDispatcher
-from .sampling import SamplingParams, draw, sampling_distribution
+from .sampling import KeptSets, SamplingParams, draw, restricts, sampling_distribution
 from .transformer import Transformer
 
 
@@ -44,7 +49,7 @@ class GenerationOutput:
     logprobs: list[torch.Tensor] | None = None        # per row [n] fp32
     raw_logprobs: list[torch.Tensor] | None = None    # per row [n] fp32
     routes: list[torch.Tensor] | None = None          # per row [prompt + n, n_layers, topk]
-    sampling_masks: list[torch.Tensor] | None = None  # per row [n, vocab] bool
+    kept_sets: list[KeptSets | None] | None = None    # per row n rows; None: whole vocab
     stats: dict[str, float] = field(default_factory=dict)  # token counts and seconds
 
 
@@ -57,7 +62,7 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[torch.Tensor] = field(default_factory=list)
     raw: list[torch.Tensor] = field(default_factory=list)
-    masks: list[torch.Tensor] = field(default_factory=list)
+    kept_ids: list[torch.Tensor] = field(default_factory=list)  # per step, int32 ids
     routes: list[torch.Tensor] = field(default_factory=list)  # [t, n_layers, topk] chunks
     finish: str | None = None
 
@@ -124,6 +129,7 @@ def _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, e
     stops = [list(s) for s in (stop_token_sequences or []) if len(s)]
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     n_layers = cfg.n_layers
+    store_kept = return_sampling_mask and restricts(params, cfg.vocab_size)
 
     # prefill: right-padded prompts, logits at each row's last prompt token
     lens = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
@@ -161,14 +167,17 @@ def _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, e
             tok = logits.float().argmax(-1) if params.greedy else draw(logp, gen)  # [batch]
             tok_list = tok.tolist()
             raw = torch.log_softmax(logits.float(), -1) if return_logprobs else None
+            if store_kept:  # one nonzero and one copy per step, split per row on the host
+                step_kept = KeptSets.from_mask(kept).to("cpu")
+                kept_rows = step_kept.ids.split(step_kept.counts.tolist())
             for i, row_id in enumerate(active):
                 row = rows[row_id]
                 row.tokens.append(tok_list[i])
                 if return_logprobs:
                     row.logprobs.append(logp[i, tok_list[i]].cpu())
                     row.raw.append(raw[i, tok_list[i]].cpu())
-                if return_sampling_mask:
-                    row.masks.append(kept[i].cpu())
+                if store_kept:
+                    row.kept_ids.append(kept_rows[i])
                 if on_token is not None:
                     on_token(row_id, tok_list[i])
                 row.finish = _finish_reason(row, eos_id, stops, stop_strings, decode)
@@ -203,9 +212,7 @@ def _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, e
     if return_routes:
         result.routes = [torch.cat(r.routes) for r in rows]
     if return_sampling_mask:
-        result.sampling_masks = [torch.stack(r.masks) if r.masks
-                                 else torch.zeros(0, cfg.vocab_size, dtype=torch.bool)
-                                 for r in rows]
+        result.kept_sets = [_kept_sets(r.kept_ids) if store_kept else None for r in rows]
     result.stats = {"prefill_tokens": float(lens.sum()), "prefill_s": t1 - t0,
                     "decode_tokens": float(decode_tokens), "decode_s": t2 - t1}
     return result
@@ -266,6 +273,13 @@ def _shrink(cache, active: list[int], logits: torch.Tensor | None, keep: list[in
     if keep:
         cache.select(index)
     return [active[i] for i in keep], (None if logits is None else logits.index_select(0, index))
+
+
+def _kept_sets(steps: list[torch.Tensor]) -> KeptSets:
+    """One row per generated token from the per-step id lists."""
+    counts = torch.tensor([len(ids) for ids in steps], dtype=torch.int32)
+    ids = torch.cat(steps) if steps else torch.zeros(0, dtype=torch.int32)
+    return KeptSets(ids, counts)
 
 
 def _stack(values: list[torch.Tensor]) -> torch.Tensor:

@@ -4,6 +4,7 @@ Every block's FFN is an MoE. Data flow of one call (T = batch*seq tokens, k = to
 
     scores [T, E] = score_func(x @ gate.weight^T)                         (fp32)
     ids    [T, k] = top-k(scores + bias) | tid2eid[input_ids] (hash layers) | replayed routes
+    (replayed: the router's own pick is still computed, as `live_routes`, to log agreement)
     w      [T, k] = scores gathered at ids, normalised over the k picks, times route_scale
     dispatcher.dispatch -> copies sorted by expert -> Experts (grouped SwiGLU, w applied to h
     before w2) -> dispatcher.combine (sum of the k copies) + shared expert -> input dtype
@@ -38,6 +39,10 @@ class MoEOutput:
     balance_loss: Tensor   # [] fp32, unweighted sequence-wise balance loss (0 on hash layers)
     counts: Tensor         # [n_routed_experts] fp32, copies routed per expert (valid tokens)
     routes: Tensor         # [batch, seq, topk] int64 expert ids used
+    # [batch, seq, topk] int64, detached: what the router itself would pick (top-k of the biased
+    # scores; hash ids on hash layers) when `routes` were replayed; None otherwise (and on a
+    # hash layer replayed without input_ids, which has no table lookup to make)
+    live_routes: Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------- numerics
@@ -161,16 +166,21 @@ class Gate(nn.Module):
         scores = route_scores(logits, self.score_func)                    # [T, E]
         if routes is not None:        # RL routing replay: ids fixed, weights from current scores
             idx = routes.long()
-        elif self.is_hash:
-            idx = self.tid2eid[input_ids]                                 # [T, k]
         else:
-            biased = scores.detach() + self.bias.float()                  # [T, E]
-            idx = biased.topk(self.topk, dim=-1).indices                  # [T, k]
+            idx = self.select(scores, input_ids)                          # [T, k]
         # Normalised over the k picks for every score_func (spec §5.1's formula); note the
         # released reference code skips this normalisation when score_func is softmax.
         weights = scores.gather(1, idx)                                   # [T, k]
         weights = weights / weights.sum(dim=-1, keepdim=True) * self.route_scale
         return weights, idx, scores
+
+    def select(self, scores: Tensor, input_ids: Tensor | None) -> Tensor:
+        """The router's own pick: scores [T, E] fp32, input_ids [T] (hash layers) -> [T, k]
+        int64, no gradient (selection is discrete; the bias only steers it)."""
+        if self.is_hash:
+            return self.tid2eid[input_ids]
+        biased = scores.detach() + self.bias.float()                      # [T, E]
+        return biased.topk(self.topk, dim=-1).indices
 
 
 # ---------------------------------------------------------------------------------- experts
@@ -359,6 +369,28 @@ def expert_counts(idx: Tensor, valid: Tensor | None, n_experts: int) -> Tensor:
         0, idx.reshape(-1), src.reshape(-1))
 
 
+def routing_agreement(replayed: Tensor, live: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Keep Routing's health metric: the fraction of replayed (token, expert) picks that the
+    live router also picks. replayed, live [..., k] int (live may have another k), mask [...]
+    bool | None -> [] fp32: per token |replayed ∩ live| / k as sets (picks within a token are
+    distinct, as top-k and the hash table make them), averaged over the masked tokens (NaN
+    when there are none: nothing to agree on)."""
+    if replayed.shape[:-1] != live.shape[:-1] or replayed.dim() < 1:
+        raise ValueError(f"routing_agreement: replayed {tuple(replayed.shape)} and live "
+                         f"{tuple(live.shape)} must agree on all but the last dim")
+    if replayed.is_floating_point() or live.is_floating_point():
+        raise ValueError("routing_agreement: expected integer expert ids")
+    live = live.to(replayed.device)
+    found = (replayed[..., :, None] == live[..., None, :]).any(-1)        # [..., k]
+    per_token = found.float().mean(-1)                                    # [...]
+    if mask is None:
+        return per_token.mean()
+    if mask.shape != per_token.shape or mask.dtype != torch.bool:
+        raise ValueError(f"routing_agreement: mask must be bool {tuple(per_token.shape)}, got "
+                         f"{mask.dtype} {tuple(mask.shape)}")
+    return per_token[mask.to(per_token.device)].mean()
+
+
 # ---------------------------------------------------------------------------------- module
 class MoE(nn.Module):
     """DeepSeekMoE FFN of block `layer_id` (layer ids >= n_layers are MTP blocks)."""
@@ -395,6 +427,9 @@ class MoE(nn.Module):
         ids_flat = input_ids.reshape(t) if input_ids is not None else None
         routes_flat = routes.reshape(t, k) if routes is not None else None
         weights, idx, scores = self.gate(x_flat, ids_flat, routes_flat)   # [T,k] [T,k] [T,E]
+        live = None
+        if routes is not None and (ids_flat is not None or not self.is_hash):
+            live = self.gate.select(scores, ids_flat).reshape(b, s, k)    # [B, S, k]
 
         x_sorted, local_counts, handle = self.dispatcher.dispatch(x_flat, idx, weights)
         y_sorted = self.experts(x_sorted, local_counts, handle.weights)   # [N, dim]
@@ -411,7 +446,7 @@ class MoE(nn.Module):
         else:
             loss = sequence_balance_loss(scores.reshape(b, s, -1), idx, token_mask)
         return MoEOutput(out=y.to(x.dtype).reshape(b, s, self.dim), balance_loss=loss,
-                         counts=counts, routes=idx.detach())
+                         counts=counts, routes=idx.detach(), live_routes=live)
 
     def _check_inputs(self, x: Tensor, input_ids: Tensor | None, routes: Tensor | None,
                       token_mask: Tensor | None) -> tuple[int, int]:

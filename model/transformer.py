@@ -3,6 +3,7 @@ head, plus MTP. One forward serves pre-training, SFT, RL (routes replayed) and e
 
     out = Transformer(cfg)(input_ids, doc_ids=None, positions=None, routes=None)
     out.logits, out.mtp_logits, out.balance_loss, out.indexer_loss, out.expert_counts, out.routes
+    out.live_routes  # with routes replayed: what each router itself would pick (Keep Routing)
 
 Incremental decoding uses the same forward with a cache (`model/INFERENCE.md`):
 
@@ -18,7 +19,7 @@ choice or MTP input crosses a document boundary.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -42,6 +43,9 @@ class ModelOutput:
     indexer_loss: torch.Tensor          # scalar fp32, mean over CSA layers (0 unless requested)
     expert_counts: torch.Tensor         # [n_blocks, n_routed_experts] tokens per expert
     routes: list[torch.Tensor]          # per block, [batch, seq, topk] expert ids
+    # per block, like routes: the router's own top-k (detached) where routes were replayed,
+    # None where not (see `MoEOutput.live_routes`; `moe.routing_agreement` compares them)
+    live_routes: list[torch.Tensor | None] = field(default_factory=list)
 
 
 class Transformer(nn.Module):
@@ -130,7 +134,9 @@ class Transformer(nn.Module):
                 token_mask: torch.Tensor | None = None, cache: ModelCache | None = None,
                 logits_index: torch.Tensor | None = None, mtp: bool = True) -> ModelOutput:
         """input_ids `[batch, seq]`; `routes` replays expert ids (one `[batch, seq, topk]` per
-        block, MTP blocks last; an entry may be None) instead of the routers' own top-k.
+        block, MTP blocks last; an entry may be None) instead of the routers' own top-k; the
+        routers still score every token (the routing weights, and so the router gradient, come
+        from those scores) and report their own pick as `live_routes`.
 
         With `cache` (from `new_cache`): the tokens continue each row at `cache.lengths`
         (`positions`, if given, must equal that), `token_mask` marks each row's real tokens
@@ -201,4 +207,5 @@ class Transformer(nn.Module):
             indexer_loss=torch.stack(csa).mean() if csa else zero,
             expert_counts=torch.stack([a.counts for a in auxes]),
             routes=[a.routes for a in auxes],
+            live_routes=[a.live_routes for a in auxes],
         )

@@ -27,9 +27,10 @@ included); `loss_mask` is 1 on model-generated tokens and 0 on inserted tool-res
 `logprobs` / `raw_logprobs` `[len(response)]` fp32 are generate's per-token log-probs (the
 sampled distribution / the model's own softmax) on generated tokens and 0 on inserted ones;
 `routes` `[len(prompt) + len(response), n_layers, topk]` come from the last round's forward over
-the whole transcript; `sampling_masks` `[n_generated, vocab]` bool are the kept sets of the
-generated tokens in order (the rows of `loss_mask == 1`); dense masks suit evaluation and tiny
-vocabularies only, and GRPO (issue #15) stores compact per-token index lists instead. `finish`: "eos" (the answer turn ended), "length" (a turn hit
+the whole transcript; `kept` (with `return_sampling_mask`) is a `model.sampling.KeptSets` of the
+generated tokens' kept sets, concatenated over the sample's turns in order (one row per position
+where `loss_mask == 1`), or None when the sampling parameters keep the whole vocabulary
+(`model.sampling.restricts`). `finish`: "eos" (the answer turn ended), "length" (a turn hit
 `max_new_tokens` or the model context), "tool-limit", "tool-error" (the environment could not
 render a result; `error` says why). `score` is `safe_verify` of the decoded response.
 
@@ -52,7 +53,7 @@ import torch
 from data.domains.base import Domain, Item, Score, safe_verify
 from encoding import encode_messages, parse_message_from_completion_text
 from model.generation import generate
-from model.sampling import SamplingParams
+from model.sampling import KeptSets, SamplingParams
 
 FINISH_REASONS = ("eos", "length", "tool-limit", "tool-error")
 DEFAULT_MAX_TOOL_TURNS = 2
@@ -95,7 +96,7 @@ class Sample:
     logprobs: torch.Tensor | None = None      # [len(response)] fp32, 0 on inserted tokens
     raw_logprobs: torch.Tensor | None = None  # [len(response)] fp32, 0 on inserted tokens
     routes: torch.Tensor | None = None        # [len(prompt) + len(response), layers, topk]
-    sampling_masks: torch.Tensor | None = None  # [n_generated, vocab] bool
+    kept: KeptSets | None = None              # generated_tokens rows (loss_mask == 1)
     text: str = ""
     finish: str = ""
     tool_turns: int = 0
@@ -134,7 +135,7 @@ class _Live:
     turn_start: int = 0
     logprobs: list[float] = field(default_factory=list)
     raw: list[float] = field(default_factory=list)
-    masks: list[torch.Tensor] = field(default_factory=list)
+    kept: list[KeptSets] = field(default_factory=list)  # one per generated turn
 
 
 def is_tool_domain(domain: Domain) -> bool:
@@ -211,8 +212,8 @@ def _append_generated(x: _Live, tokens: list[int], out, i: int) -> None:
     raw = out.raw_logprobs[i].tolist() if out.raw_logprobs is not None else [0.0] * len(tokens)
     x.logprobs.extend(lp)
     x.raw.extend(raw)
-    if out.sampling_masks is not None:
-        x.masks.append(out.sampling_masks[i])
+    if out.kept_sets is not None and out.kept_sets[i] is not None:
+        x.kept.append(out.kept_sets[i])
     if out.routes is not None:  # the whole transcript was prefilled: the latest covers it all
         x.out.routes = out.routes[i]
 
@@ -255,8 +256,8 @@ def _finalise(x: _Live, tokenizer) -> Sample:
     s = x.out
     s.logprobs = torch.tensor(x.logprobs, dtype=torch.float32)
     s.raw_logprobs = torch.tensor(x.raw, dtype=torch.float32)
-    if x.masks:
-        s.sampling_masks = torch.cat(x.masks)
+    if x.kept:
+        s.kept = KeptSets.cat(x.kept)
     s.text = tokenizer.decode(s.response_ids, skip_special_tokens=False)
     s.score = safe_verify(x.domain, x.item, s.text)
     return s

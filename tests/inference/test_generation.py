@@ -1,10 +1,13 @@
 """`generate`: equals recomputing the full forward every step, returns what GRPO replays (routes,
-log-probs, sampling masks), stops where asked, and rejects bad prompts."""
+log-probs, kept sets), stops where asked, and rejects bad prompts; a training forward with the
+routes replayed and the kept sets applied reproduces the sampler's log-probs (Keep Routing +
+Keep Sampling Mask)."""
 
 import pytest
 import torch
 
 from model.generation import generate
+from model.sampling import KeptSets, logprobs_over_kept
 
 PROMPTS = [[0, 5, 9], [0] + list(range(10, 40)), [0, 7]]
 
@@ -44,8 +47,9 @@ def test_greedy_equals_full_recompute_and_returns_replayable_routes(micro_model)
         picked = logp.gather(1, torch.tensor(out.tokens[i])[:, None])[:, 0]
         torch.testing.assert_close(out.raw_logprobs[i], picked, rtol=0, atol=1e-4)
         assert (out.logprobs[i] == 0).all()  # greedy: a point mass
-        mask = out.sampling_masks[i]
-        assert mask.shape == (24, cfg.vocab_size) and (mask.sum(1) == 1).all()
+        kept = out.kept_sets[i]  # greedy keeps exactly the argmax
+        assert isinstance(kept, KeptSets) and len(kept) == 24 and (kept.counts == 1).all()
+        mask = kept.to_mask(cfg.vocab_size)
         assert mask[torch.arange(24), torch.tensor(out.tokens[i])].all()
 
 
@@ -57,10 +61,67 @@ def test_sampling_outputs_are_consistent_and_seeded(micro_model):
     assert a.tokens == b.tokens
     c = generate(micro_model, PROMPTS, **{**kw, "seed": 6})
     assert c.tokens != a.tokens
-    for toks, logp, raw, mask in zip(a.tokens, a.logprobs, a.raw_logprobs, a.sampling_masks):
-        assert mask.sum(1).min() >= 1 and mask.sum(1).max() <= 40
+    for toks, logp, raw, kept in zip(a.tokens, a.logprobs, a.raw_logprobs, a.kept_sets):
+        assert len(kept) == len(toks) and kept.ids.device.type == "cpu"
+        assert kept.counts.min() >= 1 and kept.counts.max() <= 40
+        mask = kept.to_mask(micro_model.cfg.vocab_size)
         assert mask[torch.arange(len(toks)), torch.tensor(toks)].all()  # drawn from the kept set
         assert (logp <= 0).all() and (logp >= raw).all()  # renormalised over a subset
+
+
+def test_no_kept_sets_are_stored_when_sampling_keeps_the_whole_vocabulary(micro_model):
+    vocab = micro_model.cfg.vocab_size
+    for kw in (dict(temperature=0.9), dict(temperature=1.0, top_k=vocab)):
+        out = generate(micro_model, PROMPTS, max_new_tokens=3, seed=0,
+                       return_sampling_mask=True, **kw)
+        assert out.kept_sets == [None] * len(PROMPTS), kw
+    assert generate(micro_model, PROMPTS, max_new_tokens=3, top_k=5).kept_sets is None
+
+
+def test_training_forward_with_replayed_routes_and_kept_sets_reproduces_sampler_logprobs(
+        micro_model):
+    """Keep Routing + Keep Sampling Mask end to end (posttraining.md §1.2 items 4-5).
+
+    One full (no-cache) training forward over prompt + generated tokens with the sampler's
+    routes replayed, renormalised over the stored kept sets at temperature 0.7, gives back the
+    sampler's own log-probs. fp32 throughout; the cached decode and the full forward compute
+    the same function with matmuls summed in another order (fp32 rounding ~1e-7 relative per
+    op over a few layers; logits here are O(1), so logit differences ~1e-6, scaled by 1/0.7
+    and at most doubled through the log-sum-exp; measured ~5e-7): 1e-4 absolute leaves a
+    wide margin and is still far below the effect of dropping the mask (≈ log(vocab / kept)
+    ≈ 3.4 here, checked > 1e-2). top_k=12 and top_p=0.9 both cut (11 tokens kept a step)."""
+    model, cfg = micro_model, micro_model.cfg
+    temperature = 0.7
+    out = generate(model, PROMPTS, max_new_tokens=16, temperature=temperature, top_p=0.9,
+                   top_k=12, seed=3, return_logprobs=True, return_sampling_mask=True,
+                   return_routes=True)
+    model.train()
+    try:
+        full_gap = []
+        for i, prompt in enumerate(PROMPTS):
+            gen = out.tokens[i]
+            seq = torch.tensor([list(prompt) + gen])
+            replay = [r[None] for r in out.routes[i].unbind(1)] + [None] * cfg.n_mtp_layers
+            fwd = model(seq, routes=replay)
+            for layer in range(cfg.n_layers):  # the replayed experts were used
+                assert torch.equal(fwd.routes[layer][0], out.routes[i][:, layer])
+            at = slice(len(prompt) - 1, len(prompt) - 1 + len(gen))  # positions predicting gen
+            logits = fwd.logits[0, at]
+            tokens = torch.tensor(gen)
+            kept = out.kept_sets[i]
+            assert len(kept) == len(gen) and bool((kept.counts <= 12).all())  # top_k cut
+            got = logprobs_over_kept(logits, tokens, kept, temperature)
+            torch.testing.assert_close(got.detach(), out.logprobs[i], rtol=0, atol=1e-4)
+            got.sum().backward()  # a training loss through the renormalised log-probs
+            grad = model.layers[-1].ffn.gate.weight.grad
+            assert grad is not None and torch.isfinite(grad).all()
+            model.zero_grad(set_to_none=True)
+            whole = logprobs_over_kept(logits.detach(), tokens, None, temperature)
+            full_gap.append((whole - out.logprobs[i]).abs().max())
+        assert max(full_gap) > 1e-2  # without the kept sets the log-probs are different
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
 
 
 def test_stops_on_eos_stop_sequences_and_strings(micro_model):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from model.config import get_config
 from model.dispatcher import LocalDispatcher
 from model.moe import (MoE, build_hash_table, experts_grouped_mm, experts_padded,
-                       sequence_balance_loss, swiglu)
+                       routing_agreement, sequence_balance_loss, swiglu)
 
 E, K, DIM, INTER, VOCAB = 4, 2, 16, 12, 64
 
@@ -367,3 +367,58 @@ def test_sharded_meta_build_initialises_the_full_models_slice():
             assert torch.equal(want, q), name
         for (name, b), c in zip(full.named_buffers(), part.buffers()):
             assert torch.equal(b, c), name
+
+
+# ------------------------------------------------------------------------- keep routing
+def test_keep_routing_forces_replayed_experts_keeps_router_gradient_and_reports_live_pick():
+    """GRPO replays the sampler's routes (posttraining.md §1.2 item 4): the replayed experts
+    are used even where the router disagrees (here the bottom-k, disjoint from its own pick),
+    their weights come from the current scores (so the router still learns), and the router's
+    own pick is reported as live_routes, equal to a forward without replay."""
+    moe = make_moe()
+    x = torch.randn(2, 5, DIM)
+    own = moe(x, None)
+    assert own.live_routes is None                                # nothing replayed
+    x_flat = x.reshape(-1, DIM)
+    bottom = (-router_weights(moe, x_flat, torch.arange(E).expand(10, E))).topk(K).indices
+    bottom = bottom.reshape(2, 5, K)                              # bias is 0: lowest scores
+    out = moe(x, None, routes=bottom)
+    assert torch.equal(out.routes, bottom)
+    assert torch.equal(out.live_routes, own.routes) and not out.live_routes.requires_grad
+    assert float(routing_agreement(bottom, out.live_routes)) == 0.0
+    assert float(routing_agreement(own.routes, out.live_routes)) == 1.0
+    weights, _, _ = moe.gate(x_flat, None, bottom.reshape(-1, K))
+    assert (weights > 0).all()
+    torch.testing.assert_close(out.out.reshape(-1, DIM),
+                               naive_moe(moe, x_flat, bottom.reshape(-1, K), weights),
+                               rtol=1e-5, atol=1e-6)
+    out.out.square().sum().backward()
+    grad = moe.gate.weight.grad
+    assert torch.isfinite(grad).all()
+    assert (grad[bottom.unique()].abs().sum(-1) > 0).all()       # every replayed expert's row
+
+
+def test_keep_routing_live_pick_on_hash_layers():
+    moe = make_moe(layer_id=0)                                    # n_hash_layers=1
+    ids = torch.randint(0, VOCAB, (2, 4))
+    x = torch.randn(2, 4, DIM)
+    routes = (moe.gate.tid2eid[ids] + 1) % E
+    out = moe(x, ids, routes=routes)
+    assert torch.equal(out.routes, routes)
+    assert torch.equal(out.live_routes, moe.gate.tid2eid[ids])
+    assert moe(x, None, routes=routes).live_routes is None        # no ids: no table lookup
+
+
+def test_routing_agreement_is_a_set_overlap_over_masked_tokens():
+    replayed = torch.tensor([[[0, 1], [2, 3], [0, 3]]])           # [1, 3, 2]
+    live = torch.tensor([[[1, 0], [2, 0], [1, 2]]])               # order within a token is free
+    assert float(routing_agreement(replayed, live)) == 0.5       # (1 + 1/2 + 0) / 3
+    assert float(routing_agreement(replayed, live, torch.tensor([[True, True, False]]))) == 0.75
+    assert float(routing_agreement(replayed, replayed)) == 1.0
+    wide = torch.tensor([[[3, 2, 1], [0, 1, 2], [1, 2, 0]]])      # another k
+    assert float(routing_agreement(replayed, wide)) == 0.5       # (1/2 + 1/2 + 1/2) / 3
+    assert routing_agreement(replayed, live, torch.zeros(1, 3, dtype=torch.bool)).isnan()
+    with pytest.raises(ValueError, match="routing_agreement"):
+        routing_agreement(replayed, live[:, :2])
+    with pytest.raises(ValueError, match="mask"):
+        routing_agreement(replayed, live, torch.ones(1, 3))

@@ -13,6 +13,7 @@ import torch
 
 from model.config import ModelConfig, get_config
 from model.loss import compute_loss, next_token_labels, shift_labels
+from model.moe import routing_agreement
 from model.summary import count_parameters
 from model.transformer import Transformer
 
@@ -191,6 +192,35 @@ def test_routes_replay_and_shapes(tiny_model):
         assert not torch.allclose(tiny_model(ids, routes=other).logits, out.logits)
     with pytest.raises(ValueError, match="routes"):
         tiny_model(ids, routes=out.routes[:2])
+
+
+def test_replayed_routes_report_the_live_router_pick(tiny_model):
+    """Keep Routing through the whole model: `live_routes` is what each router would have
+    picked for the hidden states it got. Replaying the model's own routes changes nothing (live
+    = replayed, agreement 1); replaying others at layer 1 uses them, leaves that router's own
+    pick as the no-replay one (its input does not depend on layer 1), and it gets gradient."""
+    ids = torch.randint(0, TINY.vocab_size, (1, 32))
+    n = TINY.n_layers
+    with torch.no_grad():
+        own = tiny_model(ids)
+        assert own.live_routes == [None] * (n + TINY.n_mtp_layers)
+        same = tiny_model(ids, routes=own.routes[:n] + [None] * TINY.n_mtp_layers)
+    for i in range(n):
+        assert torch.equal(same.live_routes[i], own.routes[i])
+        assert float(routing_agreement(own.routes[i], same.live_routes[i])) == 1.0
+    assert same.live_routes[n:] == [None] * TINY.n_mtp_layers
+    other = list(own.routes[:n]) + [None] * TINY.n_mtp_layers
+    other[1] = (own.routes[1] + 1) % TINY.n_routed_experts
+    try:
+        out = tiny_model(ids, routes=other)
+        assert torch.equal(out.routes[1], other[1])
+        assert torch.equal(out.live_routes[1], own.routes[1])
+        assert float(routing_agreement(other[1], out.live_routes[1])) < 1.0
+        out.logits.square().mean().backward()
+        grad = tiny_model.layers[1].ffn.gate.weight.grad
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    finally:
+        tiny_model.zero_grad(set_to_none=True)
 
 
 def test_router_bias_update_through_model():

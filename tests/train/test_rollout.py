@@ -7,6 +7,7 @@ import torch
 
 from data.domains import get_domain
 from encoding import tokenize_conversation
+from model.sampling import KeptSets
 from tests.inference.conftest import build_model, micro_config
 from train.rollout import FINISH_REASONS, RolloutParams, rollout
 
@@ -55,6 +56,34 @@ def test_calculator_rollout_masks_exactly_the_tool_result(domain_tokenizer, sche
         assert torch.equal(s.raw_logprobs, 2 * s.logprobs)
     assert result.stats["inserted_tokens"] == sum(len(s.loss_mask) - s.generated_tokens
                                                   for s in result.samples)
+
+
+def test_kept_sets_concatenate_over_turns_onto_the_generated_tokens(domain_tokenizer):
+    """Each generate call's kept sets (one row per token it drew) are concatenated over the
+    sample's turns: row j of `Sample.kept` is the j-th position with loss_mask == 1."""
+    tok = domain_tokenizer
+    domain = get_domain("calculator", schema="brief", thinking_mode="chat")
+    items = domain.generate("test", 2, seed=1)
+    oracle = Oracle(tok, items)
+
+    def with_kept(*args, **kw):  # a kept set per drawn token: the token itself and token + 1
+        out = oracle(*args, **kw)
+        out.kept_sets = [KeptSets(torch.tensor([[t, t + 1] for t in row],
+                                               dtype=torch.int32).reshape(-1),
+                                  torch.full((len(row),), 2, dtype=torch.int32))
+                         for row in out.tokens]
+        return out
+
+    result = rollout(stub_model(), tok, [(domain, it) for it in items],
+                     RolloutParams(temperature=0.0, max_new_tokens=200,
+                                   return_sampling_mask=True), generate_fn=with_kept)
+    for s in result.samples:
+        assert s.tool_turns == 1 and len(s.kept) == s.generated_tokens
+        drawn = [t for t, m in zip(s.response_ids, s.loss_mask) if m]
+        assert s.kept.ids[0::2].tolist() == drawn
+    plain = rollout(stub_model(), tok, [(domain, items[0])],
+                    RolloutParams(temperature=0.0, max_new_tokens=200), generate_fn=oracle)
+    assert plain.samples[0].kept is None  # nothing was stored
 
 
 def test_tool_turn_limit_and_turn_budget(domain_tokenizer):
@@ -117,9 +146,11 @@ def test_real_model_outputs_are_aligned_and_reproducible(domain_tokenizer):
         n = len(s.response_ids)
         assert 0 < n == len(s.loss_mask) == s.logprobs.shape[0] == s.raw_logprobs.shape[0]
         assert s.routes.shape == (len(s.prompt_ids) + n, cfg.n_layers, cfg.n_activated_experts)
-        assert s.sampling_masks.shape == (s.generated_tokens, cfg.vocab_size)
-        assert s.sampling_masks.sum(-1).le(50).all()  # top_k kept at most 50 tokens
+        assert len(s.kept) == s.generated_tokens  # one kept set per generated token, in order
+        assert s.kept.counts.le(50).all()  # top_k kept at most 50 tokens
         gen = torch.tensor(s.loss_mask, dtype=torch.bool)
+        drawn = torch.tensor(s.response_ids)[gen]
+        assert s.kept.to_mask(cfg.vocab_size)[torch.arange(len(drawn)), drawn].all()
         assert (s.logprobs[gen] <= 0).all() and (s.logprobs[~gen] == 0).all()
         assert s.finish in FINISH_REASONS and s.score is not None
         assert s.text == tok.decode(s.response_ids, skip_special_tokens=False)
