@@ -108,7 +108,8 @@ class GRPOTask:
                                     batch_size=g.rollout_batch_size,
                                     max_tool_turns=g.max_tool_turns,
                                     return_routes=g.keep_routing,
-                                    return_sampling_mask=restricts(sampling))
+                                    return_sampling_mask=restricts(sampling,
+                                                                   model_cfg.vocab_size))
         self.params.validate()
         self.local_prompts = g.prompts_per_step // info.world
         self.cursor = 0      # global prompt index of the next draw

@@ -32,7 +32,9 @@ generated tokens' kept sets, concatenated over the sample's turns in order (one 
 where `loss_mask == 1`), or None when the sampling parameters keep the whole vocabulary
 (`model.sampling.restricts`). `finish`: "eos" (the answer turn ended), "length" (a turn hit
 `max_new_tokens` or the model context), "tool-limit", "tool-error" (the environment could not
-render a result; `error` says why). `score` is `safe_verify` of the decoded response.
+render a result; `error` says why). `score` is `verify_fn(domain, item, text)` of the decoded
+response (default `safe_verify`; GRPO passes one with a time limit), timed in
+`stats["verify_seconds"]`.
 
 Bad input never crashes a run: a prompt that does not fit the context (`>= max_seq_len` tokens,
 no room for one reply token) is skipped and listed in `RolloutResult.skipped` with its reason.
@@ -148,7 +150,8 @@ def _round_seed(seed: int | None, round_: int, chunk: int) -> int | None:
 
 
 def rollout(model, tokenizer, requests: Sequence[tuple[Domain, Item]], params: RolloutParams,
-            *, generate_fn: Callable = generate) -> RolloutResult:
+            *, generate_fn: Callable = generate,
+            verify_fn: Callable = safe_verify) -> RolloutResult:
     """Samples `params.n` completions per (domain, item) and scores them (module docstring).
 
     `generate_fn` has `model.generation.generate`'s signature (tests pass a scripted one)."""
@@ -200,7 +203,9 @@ def rollout(model, tokenizer, requests: Sequence[tuple[Domain, Item]], params: R
                 _append_generated(x, tokens, out, i)
                 x.out.finish = _after_turn(x, out.finish_reasons[i], tokenizer, max_len, stats)
         round_ += 1
-    samples = [_finalise(x, tokenizer) for x in live]
+    t0 = time.perf_counter()
+    samples = [_finalise(x, tokenizer, verify_fn) for x in live]
+    stats["verify_seconds"] = time.perf_counter() - t0
     stats["seconds"] = time.perf_counter() - start
     return RolloutResult(samples, skipped, stats)
 
@@ -252,12 +257,12 @@ def _after_turn(x: _Live, reason: str, tokenizer, max_len: int, stats: dict) -> 
     return ""
 
 
-def _finalise(x: _Live, tokenizer) -> Sample:
+def _finalise(x: _Live, tokenizer, verify_fn: Callable) -> Sample:
     s = x.out
     s.logprobs = torch.tensor(x.logprobs, dtype=torch.float32)
     s.raw_logprobs = torch.tensor(x.raw, dtype=torch.float32)
     if x.kept:
         s.kept = KeptSets.cat(x.kept)
     s.text = tokenizer.decode(s.response_ids, skip_special_tokens=False)
-    s.score = safe_verify(x.domain, x.item, s.text)
+    s.score = verify_fn(x.domain, x.item, s.text)
     return s

@@ -1,0 +1,210 @@
+"""The GRPO task (`rl/grpo_task.py`) on a real micro model, without the trainer.
+
+- Same code, same numbers: at the first update of a fresh rollout (fp32, top-k + top-p + T=0.7,
+  so the kept sets matter) the training forward with the sampled routes replayed and π_θ
+  renormalised over the kept sets gives back the sampler's log-probs: ratio 1 and mismatch KL 0
+  up to fp32 rounding (the cached decode and the full forward sum in different orders; the
+  sampler-side test in tests/inference bounds the log-prob gap at 1e-4, so the mean ratio is
+  within 1e-4 of 1 and the k3 mismatch, second order in the gap, below 1e-7). With
+  `recompute_old_logprobs` π_old comes from the same forward on the same inputs: the ratio is
+  exactly 1 (bitwise on CPU) and the clip fractions exactly 0.
+- Rollouts as data: the generated positions, advantages (zero mean per group), kept sets and
+  routes line up; the live router agrees with the replayed routes at the first update.
+- Rewards never crash a run: a verifier that raises or hangs scores 0 and is counted; prompts
+  longer than the context are skipped and, when nothing is left, a clear error says so.
+- Config errors name the key.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from data.domains.base import Score
+from data.domains.strings import StringsDomain
+from tests.inference.conftest import build_model, micro_config
+from tests.train._rollout_support import domain_tokenizer_file  # noqa: F401 (fixture)
+
+PHASE = None  # the task's loss does not read the phase
+
+
+def grpo_cfg(run_dir, **updates):
+    from rl.config import GRPOTrainConfig
+
+    cfg = OmegaConf.structured(GRPOTrainConfig)
+    base = {"run_dir": str(run_dir), "data.micro_batch": 4, "grpo.prompts_per_step": 2,
+            "grpo.group_size": 4, "grpo.max_new_tokens": 8, "grpo.temperature": 0.7,
+            "grpo.top_k": 12, "grpo.top_p": 0.9}
+    for key, value in {**base, **updates}.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
+def make_task(cfg, tokenizer_file, model_cfg, domains=None):
+    from rl.grpo_task import GRPOTask
+    from train.dist import DistInfo
+    from train.sft_task import build_domains
+
+    domains = domains if domains is not None else build_domains(cfg.grpo, "grpo")
+    return GRPOTask(cfg, DistInfo(0, 1, 0, torch.device("cpu")), model_cfg, tokenizer_file,
+                    domains)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    cfg = micro_config(vocab_size=512, max_seq_len=256)
+    return cfg, build_model(cfg, seed=3)
+
+
+def n_micro(cfg) -> int:
+    g = cfg.grpo
+    return g.prompts_per_step * g.group_size // g.updates // cfg.data.micro_batch
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_first_update_reproduces_the_sampler(tmp_path, policy, domain_tokenizer_file,  # noqa: F811
+                                             recompute):
+    model_cfg, model = policy
+    cfg = grpo_cfg(tmp_path, **{"grpo.recompute_old_logprobs": recompute})
+    task = make_task(cfg, domain_tokenizer_file, model_cfg)
+    batches = task.batches(0, n_micro(cfg), PHASE, model)
+    assert len(batches) == n_micro(cfg)
+    for batch in batches:
+        assert "kept_ids" in batch and "routes" in batch  # top-k/top-p: kept sets stored
+        out = task.loss(model, batch, PHASE)
+        count = task.count(batch)
+        m = {k: float(v) / count for k, v in out.metrics.items()}
+        if recompute:
+            assert float(out.metrics["ratio"]) == count  # exactly 1 per token
+            assert m["clip_low_frac"] == 0.0 and m["clip_high_frac"] == 0.0
+        else:
+            assert abs(m["ratio"] - 1.0) < 1e-4, m
+            assert m["mismatch_kl"] < 1e-7, m
+        assert m["routing_agreement"] > 0.99, m
+        out.total.backward()  # the loss reaches the weights, routers included
+        router = model.layers[1].ffn.gate.weight.grad
+        assert router is not None and torch.isfinite(router).all()
+        model.zero_grad()
+
+
+def test_rollout_batches_line_up(tmp_path, policy, domain_tokenizer_file):  # noqa: F811
+    model_cfg, model = policy
+    cfg = grpo_cfg(tmp_path, **{"grpo.updates": 2, "grpo.prompts_per_step": 4})
+    task = make_task(cfg, domain_tokenizer_file, model_cfg)
+    first = task.batches(0, n_micro(cfg), PHASE, model)
+    assert len(task.buffer) == 1  # μ = 2: the second mini-batch waits for the next step
+    metrics = task.step_metrics(1.0)
+    assert metrics["rollout/index"] == 1 and 0 <= metrics["reward/mean"] <= 1
+    assert task.step_metrics(1.0) == {}  # logged once
+    second = task.batches(1, n_micro(cfg), PHASE, model)
+    assert not task.buffer and task.rollouts == 1  # no new rollout for the second update
+    advantages = []
+    for batch in first + second:
+        gen = batch["gen_mask"]
+        assert gen.shape == batch["sampler_logp"].shape == batch["loss_mask"].shape
+        assert (batch["sampler_logp"][gen == 0] == 0).all()
+        assert (batch["sampler_logp"][gen > 0] <= 0).all()
+        assert int(batch["kept_counts"].numel()) == int(gen.sum())
+        # the kept set of each generated position holds the token that was drawn
+        targets = batch["input_ids"][:, 1:][gen > 0]
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long),
+                             batch["kept_counts"].long().cumsum(0)])
+        for row, tok in enumerate(targets.tolist()):
+            assert tok in batch["kept_ids"][offsets[row]:offsets[row + 1]].tolist()
+        assert batch["routes"].shape[:2] == batch["input_ids"].shape
+        advantages += batch["advantages"].tolist()
+    assert abs(sum(advantages)) < 1e-5  # group means are subtracted
+    # resume: the state holds the unused mini-batch
+    state = task.state_dict()
+    again = make_task(cfg, domain_tokenizer_file, model_cfg)
+    again.load_state_dict(state)
+    assert again.cursor == task.cursor and again.rollouts == task.rollouts
+
+
+class RaisingStrings(StringsDomain):
+    def verify(self, item, completion_text):
+        raise RuntimeError("verifier bug")
+
+
+class HangingStrings(StringsDomain):
+    def verify(self, item, completion_text):
+        while True:
+            pass
+
+
+def test_verifier_errors_and_hangs_score_zero(tmp_path, policy, domain_tokenizer_file):  # noqa: F811
+    from rl.rewards import timed_verify
+
+    item = StringsDomain().sample("train", 0)
+    start = time.perf_counter()
+    score = timed_verify(HangingStrings(), item, "x", timeout=0.2)
+    assert time.perf_counter() - start < 5
+    assert score.reward == 0 and score.error.startswith("timeout")
+    assert timed_verify(RaisingStrings(), item, "x", 1.0).error.startswith("RuntimeError")
+    model_cfg, model = policy
+    cfg = grpo_cfg(tmp_path, **{"grpo.reward_timeout": 0.05})
+    task = make_task(cfg, domain_tokenizer_file, model_cfg, [(HangingStrings(), 1.0)])
+    task.batches(0, n_micro(cfg), PHASE, model)
+    m = task.step_metrics(1.0)
+    assert m["rollout/verifier_timeouts"] == 8 and m["reward/mean"] == 0.0
+
+
+def test_prompts_longer_than_the_context_are_a_clear_error(tmp_path, domain_tokenizer_file):  # noqa: F811
+    model_cfg = micro_config(vocab_size=512, max_seq_len=16)
+    model = build_model(model_cfg)
+    cfg = grpo_cfg(tmp_path)
+    task = make_task(cfg, domain_tokenizer_file, model_cfg)
+    with pytest.raises(RuntimeError, match="longer than the context"):
+        task.batches(0, n_micro(cfg), PHASE, model)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    from rl.config import grpo_problems
+
+    cases = [({"grpo.group_size": 1}, "grpo.group_size=1"),
+             ({"grpo.loss_agg": "sum"}, "grpo.loss_agg='sum'"),
+             ({"grpo.prompts_per_step": 3}, "multiple of the world size 2"),
+             ({"grpo.updates": 3}, "grpo.updates=3"),
+             ({"grpo.beta_per_domain": {"arith": 0.1}}, "grpo.beta_per_domain"),
+             ({"grpo.temperature": 0.0}, "grpo.temperature=0.0")]
+    for changes, message in cases:
+        problems = grpo_problems(grpo_cfg(tmp_path, **changes), world=2)
+        assert any(message in p for p in problems), (changes, problems)
+    assert grpo_problems(grpo_cfg(tmp_path), world=2) == []
+
+
+def test_a_reference_that_does_not_match_the_policy_is_named(tmp_path,
+                                                             domain_tokenizer_file):  # noqa: F811
+    from model.weights import save_pretrained
+    from rl.grpo import pre_checks
+    from train.init import InitFromError
+
+    policy_cfg = micro_config(vocab_size=512, max_seq_len=256)
+    base, other = tmp_path / "base" / "model", tmp_path / "other" / "model"
+    save_pretrained(build_model(policy_cfg), base, domain_tokenizer_file)
+    save_pretrained(build_model(micro_config(vocab_size=512, max_seq_len=256, dim=96)), other,
+                    domain_tokenizer_file)
+    cfg = grpo_cfg(tmp_path, **{"init_from": str(base), "grpo.ref": str(other),
+                                "grpo.beta": 0.1, "model.preset": str(base / "config.json")})
+    with pytest.raises(InitFromError, match="grpo.ref="):
+        pre_checks(cfg, policy_cfg)
+    OmegaConf.update(cfg, "grpo.beta", 0.0, merge=False)
+    pre_checks(cfg, policy_cfg)  # β = 0: no reference is read at all
+    assert cfg.batch.global_batch == 8  # prompts_per_step x group_size / updates
+
+
+def test_score_type_is_the_domains(tmp_path):
+    from rl.rewards import shaped_reward
+
+    good, bad = Score.graded(True, "ok"), Score.invalid("unreadable")
+    assert shaped_reward(good, 10, False, 64) == 1.0
+    assert shaped_reward(bad, 10, False, 64) == 0.0  # no format bonus
+    assert shaped_reward(good, 32, False, 64, length_penalty=0.5) == pytest.approx(0.75)
+    # DAPO soft penalty: 0 before the buffer, linear inside it, full at the limit
+    assert shaped_reward(good, 40, False, 64, overlong="penalty", overlong_buffer=16) == 1.0
+    assert shaped_reward(good, 56, False, 64, overlong="penalty",
+                         overlong_buffer=16) == pytest.approx(0.5)
+    assert shaped_reward(bad, 64, True, 64, overlong="penalty", overlong_buffer=16) == -1.0
