@@ -5,8 +5,7 @@ config (`grpo_problems`), before any weights or data are touched.
 Batch arithmetic. One rollout draws `prompts_per_step` prompts (B) and samples `group_size`
 (G) completions each; its B·G samples are cut into `updates` (μ) mini-batches, one optimizer
 step each. So `batch.global_batch` (samples per optimizer step) is B·G/μ, and the entry point
-sets it from these three (a `batch.global_batch` given on the command line is overridden, with a
-note). B must be a multiple of the world size (each rank rolls out B/world prompts) and B·G/μ a
+derives it from these three (`conf/grpo.yaml` interpolates it; a different value is an error). B must be a multiple of the world size (each rank rolls out B/world prompts) and B·G/μ a
 multiple of `data.micro_batch` × world.
 """
 
@@ -73,6 +72,11 @@ class GRPOTrainConfig(TrainConfig):
     grpo: GRPOSection = field(default_factory=GRPOSection)
 
 
+def samples_per_step(prompts_per_step: int, group_size: int, updates: int) -> int:
+    """batch.global_batch of a GRPO run: one rollout's samples over its updates."""
+    return int(prompts_per_step) * int(group_size) // max(int(updates), 1)
+
+
 def grpo_problems(cfg: Any, world: int) -> list[str]:
     """Every problem with the `grpo` section and its batch arithmetic, one line per key."""
     g = cfg.grpo
@@ -96,6 +100,10 @@ def grpo_problems(cfg: Any, world: int) -> list[str]:
     if samples % g.updates:
         problems.append(f"grpo.updates={g.updates}: must divide prompts_per_step x group_size "
                         f"= {samples} (one mini-batch per update)")
+    elif cfg.batch.global_batch != samples // g.updates:
+        problems.append(f"batch.global_batch={cfg.batch.global_batch}: GRPO takes "
+                        f"prompts_per_step x group_size / updates = {samples // g.updates} "
+                        f"samples per step (leave batch.global_batch to conf/grpo.yaml)")
     elif (samples // g.updates) % (cfg.data.micro_batch * world):
         problems.append(f"grpo: prompts_per_step x group_size / updates = "
                         f"{samples // g.updates} samples per step must be a multiple of "

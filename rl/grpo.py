@@ -26,27 +26,26 @@ def reference_path(cfg) -> str | None:
     return cfg.grpo.ref or cfg.init_from
 
 
+def stage_problems(cfg, world: int) -> list[str]:
+    """The `grpo` section's problems (rl/config.py) and what GRPO does not support."""
+    from rl.config import grpo_problems
+
+    problems = grpo_problems(cfg, world)
+    if cfg.parallel.ep_size > 1:
+        problems.append(f"parallel.ep_size={cfg.parallel.ep_size}: GRPO does not support "
+                        f"expert parallelism yet (use parallel.ep_size=1)")
+    return problems
+
+
 def pre_checks(cfg, model_cfg) -> None:
     from train.config import raise_problems
     from train.init import check_fits, check_tokenizer, inspect, stage_tokenizer
     from train.sft_task import build_domains
 
-    from rl.config import grpo_problems
-
     world = (cfg.world_size if cfg.dry_run else None) or int(os.environ.get("WORLD_SIZE", "1"))
-    problems = grpo_problems(cfg, world)
-    if cfg.parallel.ep_size > 1:
-        problems.append(f"parallel.ep_size={cfg.parallel.ep_size}: GRPO does not support "
-                        f"expert parallelism yet (use parallel.ep_size=1)")
-    raise_problems(problems)
+    raise_problems(stage_problems(cfg, world))
     build_domains(cfg.grpo, "grpo")  # unknown domains, bad options
     g = cfg.grpo
-    samples = g.prompts_per_step * g.group_size // g.updates
-    if cfg.batch.global_batch != samples and int(os.environ.get("RANK", "0")) == 0:
-        print(f"grpo: batch.global_batch={samples} (prompts_per_step x group_size / updates; "
-              f"the configured {cfg.batch.global_batch} is not used)", file=sys.stderr)
-    cfg.batch.global_batch = samples
-    cfg.batch.ramp_start = None
     if cfg.init_from:
         inspect(cfg.init_from)
     else:
@@ -81,11 +80,18 @@ def make_task(cfg, info, model_cfg):
 
 
 def main() -> None:
+    from omegaconf import OmegaConf
+
     from train.launch import hydra_main
 
-    from rl.config import GRPOTrainConfig
+    from rl.config import GRPOTrainConfig, samples_per_step
 
-    hydra_main("grpo", make_task, pre_checks, schema=("grpo_schema", GRPOTrainConfig))
+    # conf/grpo.yaml derives batch.global_batch from the grpo section
+    if not OmegaConf.has_resolver("grpo_samples_per_step"):
+        OmegaConf.register_new_resolver("grpo_samples_per_step", samples_per_step)
+
+    hydra_main("grpo", make_task, pre_checks, schema=("grpo_schema", GRPOTrainConfig),
+               stage_problems=stage_problems)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ from train.rollout import RolloutParams, rollout
 from train.task import EvalResult, LossOutput
 
 from .batch import collate, kept_sets, route_list
-from .objective import ObjectiveConfig, aggregate, grpo_loss, group_advantages
+from .objective import ObjectiveConfig, aggregate, group_advantages, grpo_loss, unit_count
 from .rewards import shaped_reward, timed_verify
 
 
@@ -294,8 +294,7 @@ class GRPOTask:
 
     # ------------------------------------------------------------------ loss
     def count(self, batch: dict[str, Any]) -> float:
-        return aggregate(batch["loss_mask"], batch["loss_mask"], self.g.loss_agg,
-                         self.objective.norm_len)[1]
+        return unit_count(batch["loss_mask"], self.g.loss_agg)
 
     def loss(self, model, batch: dict[str, Any], phase: Phase) -> LossOutput:
         cfg, g = self.model_cfg, self.g
@@ -303,13 +302,15 @@ class GRPOTask:
         logp, ent, out = token_logprobs(model, batch, g.temperature, routes, entropy=True)
         mask = batch["loss_mask"]
         obj = grpo_loss(logp, batch["old_logp"], batch["sampler_logp"], batch.get("ref_logp"),
-                        batch["advantages"], mask, self.objective, beta=batch["beta"])
+                        batch["advantages"], mask, self.objective,
+                        beta=batch["beta"] if "ref_logp" in batch else 0.0)
         metrics = dict(obj.metrics)
-        metrics["entropy"] = aggregate(ent, mask, g.loss_agg, self.objective.norm_len)[0]
+        # diagnostics as plain means in the count's units (like the objective's own)
+        mean_mode = "token-mean" if g.loss_agg == "token-mean" else "seq-mean-token-mean"
+        metrics["entropy"] = aggregate(ent, mask, mean_mode)[0]
         if routes is not None:
             metrics["routing_agreement"] = aggregate(
-                self.agreement(batch["routes"], out.live_routes), mask, g.loss_agg,
-                self.objective.norm_len)[0]
+                self.agreement(batch["routes"], out.live_routes), mask, mean_mode)[0]
         return LossOutput(obj.total, metrics, out.expert_counts)
 
     @staticmethod

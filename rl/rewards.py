@@ -25,8 +25,9 @@ from contextlib import contextmanager
 from data.domains.base import Score, safe_verify
 
 
-class VerifierTimeout(Exception):
-    pass
+class VerifierTimeout(BaseException):
+    """A BaseException, so that `safe_verify`'s `except Exception` (verifier bugs) lets it
+    through to `timed_verify`, which scores the hang."""
 
 
 @contextmanager

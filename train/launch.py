@@ -20,7 +20,8 @@ CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 
 def hydra_main(config_name: str, make_task: Callable, pre_checks: Callable | None = None,
-               schema: tuple[str, type] | None = None) -> None:
+               schema: tuple[str, type] | None = None,
+               stage_problems: Callable | None = None) -> None:
     """Runs `launch` under Hydra with `conf/<config_name>.yaml` and the typed schema (the
     trainer's `train_schema`, plus a stage's own `(name, dataclass)` when given, e.g. GRPO's
     `grpo_schema`); DeepSpeed's `--local_rank` is stripped first so Hydra sees only its
@@ -39,7 +40,7 @@ def hydra_main(config_name: str, make_task: Callable, pre_checks: Callable | Non
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
     def main(cfg: TrainConfig) -> None:
-        launch(cfg, make_task, pre_checks)
+        launch(cfg, make_task, pre_checks, stage_problems)
 
     main()
 
@@ -55,15 +56,20 @@ def _fail(message: str) -> SystemExit:
     return SystemExit(message if int(os.environ.get("RANK", "0")) == 0 else 1)
 
 
-def launch(cfg: TrainConfig, make_task: Callable, pre_checks: Callable | None = None) -> None:
+def launch(cfg: TrainConfig, make_task: Callable, pre_checks: Callable | None = None,
+           stage_problems: Callable | None = None) -> None:
     """`make_task(cfg, info, model_cfg)` builds the stage's Task after the trainer's checks;
     `pre_checks(cfg, model_cfg)` validates the stage's own keys before anything else runs (raise
-    ValueError naming the key)."""
-    from .config import ConfigError, validate_config
+    ValueError naming the key); `stage_problems(cfg, world)` lists problems with the stage's own
+    section, reported before the trainer's (they are usually the cause: a bad GRPO group size
+    also makes the derived batch size invalid)."""
+    from .config import ConfigError, raise_problems, validate_config
     from .plan import make_plan
 
     world = (cfg.world_size if cfg.dry_run else None) or int(os.environ.get("WORLD_SIZE", "1"))
     try:  # every key's range and the rules between keys, before any data or model work
+        if stage_problems is not None:
+            raise_problems(stage_problems(cfg, world))
         model_cfg = model_config(cfg)
         validate_config(cfg, world, model_cfg)
         if pre_checks is not None:

@@ -37,9 +37,12 @@ def grpo_cfg(run_dir, **updates):
     cfg = OmegaConf.structured(GRPOTrainConfig)
     base = {"run_dir": str(run_dir), "data.micro_batch": 4, "grpo.prompts_per_step": 2,
             "grpo.group_size": 4, "grpo.max_new_tokens": 8, "grpo.temperature": 0.7,
-            "grpo.top_k": 12, "grpo.top_p": 0.9}
+            "grpo.top_k": 12, "grpo.top_p": 0.9, "grpo.overlong": "none"}
     for key, value in {**base, **updates}.items():
         OmegaConf.update(cfg, key, value, merge=False)
+    if "batch.global_batch" not in updates:  # what conf/grpo.yaml derives
+        g = cfg.grpo
+        cfg.batch.global_batch = max(g.prompts_per_step * g.group_size // g.updates, 1)
     return cfg
 
 
@@ -153,7 +156,7 @@ def test_verifier_errors_and_hangs_score_zero(tmp_path, policy, domain_tokenizer
 
 
 def test_prompts_longer_than_the_context_are_a_clear_error(tmp_path, domain_tokenizer_file):  # noqa: F811
-    model_cfg = micro_config(vocab_size=512, max_seq_len=16)
+    model_cfg = micro_config(vocab_size=512, max_seq_len=8)
     model = build_model(model_cfg)
     cfg = grpo_cfg(tmp_path)
     task = make_task(cfg, domain_tokenizer_file, model_cfg)
@@ -169,7 +172,8 @@ def test_config_errors_name_the_key(tmp_path):
              ({"grpo.prompts_per_step": 3}, "multiple of the world size 2"),
              ({"grpo.updates": 3}, "grpo.updates=3"),
              ({"grpo.beta_per_domain": {"arith": 0.1}}, "grpo.beta_per_domain"),
-             ({"grpo.temperature": 0.0}, "grpo.temperature=0.0")]
+             ({"grpo.temperature": 0.0}, "grpo.temperature=0.0"),
+             ({"batch.global_batch": 16}, "batch.global_batch=16: GRPO takes")]
     for changes, message in cases:
         problems = grpo_problems(grpo_cfg(tmp_path, **changes), world=2)
         assert any(message in p for p in problems), (changes, problems)
@@ -193,7 +197,6 @@ def test_a_reference_that_does_not_match_the_policy_is_named(tmp_path,
         pre_checks(cfg, policy_cfg)
     OmegaConf.update(cfg, "grpo.beta", 0.0, merge=False)
     pre_checks(cfg, policy_cfg)  # β = 0: no reference is read at all
-    assert cfg.batch.global_batch == 8  # prompts_per_step x group_size / updates
 
 
 def test_score_type_is_the_domains(tmp_path):
