@@ -31,7 +31,7 @@ def stage_problems(cfg, world: int) -> list[str]:
     from rl.config import grpo_problems
 
     problems = grpo_problems(cfg, world)
-    if cfg.parallel.ep_size > 1:
+    if cfg.parallel.ep_size > 1 and not cfg.dry_run:  # a dry run may still plan it
         problems.append(f"parallel.ep_size={cfg.parallel.ep_size}: GRPO does not support "
                         f"expert parallelism yet (use parallel.ep_size=1)")
     return problems
@@ -46,6 +46,8 @@ def pre_checks(cfg, model_cfg) -> None:
     raise_problems(stage_problems(cfg, world))
     build_domains(cfg.grpo, "grpo")  # unknown domains, bad options
     g = cfg.grpo
+    if cfg.dry_run:  # a plan needs no weights or tokenizer
+        return
     if cfg.init_from:
         inspect(cfg.init_from)
     else:
@@ -60,9 +62,28 @@ def pre_checks(cfg, model_cfg) -> None:
         raise ValueError("grpo.beta > 0 needs a reference policy: give init_from or grpo.ref")
 
 
-def make_task(cfg, info, model_cfg):
+def ref_dtype(cfg, policy_bf16: bool):
+    """The reference's weight dtype: grpo.ref_dtype, or the policy's (`auto`)."""
     import torch
 
+    if cfg.grpo.ref_dtype == "bf16" or (cfg.grpo.ref_dtype == "auto" and policy_bf16):
+        return torch.bfloat16
+    return torch.float32
+
+
+def frozen_models(cfg, model_cfg) -> list:
+    """The reference policy (β > 0), for the memory plan: same shapes as the policy, in the
+    dtype the trainer will use (a dry run plans bf16 unless dtype=fp32, as for the policy)."""
+    import torch
+
+    if max(_betas(cfg.grpo)) <= 0:  # planned even before its weights exist (dry runs)
+        return []
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and (cfg.dry_run or cuda))
+    return [("reference", model_cfg, ref_dtype(cfg, bf16))]
+
+
+def make_task(cfg, info, model_cfg):
     from train.init import load_frozen_model, stage_tokenizer
     from train.sft_task import build_domains
 
@@ -70,10 +91,8 @@ def make_task(cfg, info, model_cfg):
 
     ref_model, ref = None, reference_path(cfg)
     if ref is not None:
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(cfg.grpo.ref_dtype)
-        if dtype is None and cfg.dtype == "bf16":
-            dtype = torch.bfloat16
-        ref_model = load_frozen_model(ref, info.device, dtype or torch.float32,
+        bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and info.device.type == "cuda")
+        ref_model = load_frozen_model(ref, info.device, ref_dtype(cfg, bf16),
                                       what="grpo.ref").model
     return GRPOTask(cfg, info, model_cfg, stage_tokenizer(cfg, "GRPO"),
                     build_domains(cfg.grpo, "grpo"), ref_model)
@@ -91,7 +110,7 @@ def main() -> None:
         OmegaConf.register_new_resolver("grpo_samples_per_step", samples_per_step)
 
     hydra_main("grpo", make_task, pre_checks, schema=("grpo_schema", GRPOTrainConfig),
-               stage_problems=stage_problems)
+               stage_problems=stage_problems, frozen_models=frozen_models)
 
 
 if __name__ == "__main__":

@@ -151,12 +151,13 @@ class GRPOTask:
         t0 = time.perf_counter()
         stats = {"generate": 0.0, "score": 0.0, "tokens": 0.0}
         kept, spare, first_round = [], [], None
-        skipped = 0
+        skipped = rounds = 0
         try:
             with torch.no_grad():
                 for round_ in range(1 + (g.max_refill_rounds if g.dynamic_sampling else 0) + 2):
                     groups, n_skipped = self.roll_round(model, stats)
                     skipped += n_skipped
+                    rounds += 1
                     if first_round is None:
                         first_round = groups
                     for grp in groups:
@@ -183,6 +184,7 @@ class GRPOTask:
         self.rollouts += 1
         self.pending_metrics = self.rollout_metrics(first_round, groups, stats, skipped,
                                                     t1 - t0, t2 - t1)
+        self.pending_metrics["rollout/rounds"] = float(rounds)
         return batches
 
     def roll_round(self, model, stats: dict[str, float]):

@@ -21,7 +21,8 @@ CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 def hydra_main(config_name: str, make_task: Callable, pre_checks: Callable | None = None,
                schema: tuple[str, type] | None = None,
-               stage_problems: Callable | None = None) -> None:
+               stage_problems: Callable | None = None,
+               frozen_models: Callable | None = None) -> None:
     """Runs `launch` under Hydra with `conf/<config_name>.yaml` and the typed schema (the
     trainer's `train_schema`, plus a stage's own `(name, dataclass)` when given, e.g. GRPO's
     `grpo_schema`); DeepSpeed's `--local_rank` is stripped first so Hydra sees only its
@@ -40,7 +41,7 @@ def hydra_main(config_name: str, make_task: Callable, pre_checks: Callable | Non
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
     def main(cfg: TrainConfig) -> None:
-        launch(cfg, make_task, pre_checks, stage_problems)
+        launch(cfg, make_task, pre_checks, stage_problems, frozen_models)
 
     main()
 
@@ -57,12 +58,15 @@ def _fail(message: str) -> SystemExit:
 
 
 def launch(cfg: TrainConfig, make_task: Callable, pre_checks: Callable | None = None,
-           stage_problems: Callable | None = None) -> None:
+           stage_problems: Callable | None = None, frozen_models: Callable | None = None
+           ) -> None:
     """`make_task(cfg, info, model_cfg)` builds the stage's Task after the trainer's checks;
     `pre_checks(cfg, model_cfg)` validates the stage's own keys before anything else runs (raise
     ValueError naming the key); `stage_problems(cfg, world)` lists problems with the stage's own
     section, reported before the trainer's (they are usually the cause: a bad GRPO group size
-    also makes the derived batch size invalid)."""
+    also makes the derived batch size invalid); `frozen_models(cfg, model_cfg)` lists the
+    (name, ModelConfig, dtype) of the models the stage holds besides the policy (GRPO's
+    reference, distillation's teachers), planned by `dry_run=true` and the fit check."""
     from .config import ConfigError, raise_problems, validate_config
     from .plan import make_plan
 
@@ -76,11 +80,12 @@ def launch(cfg: TrainConfig, make_task: Callable, pre_checks: Callable | None = 
             pre_checks(cfg, model_cfg)
     except (ConfigError, ValueError) as e:
         raise _fail(f"{e}") from None
+    frozen = list(frozen_models(cfg, model_cfg)) if frozen_models is not None else []
     if cfg.dry_run:
         bf16 = cfg.dtype != "fp32"
         plan = make_plan(model_cfg, world, cfg.parallel.ep_size, cfg.data.micro_batch,
                          cfg.data.seq_len, cfg.batch.global_batch, bf16,
-                         cfg.activation_checkpointing)
+                         cfg.activation_checkpointing, frozen_models=frozen)
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"dry run: conf={cfg.run_name} ({cfg.model.preset})\n{plan.format()}")
         return
@@ -98,7 +103,7 @@ def launch(cfg: TrainConfig, make_task: Callable, pre_checks: Callable | None = 
         with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
             f.write(OmegaConf.to_yaml(cfg, resolve=True))
     try:  # fit and resume checks before any data work
-        trainer = Trainer(cfg, info, model_cfg)
+        trainer = Trainer(cfg, info, model_cfg, frozen_models=frozen)
     except CheckpointError as e:
         raise SystemExit(f"{e}" if info.is_main else 1) from None
     trainer.run(make_task(cfg, info, model_cfg))

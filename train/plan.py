@@ -69,8 +69,8 @@ class Plan:
             f"  gradients    {self.grads / gib:10.2f} GiB",
             f"  optimizer    {self.optimizer / gib:10.2f} GiB",
             f"  activations  {self.activations / gib:10.2f} GiB (estimate)",
-            *(f"  frozen {name:<12} {b / gib:8.2f} GiB ({n / 1e9:.2f}B parameters per rank, "
-              f"weights only)" for name, n, b in self.frozen),
+            *(f"  {name:<12} {b / gib:10.2f} GiB (frozen: {n / 1e9:.2f}B parameters per "
+              f"rank, weights only)" for name, n, b in self.frozen),
             f"  total        {self.total / gib:10.2f} GiB",
             f"routed experts: {self.expert_params_per_rank / 1e9:.2f}B parameters per rank; "
             f"all-to-all {self.dispatch_bytes / 1024:.1f} KiB per token per MoE layer "

@@ -81,9 +81,13 @@ def build_lr_schedule(cfg: TrainConfig) -> LRSchedule:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, info: DistInfo, model_cfg: ModelConfig):
-        """Validates everything that can be checked without data or weights."""
+    def __init__(self, cfg: TrainConfig, info: DistInfo, model_cfg: ModelConfig,
+                 frozen_models: list | tuple = ()):
+        """Validates everything that can be checked without data or weights. `frozen_models`:
+        (name, ModelConfig, dtype) of the models the stage holds besides the policy (planned in
+        the fit check)."""
         self.cfg, self.info, self.model_cfg = cfg, info, model_cfg
+        self.frozen_models = list(frozen_models)
         validate_config(cfg, info.world, model_cfg)
         self.run_dir = Path(cfg.run_dir)
         self.bf16 = (cfg.dtype == "bf16" or (cfg.dtype == "auto" and info.device.type == "cuda"))
@@ -123,7 +127,8 @@ class Trainer:
         cfg = self.cfg
         plan = make_plan(self.model_cfg, self.info.world, cfg.parallel.ep_size,
                          cfg.data.micro_batch, cfg.data.seq_len, cfg.batch.global_batch,
-                         self.bf16, cfg.activation_checkpointing)
+                         self.bf16, cfg.activation_checkpointing,
+                         frozen_models=self.frozen_models)
         limit = available_memory(self.info.device)
         if plan.total > 0.9 * limit:
             raise SystemExit(

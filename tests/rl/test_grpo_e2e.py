@@ -120,3 +120,16 @@ def test_bad_input_fails_before_any_work(base_ckpt, tmp_path, extra, message):
     assert out.returncode != 0 and message in out.stderr + out.stdout, out.stderr[-2000:]
     assert "Traceback" not in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_dry_run_plans_the_released_shapes_with_the_reference(tmp_path):
+    """`conf=flash dry_run=true`: the plan needs no weights or tokenizer, and with β > 0 it
+    counts the frozen reference policy's weights per rank."""
+    out = subprocess.run([sys.executable, "-m", "rl.grpo", "conf=flash", "dry_run=true",
+                          "world_size=64", "parallel.ep_size=64", "grpo.beta=0.001",
+                          "data.micro_batch=1", "grpo.prompts_per_step=64",
+                          f"run_dir={tmp_path}/plan"], cwd=REPO, env=ENV, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "(flash)" in out.stdout and "  reference " in out.stdout
+    assert "(frozen:" in out.stdout, out.stdout

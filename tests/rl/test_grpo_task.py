@@ -155,6 +155,29 @@ def test_verifier_errors_and_hangs_score_zero(tmp_path, policy, domain_tokenizer
     assert m["rollout/verifier_timeouts"] == 8 and m["reward/mean"] == 0.0
 
 
+class ZeroStrings(StringsDomain):
+    def verify(self, item, completion_text):
+        return Score.graded(False, "never")
+
+
+def test_dynamic_sampling_refills_zero_variance_groups(tmp_path, policy,
+                                                      domain_tokenizer_file):  # noqa: F811
+    """Every group has zero reward variance: dynamic sampling draws `max_refill_rounds` more
+    rounds of prompts, then fills the batch with zero-variance groups (zero advantages)."""
+    model_cfg, model = policy
+    cfg = grpo_cfg(tmp_path, **{"grpo.dynamic_sampling": True, "grpo.max_refill_rounds": 2})
+    task = make_task(cfg, domain_tokenizer_file, model_cfg, [(ZeroStrings(), 1.0)])
+    batches = task.batches(0, n_micro(cfg), PHASE, model)
+    assert task.cursor == 3 * cfg.grpo.prompts_per_step  # the first round and two refills
+    m = task.step_metrics(1.0)
+    assert m["rollout/zero_var_frac"] == 1.0 and m["rollout/rounds"] == 3
+    assert all((b["advantages"] == 0).all() for b in batches)
+    plain = make_task(grpo_cfg(tmp_path), domain_tokenizer_file, model_cfg,
+                      [(ZeroStrings(), 1.0)])
+    plain.batches(0, n_micro(cfg), PHASE, model)
+    assert plain.cursor == cfg.grpo.prompts_per_step  # without it: one round
+
+
 def test_prompts_longer_than_the_context_are_a_clear_error(tmp_path, domain_tokenizer_file):  # noqa: F811
     model_cfg = micro_config(vocab_size=512, max_seq_len=8)
     model = build_model(model_cfg)

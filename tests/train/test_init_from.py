@@ -314,7 +314,8 @@ def test_plan_includes_frozen_model_bytes():
     assert 2 * params <= ref_bytes < 4 * params              # bf16, a few fp32 tensors
     assert names["teacher"][1] == 4 * params
     assert plan.total == pytest.approx(base.total + ref_bytes + names["teacher"][1])
-    assert "frozen reference" in plan.format() and "frozen teacher" in plan.format()
+    text = plan.format()
+    assert "  reference " in text and "  teacher " in text and text.count("(frozen:") == 2
     with pytest.raises(ValueError, match="frozen model teacher: dtype 'fp8'"):
         make_plan(cfg, 2, 2, 1, 64, 8, True, "off", frozen_models=[("teacher", cfg, "fp8")])
 
