@@ -17,8 +17,8 @@ from typing import Any, Dict, List, Optional
 from train.config import TrainConfig, _num, section_problems
 from train.sft_task import parse_domain_spec
 
-ADV_NORMS = ("mean", "mean_std")
-LOSS_AGGS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
+from rl.objective import ADV_NORMS, LOSS_AGGS
+
 OVERLONG = ("mask", "penalty", "none")
 
 

@@ -86,7 +86,9 @@ def token_logprobs(model, batch: dict[str, Any], temperature: float, routes=None
 
 class GRPOTask:
     def __init__(self, cfg, info: DistInfo, model_cfg: ModelConfig, tokenizer_file: str,
-                 domains: list[tuple[Any, float]], ref_model=None):
+                 domains: list[tuple[Any, float]], ref_model=None, generate_fn=None):
+        """`generate_fn`: `model.generation.generate` (default) or a stand-in with its
+        signature (tests script a policy with it)."""
         from encoding.tokenizer import load_tokenizer
 
         g = cfg.grpo
@@ -97,6 +99,7 @@ class GRPOTask:
         self.train_mtp = g.train_mtp
         self.update_router_bias = g.router_bias_updates
         self.ref_model = ref_model
+        self.generate_fn = generate_fn
         self.objective = ObjectiveConfig(clip_low=g.clip_low, clip_high=g.clip_high,
                                          beta=g.beta, kl_unbiased=g.kl_unbiased,
                                          opsm_delta=g.opsm_delta, loss_agg=g.loss_agg,
@@ -194,7 +197,8 @@ class GRPOTask:
         seed = (self.cfg.seed * 7919 + self.rollouts * 104_729 + self.cursor
                 + self.info.rank * 15_485_863) % 2**62
         params = RolloutParams(**{**vars(self.params), "seed": seed})
-        result = rollout(model, self.tokenizer, requests, params, verify_fn=self.score)
+        extra = {"generate_fn": self.generate_fn} if self.generate_fn is not None else {}
+        result = rollout(model, self.tokenizer, requests, params, verify_fn=self.score, **extra)
         stats["generate"] += result.stats["seconds"]
         stats["score"] += result.stats.get("verify_seconds", 0.0)
         stats["tokens"] += result.stats["generated_tokens"]

@@ -46,14 +46,14 @@ def grpo_cfg(run_dir, **updates):
     return cfg
 
 
-def make_task(cfg, tokenizer_file, model_cfg, domains=None):
+def make_task(cfg, tokenizer_file, model_cfg, domains=None, generate_fn=None):
     from rl.grpo_task import GRPOTask
     from train.dist import DistInfo
     from train.sft_task import build_domains
 
     domains = domains if domains is not None else build_domains(cfg.grpo, "grpo")
     return GRPOTask(cfg, DistInfo(0, 1, 0, torch.device("cpu")), model_cfg, tokenizer_file,
-                    domains)
+                    domains, generate_fn=generate_fn)
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +125,38 @@ def test_rollout_batches_line_up(tmp_path, policy, domain_tokenizer_file):  # no
     again = make_task(cfg, domain_tokenizer_file, model_cfg)
     again.load_state_dict(state)
     assert again.cursor == task.cursor and again.rollouts == task.rollouts
+
+
+def test_tool_results_are_context_not_targets(tmp_path, domain_tokenizer_file):  # noqa: F811
+    """Calculator (multi-turn): the tool result the rollout appends is in `input_ids` but never
+    a generated position (no log-prob, no loss); the model's own turns are."""
+    from data.domains.calculator import CalculatorDomain
+    from encoding.tokenizer import load_tokenizer
+    from tests.train._rollout_support import Oracle
+
+    tok = load_tokenizer(domain_tokenizer_file)
+    cfg = grpo_cfg(tmp_path, **{"grpo.keep_routing": False, "grpo.top_k": 0,
+                                "grpo.top_p": 1.0, "grpo.group_size": 2,
+                                "grpo.max_new_tokens": 64})
+    model_cfg = micro_config(vocab_size=512, max_seq_len=256)
+    domain = CalculatorDomain(schema="brief")
+    probe = make_task(cfg, domain_tokenizer_file, model_cfg, [(domain, 1.0)])
+    items = [probe.prompt(i)[1] for i in range(cfg.grpo.prompts_per_step)]
+    task = make_task(cfg, domain_tokenizer_file, model_cfg, [(domain, 1.0)],
+                     generate_fn=Oracle(tok, items))
+    (batch,) = task.batches(0, 1, PHASE, build_model(model_cfg))  # the oracle samples
+    assert "routes" not in batch and "kept_ids" not in batch
+    for row in range(batch["input_ids"].shape[0]):
+        ids = batch["input_ids"][row, 1:]
+        gen = batch["gen_mask"][row] > 0
+        generated = tok.decode(ids[gen].tolist(), skip_special_tokens=False)
+        context = tok.decode(ids[~gen & batch["token_mask"][row, 1:]].tolist(),
+                             skip_special_tokens=False)
+        assert "<tool_result>" in context and "<tool_result>" not in generated
+        assert "calculator" in generated  # the model's own tool call is trained
+        assert (batch["sampler_logp"][row][~gen] == 0).all()
+        assert (batch["loss_mask"][row][~gen] == 0).all()
+    assert task.step_metrics(1.0)["reward/mean"] == 1.0  # the oracle answers correctly
 
 
 class RaisingStrings(StringsDomain):
