@@ -8,6 +8,7 @@ Any exception in a rank fails the test with that rank's traceback; a hang fails 
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from typing import Any, Callable
@@ -37,7 +38,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # pickled here with the plain pickler: torch's queue pickler would share tensor storage
+        # through a socket of this process, gone if it exits before the parent reads
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - report every failure to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -62,7 +65,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
             rank, status, payload = queue.get(timeout=timeout)
             if status == "error":
                 raise RuntimeError(f"rank {rank} failed:\n{payload}")
-            results[rank] = payload
+            results[rank] = pickle.loads(payload)
     finally:
         for p in procs:
             p.join(timeout=5)

@@ -9,12 +9,12 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from tests.train.test_pretrain_e2e import cache_dir, run  # noqa: F401 (fixture)
+from tests.train.test_pretrain_e2e import run
 
 pytest.importorskip("deepspeed")
 
 
-def test_deepspeed_launcher_ep2(tmp_path, cache_dir):  # noqa: F811
+def test_deepspeed_launcher_ep2(tmp_path, cache_dir):
     run(["steps=3", "parallel.ep_size=2", "checkpoint.every=3"], tmp_path, cache_dir,
         "deepspeed2", timeout=300)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -33,7 +33,7 @@ def test_deepspeed_launcher_ep2(tmp_path, cache_dir):  # noqa: F811
     ("parallel.ep_size=3", "parallel.ep_size=3 must divide"),
     ("parallel.ep_size=16", "parallel.ep_size=16 must divide"),
 ])
-def test_bad_ep_size_fails_before_allocation(tmp_path, cache_dir, override, message):  # noqa: F811
+def test_bad_ep_size_fails_before_allocation(tmp_path, cache_dir, override, message):
     out = run(["steps=1", override], tmp_path, cache_dir, check=False, timeout=120)
     assert out.returncode != 0
     assert message in out.stdout + out.stderr

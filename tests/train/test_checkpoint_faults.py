@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.parallel.harness import small_config
-from tests.train.test_pretrain_e2e import cache_dir, run  # noqa: F401  (fixture)
+from tests.train.test_pretrain_e2e import run
 from train import checkpoint as ckpt
 from train.checkpoint import CheckpointError
 from train.dist import DistInfo
@@ -250,7 +250,7 @@ def test_checkpoint_of_another_model_gives_one_clear_error(tmp_path, model):
 
 # ---------------------------------------------------------------------- the launcher
 @pytest.fixture(scope="module")
-def six_steps(tmp_path_factory, cache_dir):  # noqa: F811
+def six_steps(tmp_path_factory, cache_dir):
     """A tiny run with a checkpoint at every step 1..6 (keep all)."""
     d = tmp_path_factory.mktemp("six")
     run(["steps=6", "checkpoint.every=1", "checkpoint.keep=0"], d, cache_dir)
@@ -258,7 +258,7 @@ def six_steps(tmp_path_factory, cache_dir):  # noqa: F811
     return d
 
 
-def test_launcher_resume_from_older_step_keeps_the_new_branch(six_steps, tmp_path, cache_dir):  # noqa: F811,E501
+def test_launcher_resume_from_older_step_keeps_the_new_branch(six_steps, tmp_path, cache_dir):  # noqa: E501
     d = tmp_path / "run"
     shutil.copytree(six_steps, d)
     older = ckpt.checkpoint_root(d) / "step_00000002"
@@ -271,7 +271,7 @@ def test_launcher_resume_from_older_step_keeps_the_new_branch(six_steps, tmp_pat
     assert ckpt.resolve_resume("auto", d).name == "step_00000004"
 
 
-def test_launcher_skips_truncated_newest_checkpoint(six_steps, tmp_path, cache_dir):  # noqa: F811
+def test_launcher_skips_truncated_newest_checkpoint(six_steps, tmp_path, cache_dir):
     d = tmp_path / "run"
     shutil.copytree(six_steps, d)
     bad = ckpt.checkpoint_root(d) / "step_00000006" / "model" / "model.safetensors"
@@ -286,7 +286,7 @@ def test_launcher_skips_truncated_newest_checkpoint(six_steps, tmp_path, cache_d
 
 
 def test_launcher_another_layout_fails_fast_naming_the_fresh_start(six_steps, tmp_path,
-                                                                   cache_dir):  # noqa: F811
+                                                                   cache_dir):
     d = tmp_path / "run"
     shutil.copytree(six_steps, d)
     start = time.time()

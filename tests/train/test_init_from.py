@@ -321,7 +321,7 @@ def test_plan_includes_frozen_model_bytes():
 
 
 # ---------------------------------------------------------------------- a real run
-def test_pretrain_starts_from_a_checkpoint_at_step_zero(tmp_path_factory):
+def test_pretrain_starts_from_a_checkpoint_at_step_zero(tmp_path_factory, cache_dir):
     """`train/pretrain.py init_from=<step dir>`: the first loss is the trained model's on the
     same first batch (same seed and data position; measured ~8.1 vs ~10.0 for the fresh init, so
     a 1.0 margin cannot be noise of a deterministic CPU run), steps count from 1 with the LR
@@ -330,7 +330,7 @@ def test_pretrain_starts_from_a_checkpoint_at_step_zero(tmp_path_factory):
     from tests.train.test_pretrain_e2e import losses, run
 
     tmp = tmp_path_factory.mktemp("init_e2e")
-    cache = tmp / "cache"
+    cache = cache_dir
     a, b = tmp / "a", tmp / "b"
     run(["steps=2"], a, cache)
     start = a / "checkpoints" / "step_00000002"

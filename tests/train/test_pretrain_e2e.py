@@ -25,11 +25,6 @@ FAST = ["data.seq_len=128", "data.micro_batch=2", "batch.global_batch=4",
         "recipe.indexer_warmup_steps=2", "schedule.warmup_steps=2", "schedule.decay_steps=4"]
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("v4cache")
-
-
 def run(args, run_dir, cache_dir, launcher="python", timeout=600, env=None, check=True):
     cmd = {"python": [sys.executable, "train/pretrain.py"],
            "deepspeed2": ["deepspeed", "--num_gpus", "2", "--master_port", str(_port()),

@@ -23,11 +23,6 @@ RAMP = ["steps=6", "checkpoint.every=0", "batch.ramp_start=2", "batch.global_bat
         "batch.ramp_tokens=2560", "recipe.seq_len_stages=[{step:3,seq_len:64}]"]
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("v4cache")
-
-
 def rows(run_dir):
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if "loss" in r]
