@@ -34,7 +34,8 @@ read (and FP4-dequantised) only for this rank's expert ids; nothing else of the 
 experts is ever materialised. Dense tensors are read in full on every rank.
 
 The run records where it started: `run_dir/init_from.json` (the path as given, its absolute
-weights directory, format, a digest of the weights headers, the tokenizer) and one row of
+weights directory, format, a digest of the weights headers and a sample of their bytes, the
+tokenizer) and one row of
 `metrics.jsonl`; the resolved config.yaml of every checkpoint carries `init_from` as well.
 """
 
@@ -120,11 +121,27 @@ def inspect(path: str | os.PathLike, what: str = "init_from") -> InitSource:
     digest = hashlib.sha256()
     for f, header in headers:
         digest.update(f.name.encode() + json.dumps(header, sort_keys=True).encode())
+        digest.update(_content_sample(f))
     ours = naming.is_ours([k for _, h in headers for k in h])
     shapes = (_own_shapes(headers) if ours else _released_shapes(headers, layout))
     tok = wdir / "tokenizer.json"
     return InitSource(str(path), wdir, files, layout, ours, config, shapes,
                       digest.hexdigest()[:16], tok if tok.is_file() else None)
+
+
+SAMPLE_BYTES = 1 << 16
+
+
+def _content_sample(file: Path) -> bytes:
+    """The file's size and its first and last 64 KiB: enough that two checkpoints of one shape
+    with different weights get different digests (headers alone are identical), without
+    reading a multi-GB file."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(SAMPLE_BYTES)
+        f.seek(max(size - SAMPLE_BYTES, 0))
+        tail = f.read(SAMPLE_BYTES)
+    return str(size).encode() + head + tail
 
 
 def _own_shapes(headers) -> dict[str, tuple]:

@@ -130,6 +130,19 @@ def test_every_format_loads_to_the_source_logits(kind, tmp_path):
     assert cfg.n_routed_experts == 8 and tok is None
 
 
+def test_digest_tells_apart_checkpoints_of_one_shape(tmp_path):
+    """The recorded digest identifies the weights, not just their shapes: headers alone are
+    identical for two checkpoints of one architecture."""
+    model = source_model()
+    save_pretrained(model, tmp_path / "a")
+    save_pretrained(model, tmp_path / "a_again")
+    with torch.no_grad():
+        model.embed.weight.add_(1.0)  # the first tensor in the file
+    save_pretrained(model, tmp_path / "b")
+    a, again, b = (init.inspect(tmp_path / n).digest for n in ("a", "a_again", "b"))
+    assert a == again and a != b
+
+
 def test_frozen_model_is_frozen_bf16_and_carries_its_tokenizer(tmp_path):
     tok = tokenizer_file(tmp_path, seed=0)
     save_pretrained(source_model(), tmp_path / "ckpt", tokenizer_file=tok)
