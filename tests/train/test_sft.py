@@ -160,6 +160,21 @@ def test_two_processes_under_the_deepspeed_launcher(base_ckpt, tmp_path):
     assert (ckpt / "trainer_rank0.pt").exists() and (ckpt / "trainer_rank1.pt").exists()
 
 
+def test_torchrun_launcher(base_ckpt, tmp_path):
+    """`torchrun --nproc_per_node 2 train/sft.py`: the same entry point under torch's launcher."""
+    from tests.helpers.distributed import free_port
+
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(free_port()))
+    run = tmp_path / "sft_torchrun"
+    out = run_sft(base_ckpt, run, "steps=2", "sft.eval_n=0", "logging.eval_every=0",
+                  "data.micro_batch=4", "sft.examples=64", launcher=launcher)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert (run / "checkpoints" / "step_00000002" / "trainer_rank1.pt").exists()
+
+
 def test_bad_input_fails_before_any_work(tmp_path):
     for extra, message in [(["init_from=/nonexistent/ckpt"], "/nonexistent/ckpt"),
                            (["init_from=/x", "sft.domains=[nope]"], "unknown domain 'nope'")]:
