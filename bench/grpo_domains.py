@@ -32,7 +32,7 @@ OPTIONS = {"calculator": ["+grpo.domain_options.calculator.schema=brief"]}
 
 def evaluate(ckpt: str, domain: str, n: int, out: Path, options: list[str]) -> dict:
     prefix = f"+grpo.domain_options.{domain}."
-    opts = [f"options.{o[len(prefix):]}" for o in options if o.startswith(prefix)]
+    opts = [f"options.{domain}.{o[len(prefix):]}" for o in options if o.startswith(prefix)]
     subprocess.run([sys.executable, "-m", "train.evaluate", f"ckpt={ckpt}",
                     f"domains=[{domain}]", f"n={n}", "k=0", "max_new_tokens=64", "device=cpu",
                     f"out={out}", *opts], cwd=REPO, env=ENV, check=True,
