@@ -18,26 +18,16 @@ to the harness as well.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import ENV, REPO, evaluate  # noqa: E402
+
 OPTIONS = {"calculator": ["+grpo.domain_options.calculator.schema=brief"]}
-
-
-def evaluate(ckpt: str, domain: str, n: int, out: Path, options: list[str]) -> dict:
-    prefix = f"+grpo.domain_options.{domain}."
-    opts = [f"options.{domain}.{o[len(prefix):]}" for o in options if o.startswith(prefix)]
-    subprocess.run([sys.executable, "-m", "train.evaluate", f"ckpt={ckpt}",
-                    f"domains=[{domain}]", f"n={n}", "k=0", "max_new_tokens=64", "device=cpu",
-                    f"out={out}", *opts], cwd=REPO, env=ENV, check=True,
-                   stdout=subprocess.DEVNULL)
-    return json.loads(out.read_text())["domains"][domain]
 
 
 def main() -> None:
@@ -64,8 +54,10 @@ def main() -> None:
                             "logging.wandb.mode=disabled", "checkpoint.every=10",
                             *options], cwd=REPO, env=ENV, check=True, stdout=subprocess.DEVNULL)
         minutes = (time.perf_counter() - t0) / 60
-        before = evaluate(expert, domain, args.n, runs / f"{domain}_expert.json", options)
-        after = evaluate(str(last), domain, args.n, runs / f"{domain}_grpo.json", options)
+        before = evaluate(expert, domain, args.n, runs / f"{domain}_expert.json", options,
+                          "grpo")
+        after = evaluate(str(last), domain, args.n, runs / f"{domain}_grpo.json", options,
+                          "grpo")
         print(f"grpo/{domain}: pass@1 expert {before['pass@1']:.3f}, GRPO {after['pass@1']:.3f}, "
               f"gain {after['pass@1'] - before['pass@1']:+.3f}; format-valid "
               f"{before['format_valid']:.3f} -> {after['format_valid']:.3f}; {args.steps} steps "

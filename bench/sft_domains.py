@@ -17,27 +17,17 @@ every SFT run (e.g. `-- sft.domain_options.arith.difficulty=2`).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import ENV, REPO, evaluate  # noqa: E402
+
 # domains whose default prompt needs a smaller tool schema to fit the tiny context
 OPTIONS = {"calculator": ["+sft.domain_options.calculator.schema=brief"]}
-
-
-def evaluate(ckpt: str, domain: str, n: int, out: Path, options: list[str]) -> dict:
-    opts = [o.replace("+sft.domain_options.", "options.") for o in options
-            if o.startswith("+sft.domain_options.")]
-    subprocess.run([sys.executable, "-m", "train.evaluate", f"ckpt={ckpt}",
-                    f"domains=[{domain}]", f"n={n}", "k=0", "max_new_tokens=64", "device=cpu",
-                    f"out={out}", *opts], cwd=REPO, env=ENV, check=True,
-                   stdout=subprocess.DEVNULL)
-    return json.loads(out.read_text())["domains"][domain]
 
 
 def main() -> None:
@@ -64,8 +54,10 @@ def main() -> None:
                             "logging.wandb.mode=disabled", "sft.eval_n=0", "checkpoint.every=50",
                             *options], cwd=REPO, env=ENV, check=True, stdout=subprocess.DEVNULL)
         minutes = (time.perf_counter() - t0) / 60
-        base = evaluate(args.base, domain, args.n, runs / f"{domain}_base.json", options)
-        expert = evaluate(str(last), domain, args.n, runs / f"{domain}_expert.json", options)
+        base = evaluate(args.base, domain, args.n, runs / f"{domain}_base.json", options,
+                          "sft")
+        expert = evaluate(str(last), domain, args.n, runs / f"{domain}_expert.json", options,
+                          "sft")
         print(f"sft/{domain}: pass@1 base {base['pass@1']:.3f}, expert {expert['pass@1']:.3f}; "
               f"format-valid base {base['format_valid']:.3f}, expert "
               f"{expert['format_valid']:.3f}; {args.steps} steps in {minutes:.1f} min",

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.inference.conftest import build_model, micro_config
 from tests.train._rollout_support import domain_tokenizer_file  # noqa: F401 (fixture)
+from tests.train._rollout_support import micro_checkpoint
 
 pytest.importorskip("deepspeed")
 
@@ -37,12 +37,7 @@ RUNNER = str(REPO / "tests" / "rl" / "run_grpo_with_test_domain.py")
 
 @pytest.fixture(scope="module")
 def base_ckpt(tmp_path_factory, domain_tokenizer_file):  # noqa: F811
-    from model.weights import save_pretrained
-
-    step = tmp_path_factory.mktemp("grpo_base") / "checkpoints" / "step_00000001"
-    save_pretrained(build_model(micro_config(vocab_size=512, max_seq_len=256)), step / "model",
-                    domain_tokenizer_file)
-    return step
+    return micro_checkpoint(tmp_path_factory.mktemp("grpo_base"), domain_tokenizer_file)
 
 
 def run_grpo(base, run_dir, *extra, launcher=(), script=RUNNER, timeout=600):

@@ -43,6 +43,18 @@ def domain_tokenizer(domain_tokenizer_file):
     return load_tokenizer(domain_tokenizer_file)
 
 
+def micro_checkpoint(root, tokenizer_file):
+    """A random micro model saved as `root/checkpoints/step_00000001` with the domain tokenizer:
+    the `init_from` of the SFT and GRPO end-to-end tests."""
+    from model.weights import save_pretrained
+    from tests.inference.conftest import build_model, micro_config
+
+    step = root / "checkpoints" / "step_00000001"
+    save_pretrained(build_model(micro_config(vocab_size=512, max_seq_len=256)), step / "model",
+                    tokenizer_file)
+    return step
+
+
 def stub_model(max_seq_len: int = 4096):
     """What `rollout` reads from a model when `generate_fn` is scripted: `cfg.max_seq_len`."""
     return SimpleNamespace(cfg=SimpleNamespace(max_seq_len=max_seq_len))

@@ -24,8 +24,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.inference.conftest import build_model, micro_config
+from tests.inference.conftest import micro_config
 from tests.train._rollout_support import domain_tokenizer_file  # noqa: F401 (fixture)
+from tests.train._rollout_support import micro_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
@@ -96,12 +97,7 @@ def test_loss_covers_exactly_the_assistant_answers(tmp_path, domain_tokenizer_fi
 
 @pytest.fixture(scope="module")
 def base_ckpt(tmp_path_factory, domain_tokenizer_file):  # noqa: F811
-    from model.weights import save_pretrained
-
-    step = tmp_path_factory.mktemp("base") / "checkpoints" / "step_00000001"
-    save_pretrained(build_model(micro_config(vocab_size=512, max_seq_len=256)), step / "model",
-                    domain_tokenizer_file)
-    return step
+    return micro_checkpoint(tmp_path_factory.mktemp("base"), domain_tokenizer_file)
 
 
 def run_sft(base, run_dir, *extra, timeout=600, launcher=()):
