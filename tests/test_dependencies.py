@@ -8,7 +8,8 @@ collects the top-level module of each absolute import (also inside functions, an
 `importlib.import_module("name")` with a literal name), and requires each to be
 
 - in the standard library (`sys.stdlib_module_names`), or
-- one of the project's own top-level modules, or
+- one of the project's own top-level modules, or a sibling file of the importing script (a
+  script run as `python bench/x.py` has its own folder first on `sys.path`), or
 - provided by a distribution named in `[project] dependencies` (for library code) or, for tests,
   in the `test` extra too. Import names are mapped to distributions with
   `importlib.metadata.packages_distributions()`.
@@ -94,6 +95,8 @@ def undeclared(files: list[Path], allowed: set[str], lazy_only: set[str]) -> lis
     for path in files:
         for module, line, top_level in imports(path):
             if module in sys.stdlib_module_names or module in OWN or module == "__future__":
+                continue
+            if (path.parent / f"{module}.py").is_file():
                 continue
             # An optional extra need not be installed where the check runs: an import name with
             # no installed provider is then matched by its own normalised name (reasoning_gym
