@@ -30,12 +30,14 @@ class MTPBlock(Block):
         create_head_collapse(self, cfg.hc_mult, cfg.dim)
 
     def predict(self, streams: torch.Tensor, next_embeds: torch.Tensor, ctx, input_ids,
-                head: nn.Module, routes=None, token_mask=None):
+                head: nn.Module | None, routes=None, token_mask=None):
         """streams `[batch, seq, hc, dim]` (main model's last block), next_embeds `[batch, seq,
-        dim]` (embedding of token i+1) → (logits `[batch, seq, vocab]`, BlockAux)."""
+        dim]` (embedding of token i+1) → (logits `[batch, seq, vocab]`, BlockAux); with
+        `head=None`, the normed head input `[batch, seq, dim]` instead of the logits."""
         x = self.h_proj(self.hnorm(streams)) + self.e_proj(self.enorm(next_embeds))[:, :, None]
         x, aux = self(x, ctx, input_ids, routes=routes, token_mask=token_mask)
         cfg = self.cfg
         y = hc_head(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, cfg.hc_eps,
                     cfg.norm_eps)
-        return head(self.norm(y)), aux
+        y = self.norm(y)
+        return (y if head is None else head(y)), aux

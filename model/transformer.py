@@ -37,7 +37,7 @@ from .rope import rope_frequencies
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor                # [batch, seq, vocab]
+    logits: torch.Tensor | None         # [batch, seq, vocab]; None when forward(head=False)
     mtp_logits: list[torch.Tensor]      # per MTP depth, [batch, seq, vocab]
     balance_loss: torch.Tensor          # scalar fp32, mean over routed (non-hash) MoE layers
     indexer_loss: torch.Tensor          # scalar fp32, mean over CSA layers (0 unless requested)
@@ -46,6 +46,10 @@ class ModelOutput:
     # per block, like routes: the router's own top-k (detached) where routes were replayed,
     # None where not (see `MoEOutput.live_routes`; `moe.routing_agreement` compares them)
     live_routes: list[torch.Tensor | None] = field(default_factory=list)
+    # forward(head=False): the head's input (final norm applied), [batch, seq, dim], and the
+    # same per MTP depth; the caller applies `head.weight` itself, e.g. in token chunks
+    hidden: torch.Tensor | None = None
+    mtp_hidden: list[torch.Tensor] = field(default_factory=list)
 
 
 class Transformer(nn.Module):
@@ -132,7 +136,8 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, routes=None,
                 token_mask: torch.Tensor | None = None, cache: ModelCache | None = None,
-                logits_index: torch.Tensor | None = None, mtp: bool = True) -> ModelOutput:
+                logits_index: torch.Tensor | None = None, mtp: bool = True,
+                head: bool = True) -> ModelOutput:
         """input_ids `[batch, seq]`; `routes` replays expert ids (one `[batch, seq, topk]` per
         block, MTP blocks last; an entry may be None) instead of the routers' own top-k; the
         routers still score every token (the routing weights, and so the router gradient, come
@@ -145,7 +150,10 @@ class Transformer(nn.Module):
         `logits_index` `[batch, k]` computes logits only at those sequence indices
         (`[batch, k, vocab]`), e.g. each row's last real token in a prefill. `mtp=False` skips
         the MTP blocks (a post-training stage that does not train them saves their compute;
-        `mtp_logits` is then empty and `expert_counts` has main-layer rows only)."""
+        `mtp_logits` is then empty and `expert_counts` has main-layer rows only). `head=False`
+        stops before the output head: `logits` is None and `hidden` (and `mtp_hidden`) hold the
+        normed head inputs, so a vocabulary-sized loss can apply the head in token chunks
+        (distillation's full-vocabulary KL) instead of materialising `[batch, seq, vocab]`."""
         cfg = self.cfg
         batch, seq = input_ids.shape
         step = None
@@ -180,9 +188,10 @@ class Transformer(nn.Module):
             head_in = x.gather(1, logits_index[..., None, None].expand(-1, -1, *x.shape[2:]))
         y = hc_head(head_in, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, cfg.hc_eps,
                     cfg.norm_eps)
-        logits = self.head(self.norm(y))
+        hidden = self.norm(y)                                       # [batch, seq, dim]
+        logits = self.head(hidden) if head else None
 
-        mtp_logits = []
+        mtp_logits, mtp_hidden = [], []
         if self.mtp and mtp and cache is None:
             # token i+1 at position i. A document's last position has no next token of its own;
             # it re-reads its own token (its MTP target is masked), so nothing crosses documents.
@@ -192,14 +201,15 @@ class Transformer(nn.Module):
             next_embeds = self.embed(next_ids)
             for k, block in enumerate(self.mtp):
                 r = None if routes is None else routes[cfg.n_layers + k]
-                lg, aux = block.predict(x, next_embeds, ctx, next_ids, self.head, r, token_mask)
-                mtp_logits.append(lg)
+                lg, aux = block.predict(x, next_embeds, ctx, next_ids,
+                                        self.head if head else None, r, token_mask)
+                (mtp_logits if head else mtp_hidden).append(lg)
                 auxes.append(aux)
 
         routed = [a.balance_loss for i, a in enumerate(auxes) if i >= cfg.n_hash_layers]
         csa = [a.indexer_loss for a, b in zip(auxes, [*self.layers, *self.mtp])
                if b.attn.kind == "csa"]
-        zero = logits.new_zeros((), dtype=torch.float32)
+        zero = hidden.new_zeros((), dtype=torch.float32)
         return ModelOutput(
             logits=logits,
             mtp_logits=mtp_logits,
@@ -208,4 +218,6 @@ class Transformer(nn.Module):
             expert_counts=torch.stack([a.counts for a in auxes]),
             routes=[a.routes for a in auxes],
             live_routes=[a.live_routes for a in auxes],
+            hidden=None if head else hidden,
+            mtp_hidden=mtp_hidden,
         )

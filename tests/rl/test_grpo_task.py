@@ -171,7 +171,7 @@ class HangingStrings(StringsDomain):
 
 
 def test_verifier_errors_and_hangs_score_zero(tmp_path, policy, domain_tokenizer_file):  # noqa: F811
-    from rl.rewards import timed_verify
+    from train.verify import timed_verify
 
     item = StringsDomain().sample("train", 0)
     start = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Rollouts as data: scored samples → padded micro-batches the GRPO loss reads.
+"""Rollouts as data: scored samples → padded micro-batches the on-policy losses read (GRPO,
+distillation).
 
 A micro-batch of `b` samples, each prompt + response (tool-result tokens included), right-padded
 to the longest, `L` tokens:
@@ -9,9 +10,9 @@ to the longest, `L` tokens:
     loss_mask     [b, L-1]      fp32    1 where logits[:, t] predict a generated token t+1
     sampler_logp  [b, L-1]      fp32    the sampler's processed log-probs there (0 elsewhere)
     old_logp      [b, L-1]      fp32    π_old (= sampler_logp unless recomputed)
-    ref_logp      [b, L-1]      fp32    the reference policy's (only when β > 0)
-    advantages    [b]           fp32
-    beta          [b]           fp32    per-domain KL weight
+    ref_logp      [b, L-1]      fp32    the reference policy's (GRPO, only when β > 0)
+    advantages    [b]           fp32    (GRPO; 0 where a stage has none)
+    beta          [b]           fp32    per-domain KL weight (GRPO)
     kept_ids, kept_counts               the kept-token sets of the loss_mask positions in
                                         row-major order (`KeptSets`), absent when sampling kept
                                         the whole vocabulary
