@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from train.config import TrainConfig, _num, section_problems
+from train.rollout_task import rollout_batch_problems
 from train.sft_task import parse_domain_spec
 
 from rl.objective import ADV_NORMS, LOSS_AGGS
@@ -72,11 +73,6 @@ class GRPOTrainConfig(TrainConfig):
     grpo: GRPOSection = field(default_factory=GRPOSection)
 
 
-def samples_per_step(prompts_per_step: int, group_size: int, updates: int) -> int:
-    """batch.global_batch of a GRPO run: one rollout's samples over its updates."""
-    return int(prompts_per_step) * int(group_size) // max(int(updates), 1)
-
-
 def grpo_problems(cfg: Any, world: int) -> list[str]:
     """Every problem with the `grpo` section and its batch arithmetic, one line per key."""
     g = cfg.grpo
@@ -93,21 +89,7 @@ def grpo_problems(cfg: Any, world: int) -> list[str]:
                         f"(the advantage compares a sample with its group)")
     if problems:
         return problems
-    samples = g.prompts_per_step * g.group_size
-    if g.prompts_per_step % world:
-        problems.append(f"grpo.prompts_per_step={g.prompts_per_step}: must be a multiple of the "
-                        f"world size {world} (each rank rolls out its share)")
-    if samples % g.updates:
-        problems.append(f"grpo.updates={g.updates}: must divide prompts_per_step x group_size "
-                        f"= {samples} (one mini-batch per update)")
-    elif cfg.batch.global_batch != samples // g.updates:
-        problems.append(f"batch.global_batch={cfg.batch.global_batch}: GRPO takes "
-                        f"prompts_per_step x group_size / updates = {samples // g.updates} "
-                        f"samples per step (leave batch.global_batch to conf/grpo.yaml)")
-    elif (samples // g.updates) % (cfg.data.micro_batch * world):
-        problems.append(f"grpo: prompts_per_step x group_size / updates = "
-                        f"{samples // g.updates} samples per step must be a multiple of "
-                        f"data.micro_batch={cfg.data.micro_batch} x world size {world}")
+    problems += rollout_batch_problems(g, "grpo.", cfg, world)
     unknown = sorted(set(g.beta_per_domain) - {parse_domain_spec(str(d))[0] for d in g.domains})
     if unknown:
         problems.append(f"grpo.beta_per_domain: {unknown} not in grpo.domains={list(g.domains)}")

@@ -103,11 +103,13 @@ def main() -> None:
 
     from train.launch import hydra_main
 
-    from rl.config import GRPOTrainConfig, samples_per_step
+    from train.rollout_task import samples_per_step
+
+    from rl.config import GRPOTrainConfig
 
     # conf/grpo.yaml derives batch.global_batch from the grpo section
-    if not OmegaConf.has_resolver("grpo_samples_per_step"):
-        OmegaConf.register_new_resolver("grpo_samples_per_step", samples_per_step)
+    if not OmegaConf.has_resolver("rollout_samples_per_step"):
+        OmegaConf.register_new_resolver("rollout_samples_per_step", samples_per_step)
 
     hydra_main("grpo", make_task, pre_checks, schema=("grpo_schema", GRPOTrainConfig),
                stage_problems=stage_problems, frozen_models=frozen_models)

@@ -20,8 +20,8 @@ every rank, so a resumed run continues with the mini-batches an uninterrupted on
 
 `section` is the stage's config section (`cfg.grpo`, `cfg.distill`) with the rollout fields:
 prompts_per_step, group_size, updates, temperature, top_p, top_k, max_new_tokens,
-max_tool_turns, rollout_batch_size, reward_timeout, keep_routing, train_mtp, eval_n,
-eval_max_new_tokens.
+max_tool_turns, rollout_batch_size, reward_timeout, keep_routing, eval_n, eval_max_new_tokens
+(and optionally train_mtp).
 """
 
 from __future__ import annotations
@@ -42,6 +42,35 @@ from .rollout import RolloutParams, rollout
 from .rollout_batch import kept_sets
 from .task import EvalResult
 from .verify import timed_verify
+
+
+def samples_per_step(prompts_per_step: int, group_size: int, updates: int) -> int:
+    """batch.global_batch of an on-policy run: one rollout's samples over its updates (the
+    `rollout_samples_per_step` resolver of conf/grpo.yaml and conf/distill.yaml)."""
+    return int(prompts_per_step) * int(group_size) // max(int(updates), 1)
+
+
+def rollout_batch_problems(s: Any, prefix: str, cfg: Any, world: int) -> list[str]:
+    """The batch arithmetic of a rollout section `s`: B prompts per rollout split over the ranks,
+    B·G samples cut into μ mini-batches of `batch.global_batch`, each a whole number of
+    micro-batches on every rank."""
+    problems = []
+    samples = s.prompts_per_step * s.group_size
+    if s.prompts_per_step % world:
+        problems.append(f"{prefix}prompts_per_step={s.prompts_per_step}: must be a multiple of "
+                        f"the world size {world} (each rank rolls out its share)")
+    if samples % s.updates:
+        problems.append(f"{prefix}updates={s.updates}: must divide prompts_per_step x "
+                        f"group_size = {samples} (one mini-batch per update)")
+    elif cfg.batch.global_batch != samples // s.updates:
+        problems.append(f"batch.global_batch={cfg.batch.global_batch}: {prefix.rstrip('.')} "
+                        f"takes prompts_per_step x group_size / updates = {samples // s.updates} "
+                        f"samples per step (leave batch.global_batch to the stage's conf yaml)")
+    elif (samples // s.updates) % (cfg.data.micro_batch * world):
+        problems.append(f"{prefix.rstrip('.')}: prompts_per_step x group_size / updates = "
+                        f"{samples // s.updates} samples per step must be a multiple of "
+                        f"data.micro_batch={cfg.data.micro_batch} x world size {world}")
+    return problems
 
 
 def token_logprobs(model, batch: dict[str, Any], temperature: float, routes=None,
@@ -99,7 +128,7 @@ class RolloutTask:
         self.tokenizer_file = tokenizer_file
         self.tokenizer = load_tokenizer(tokenizer_file)
         self.domains = domains
-        self.train_mtp = s.train_mtp
+        self.train_mtp = bool(getattr(s, "train_mtp", False))
         self.generate_fn = generate_fn
         sampling = SamplingParams(s.temperature, s.top_p, s.top_k)
         self.params = RolloutParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,

@@ -21,7 +21,8 @@ A task owns what is particular to its stage:
   task's forward skips it (`model(..., mtp=False)`).
 - optional `update_router_bias` (default True): False keeps the routers' balancing biases fixed
   (GRPO with replayed routes); optional `step_metrics(step_seconds)`: extra metrics logged with
-  the step (GRPO's rollout rewards, lengths and time split).
+  the step (GRPO's rollout rewards, lengths and time split); optional `derive_metrics(metrics)`:
+  metrics computed from the logged ones (distillation's KL per domain, a ratio of two sums).
 """
 
 from __future__ import annotations

@@ -468,6 +468,9 @@ class Trainer:
         step_metrics = getattr(self.task, "step_metrics", None)  # e.g. GRPO's rollout metrics
         if step_metrics is not None:
             metrics.update(step_metrics(seconds))
+        derive = getattr(self.task, "derive_metrics", None)  # e.g. distillation's KL per domain
+        if derive is not None:
+            metrics.update(derive(metrics))
         if self.peak_flops:
             metrics["mfu"] = tps * self.flops_per_token / (self.peak_flops * self.info.world)
         self.logger.log(self.step, metrics)

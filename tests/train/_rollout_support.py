@@ -43,14 +43,15 @@ def domain_tokenizer(domain_tokenizer_file):
     return load_tokenizer(domain_tokenizer_file)
 
 
-def micro_checkpoint(root, tokenizer_file):
+def micro_checkpoint(root, tokenizer_file, seed: int = 0):
     """A random micro model saved as `root/checkpoints/step_00000001` with the domain tokenizer:
-    the `init_from` of the SFT and GRPO end-to-end tests."""
+    the `init_from` of the SFT, GRPO and distillation end-to-end tests (another `seed`: another
+    model of the same shapes, e.g. a distillation teacher)."""
     from model.weights import save_pretrained
     from tests.inference.conftest import build_model, micro_config
 
     step = root / "checkpoints" / "step_00000001"
-    save_pretrained(build_model(micro_config(vocab_size=512, max_seq_len=256)), step / "model",
+    save_pretrained(build_model(micro_config(vocab_size=512, max_seq_len=256), seed), step / "model",
                     tokenizer_file)
     return step
 

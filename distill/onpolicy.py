@@ -1,0 +1,169 @@
+"""Multi-teacher on-policy distillation: the student samples its own trajectories and is
+trained to match, over the full vocabulary, the teacher of each prompt's domain (reverse KL).
+
+    python -m distill.onpolicy init_from=runs/sft_mix/checkpoints/step_N \
+        teachers='{strings: runs/grpo_strings/checkpoints/step_M, arith: ...}'
+    deepspeed --num_gpus 2 --module distill.onpolicy ... ;  torchrun --nproc_per_node 2 -m distill.onpolicy ...
+    python -m distill.onpolicy ... distill.kl=topk distill.topk=64 distill.domains=[strings:2,arith]
+
+Hydra-configured (`conf/distill.yaml`, typed by `distill/config.py`), checkpoints and
+`checkpoint.resume=auto` as everywhere else: the trainer core (`train/trainer.py`) runs the
+loop, `distill/task.py` supplies the rollouts and the loss (`distill/loss.py`). Every teacher
+is checked before any weights are read: it exists, is one of our (or a released) checkpoints,
+has the student's vocabulary and tokenizer, and fits in memory next to the student (the plan
+counts it, `train/plan.py`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def stage_problems(cfg, world: int) -> list[str]:
+    """The `distill` section's problems (distill/config.py) and what the stage does not
+    support."""
+    from distill.config import distill_problems
+
+    problems = distill_problems(cfg, world)
+    d = cfg.distill
+    if d.kl == "sampled" and d.temperature != 1.0:
+        problems.append(f"distill.temperature={d.temperature}: kl=sampled needs temperature 1 "
+                        f"(the sampler's log-probs are then π_old of the KL at temperature 1)")
+    if cfg.parallel.ep_size > 1 and not cfg.dry_run:
+        problems.append(f"parallel.ep_size={cfg.parallel.ep_size}: distillation does not support "
+                        f"expert parallelism yet (use parallel.ep_size=1)")
+    return problems
+
+
+def teacher_dtype(cfg, student_bf16: bool):
+    import torch
+
+    if cfg.distill.teacher_dtype == "bf16" or (cfg.distill.teacher_dtype == "auto"
+                                               and student_bf16):
+        return torch.bfloat16
+    return torch.float32
+
+
+def _bf16(cfg, cuda: bool) -> bool:
+    return cfg.dtype == "bf16" or (cfg.dtype == "auto" and (cfg.dry_run or cuda))
+
+
+def check_teacher(name: str, path: str, model_cfg, tokenizer: str | None):
+    """A teacher that is missing, not a model checkpoint, or of another vocabulary or
+    tokenizer: an error naming it, before any weights are read. Returns its InitSource."""
+    from train.init import InitFromError, check_tokenizer, inspect
+
+    what = f"distill.teachers.{name}"
+    src = inspect(path, what)
+    if src.config.vocab_size != model_cfg.vocab_size:
+        raise InitFromError(f"{what}={path}: vocabulary {src.config.vocab_size}, the student's "
+                            f"{model_cfg.vocab_size}: a teacher must share the student's "
+                            f"tokenizer (its distributions are over the same tokens)")
+    check_tokenizer(src.tokenizer_file, tokenizer, what)
+    return src
+
+
+def pre_checks(cfg, model_cfg) -> None:
+    from train.config import raise_problems
+    from train.init import inspect, stage_tokenizer
+
+    world = (cfg.world_size if cfg.dry_run else None) or int(os.environ.get("WORLD_SIZE", "1"))
+    raise_problems(stage_problems(cfg, world))
+    build_domains(cfg)  # unknown domains, bad options
+    if cfg.dry_run:  # a plan needs no weights or tokenizer
+        return
+    if cfg.init_from:
+        inspect(cfg.init_from)
+    else:
+        print("warning: no init_from: the student starts from random weights", file=sys.stderr)
+    tokenizer = stage_tokenizer(cfg, "distillation")
+    for name, path in cfg.distill.teachers.items():
+        check_teacher(name, path, model_cfg, tokenizer)
+
+
+def build_domains(cfg):
+    """(Domain, weight) of the prompt mixture (`distill.domains`, default the teachers')."""
+    from types import SimpleNamespace
+
+    from train.sft_task import build_domains as build
+
+    from distill.config import domain_specs
+
+    d = cfg.distill
+    specs = [f"{n}:{w}" for n, w in domain_specs(d)]
+    return build(SimpleNamespace(domains=specs, domain_options=d.domain_options,
+                                 thinking_mode=d.thinking_mode), "distill")
+
+
+def frozen_models(cfg, model_cfg) -> list:
+    """The teachers, for the memory plan: each with its own config when its checkpoint can be
+    read (a dry run may plan teachers that do not exist yet: the student's shapes then)."""
+    import torch
+
+    from train.init import InitFromError, inspect
+
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    dtype = teacher_dtype(cfg, _bf16(cfg, cuda))
+    planned = []
+    for name, path in sorted(cfg.distill.teachers.items()):
+        try:
+            teacher_cfg = inspect(path, f"distill.teachers.{name}").config
+        except InitFromError:
+            if not cfg.dry_run:
+                raise
+            teacher_cfg = model_cfg
+        planned.append((f"teacher {name}", teacher_cfg, dtype))
+    return planned
+
+
+def make_task(cfg, info, model_cfg):
+    from train.init import load_frozen_model, stage_tokenizer
+
+    from distill.task import DistillTask
+
+    dtype = teacher_dtype(cfg, _bf16(cfg, info.device.type == "cuda") and not cfg.dry_run)
+    teachers = {name: load_frozen_model(path, info.device, dtype,
+                                        what=f"distill.teachers.{name}").model
+                for name, path in cfg.distill.teachers.items()}
+    return DistillTask(cfg, info, model_cfg, stage_tokenizer(cfg, "distillation"),
+                       build_domains(cfg), teachers)
+
+
+# dict-valued keys a user sets whole (`distill.teachers='{a: P, b: Q}'`, or `teachers=...` as
+# a short form): Hydra would merge such a value into the schema's empty dict and refuse the new
+# keys, so they are passed as `++` (add or override) overrides
+OPEN_DICTS = {"teachers": "distill.teachers", "distill.teachers": "distill.teachers",
+              "distill.teacher_weights": "distill.teacher_weights"}
+
+
+def open_dict_overrides(argv: list[str]) -> list[str]:
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        base = key.lstrip("+")
+        for short, full in OPEN_DICTS.items():
+            if eq and (base == short or base.startswith(short + ".")):
+                arg = f"++{full}{base[len(short):]}={value}"
+                break
+        out.append(arg)
+    return out
+
+
+def main() -> None:
+    from omegaconf import OmegaConf
+
+    from train.launch import hydra_main
+    from train.rollout_task import samples_per_step
+
+    from distill.config import DistillTrainConfig
+
+    if not OmegaConf.has_resolver("rollout_samples_per_step"):
+        OmegaConf.register_new_resolver("rollout_samples_per_step", samples_per_step)
+    sys.argv[1:] = open_dict_overrides(sys.argv[1:])
+    hydra_main("distill", make_task, pre_checks, schema=("distill_schema", DistillTrainConfig),
+               stage_problems=stage_problems, frozen_models=frozen_models)
+
+
+if __name__ == "__main__":
+    main()
