@@ -124,4 +124,4 @@ def distill_problems(cfg: Any, world: int) -> list[str]:
         problems.append(f"distill.topk={d.topk}: must be >= 1")
     if problems:
         return problems
-    return rollout_batch_problems(d, "distill.", cfg, world)
+    return rollout_batch_problems(d, "distill.", cfg, world, "distillation")

@@ -89,7 +89,7 @@ def grpo_problems(cfg: Any, world: int) -> list[str]:
                         f"(the advantage compares a sample with its group)")
     if problems:
         return problems
-    problems += rollout_batch_problems(g, "grpo.", cfg, world)
+    problems += rollout_batch_problems(g, "grpo.", cfg, world, "GRPO")
     unknown = sorted(set(g.beta_per_domain) - {parse_domain_spec(str(d))[0] for d in g.domains})
     if unknown:
         problems.append(f"grpo.beta_per_domain: {unknown} not in grpo.domains={list(g.domains)}")

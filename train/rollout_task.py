@@ -50,10 +50,11 @@ def samples_per_step(prompts_per_step: int, group_size: int, updates: int) -> in
     return int(prompts_per_step) * int(group_size) // max(int(updates), 1)
 
 
-def rollout_batch_problems(s: Any, prefix: str, cfg: Any, world: int) -> list[str]:
+def rollout_batch_problems(s: Any, prefix: str, cfg: Any, world: int,
+                           stage: str) -> list[str]:
     """The batch arithmetic of a rollout section `s`: B prompts per rollout split over the ranks,
     B·G samples cut into μ mini-batches of `batch.global_batch`, each a whole number of
-    micro-batches on every rank."""
+    micro-batches on every rank. `stage` names it in messages ("GRPO")."""
     problems = []
     samples = s.prompts_per_step * s.group_size
     if s.prompts_per_step % world:
@@ -63,9 +64,10 @@ def rollout_batch_problems(s: Any, prefix: str, cfg: Any, world: int) -> list[st
         problems.append(f"{prefix}updates={s.updates}: must divide prompts_per_step x "
                         f"group_size = {samples} (one mini-batch per update)")
     elif cfg.batch.global_batch != samples // s.updates:
-        problems.append(f"batch.global_batch={cfg.batch.global_batch}: {prefix.rstrip('.')} "
-                        f"takes prompts_per_step x group_size / updates = {samples // s.updates} "
-                        f"samples per step (leave batch.global_batch to the stage's conf yaml)")
+        problems.append(f"batch.global_batch={cfg.batch.global_batch}: {stage} takes "
+                        f"prompts_per_step x group_size / updates = {samples // s.updates} "
+                        f"samples per step (leave batch.global_batch to "
+                        f"conf/{prefix.rstrip('.')}.yaml)")
     elif (samples // s.updates) % (cfg.data.micro_batch * world):
         problems.append(f"{prefix.rstrip('.')}: prompts_per_step x group_size / updates = "
                         f"{samples // s.updates} samples per step must be a multiple of "
