@@ -11,8 +11,11 @@ ones and the KL starts at ~0.3 nats instead of ~1e-4 (two random micro models ar
 - Resume: a run stopped after step 1 of a two-update rollout and resumed gives the losses of an
   uninterrupted one at steps 2 (the saved second mini-batch) and 3 (a fresh rollout), to 1e-5
   relative (CPU fp32 is deterministic; a changed batch moves the loss by O(0.1)).
-- Two processes under the deepspeed launcher: each rank rolls out its share, the per-domain KL
-  and the rollout metrics are reduced over ranks.
+- Two processes equal one: with the sampling scripted (tests/distill/run_distill_scripted.py,
+  so both runs roll out the same samples) two gloo ranks under the deepspeed launcher, each
+  with half the prompts, log the losses of one process with all of them at steps 1-3, to 1e-4
+  relative (the gradient all-reduce and the loss sums add in another order; fp32 rounding
+  after two updates is ~1e-6, a lost or doubled micro-batch moves the loss by O(0.1)).
 - Bad input: a domain without a teacher, a missing teacher checkpoint, a teacher with another
   vocabulary, an unknown domain: one clear message, no traceback, before any model work.
 """
@@ -59,7 +62,10 @@ def ckpts(tmp_path_factory, domain_tokenizer_file):  # noqa: F811
             "wide": sharp_teacher(root / "t_wide", domain_tokenizer_file, 3, vocab_size=640)}
 
 
-def run_distill(ckpts, run_dir, *extra, launcher=(), timeout=600, teachers=None):
+SCRIPTED = str(REPO / "tests" / "distill" / "run_distill_scripted.py")
+
+
+def run_distill(ckpts, run_dir, *extra, launcher=(), timeout=600, teachers=None, script=None):
     teachers = teachers or {"strings": ckpts["strings"], "arith": ckpts["arith"]}
     spec = "{" + ", ".join(f"{k}: {v}" for k, v in teachers.items()) + "}"
     student = ckpts["student"]
@@ -68,8 +74,11 @@ def run_distill(ckpts, run_dir, *extra, launcher=(), timeout=600, teachers=None)
             f"teachers={spec}", "distill.prompts_per_step=8", "distill.group_size=2",
             "data.micro_batch=8", "distill.max_new_tokens=6", "distill.eval_n=0",
             "distill.kl_chunk=16", "checkpoint.every=100", "optim.lr=1e-2", *extra]
-    cmd = [*(launcher or [sys.executable]), *(["-m"] if not launcher else ["--module"]),
-           "distill.onpolicy"]
+    if script:
+        cmd = [*(launcher or [sys.executable]), script]
+    else:
+        cmd = [*(launcher or [sys.executable]), "--module" if launcher else "-m",
+               "distill.onpolicy"]
     return subprocess.run([*cmd, *args], cwd=REPO, env=ENV, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -111,17 +120,25 @@ def test_resume_matches_the_uninterrupted_run(ckpts, tmp_path):
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-7), (step, a, b)
 
 
-def test_two_processes_under_the_deepspeed_launcher(ckpts, tmp_path):
+def test_two_processes_equal_one(ckpts, tmp_path):
     from tests.helpers.distributed import free_port
 
-    launcher = ("deepspeed", "--num_gpus", "2", "--master_port", str(free_port()))
-    run = tmp_path / "ds2"
-    out = run_distill(ckpts, run, "steps=2", "data.micro_batch=4", launcher=launcher)
+    common = ("steps=3", "distill.group_size=1", "distill.keep_routing=false")
+    one, two = tmp_path / "one", tmp_path / "two"
+    out = run_distill(ckpts, one, *common, "data.micro_batch=8", script=SCRIPTED)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    steps = [r for r in rows(run) if "kl" in r]
-    assert [r["step"] for r in steps] == [1, 2]
-    assert all(r["global_batch"] == 16 for r in steps)
-    assert all(r["kl"] > 0 and "kl/strings" in r for r in steps)
+    launcher = ("deepspeed", "--num_gpus", "2", "--master_port", str(free_port()))
+    out = run_distill(ckpts, two, *common, "data.micro_batch=4", launcher=launcher,
+                      script=SCRIPTED)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    a = {r["step"]: r for r in rows(one) if "kl" in r}
+    b = {r["step"]: r for r in rows(two) if "kl" in r}
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in (1, 2, 3):
+        for key in ("loss", "kl/strings", "kl/arith"):
+            if key in a[step]:
+                assert b[step][key] == pytest.approx(a[step][key], rel=1e-4), (step, key)
+    assert a[1]["loss"] > 0.05 and a[3]["loss"] < a[1]["loss"]  # non-trivial, and learning
 
 
 @pytest.mark.parametrize("extra, teachers, message", [
