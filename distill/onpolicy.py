@@ -21,18 +21,18 @@ import sys
 
 
 def stage_problems(cfg, world: int) -> list[str]:
-    """The `distill` section's problems (distill/config.py) and what the stage does not
-    support."""
+    """The `distill` section's problems (distill/config.py) and the rules between its keys."""
     from distill.config import distill_problems
 
     problems = distill_problems(cfg, world)
     d = cfg.distill
-    if d.kl == "sampled" and d.temperature != 1.0:
-        problems.append(f"distill.temperature={d.temperature}: kl=sampled needs temperature 1 "
-                        f"(the sampler's log-probs are then π_old of the KL at temperature 1)")
-    if cfg.parallel.ep_size > 1 and not cfg.dry_run:
-        problems.append(f"parallel.ep_size={cfg.parallel.ep_size}: distillation does not support "
-                        f"expert parallelism yet (use parallel.ep_size=1)")
+    ratio_terms = [name for name, on in (("kl=sampled", d.kl == "sampled"),
+                                         ("reward_coef > 0", d.reward_coef > 0),
+                                         ("opsm_delta", d.opsm_delta is not None)) if on]
+    if ratio_terms and d.temperature != 1.0:
+        problems.append(f"distill.temperature={d.temperature}: {', '.join(ratio_terms)} needs "
+                        f"temperature 1 (they compare the student's temperature-1 log-probs "
+                        f"with the sampler's, which are then π_old)")
     return problems
 
 
@@ -123,11 +123,16 @@ def make_task(cfg, info, model_cfg):
     from distill.task import DistillTask
 
     dtype = teacher_dtype(cfg, _bf16(cfg, info.device.type == "cuda") and not cfg.dry_run)
-    teachers = {name: load_frozen_model(path, info.device, dtype,
-                                        what=f"distill.teachers.{name}").model
-                for name, path in cfg.distill.teachers.items()}
+
+    def loader(name: str, path: str):
+        def load(ep_groups):  # once the student is built, sharded over its EP groups
+            return load_frozen_model(path, info.device, dtype, ep_groups=ep_groups,
+                                     what=f"distill.teachers.{name}").model
+        return load
+
+    loaders = {name: loader(name, path) for name, path in cfg.distill.teachers.items()}
     return DistillTask(cfg, info, model_cfg, stage_tokenizer(cfg, "distillation"),
-                       build_domains(cfg), teachers)
+                       build_domains(cfg), teacher_loaders=loaders)
 
 
 # dict-valued keys a user sets whole (`distill.teachers='{a: P, b: Q}'`, or `teachers=...` as

@@ -22,8 +22,8 @@ predicts token t+2) to the teacher's main head at position t+1 (which predicts t
 so that speculative decoding with the MTP block stays useful.
 
 The KL is always between the distributions at temperature 1 (the student's sampling
-temperature only shapes exploration); `kl=sampled` therefore needs temperature 1, so that the
-sampler's log-probs are π_old.
+temperature only shapes exploration); `kl=sampled`, the task-reward term and `opsm_delta`
+compare π_θ with the sampler's log-probs, so they need temperature 1 (checked at start-up).
 """
 
 from __future__ import annotations
@@ -64,23 +64,32 @@ class DistillTask(RolloutTask):
     label_time_key = "time/teacher"
 
     def __init__(self, cfg, info: DistInfo, model_cfg: ModelConfig, tokenizer_file: str,
-                 domains: list[tuple[Any, float]], teachers: dict[str, torch.nn.Module],
-                 generate_fn=None):
-        """`teachers`: {name: frozen model}; `domains`: (Domain, weight) of the prompts."""
+                 domains: list[tuple[Any, float]],
+                 teachers: dict[str, torch.nn.Module] | None = None, generate_fn=None,
+                 teacher_loaders: dict[str, Any] | None = None):
+        """`teachers`: {name: frozen model}, or `teacher_loaders`: {name: loader(ep_groups)},
+        called once the trainer has built the student (`attach_frozen`), so that under EP each
+        teacher is sharded over the student's groups; `domains`: (Domain, weight) of the
+        prompts."""
         d = cfg.distill
         super().__init__(cfg, d, info, model_cfg, tokenizer_file, domains, generate_fn)
         self.d = d
         self.train_mtp = d.mtp_weight > 0
         self.update_router_bias = False  # routes are replayed (see rl/grpo_task.py)
-        self.teachers = teachers
-        self.teacher_names = sorted(teachers)
+        self.teachers = dict(teachers or {})
+        self.teacher_loaders = dict(teacher_loaders or {})
+        self.teacher_names = sorted({*self.teachers, *self.teacher_loaders})
         self.domain_names = [dom.name for dom, _ in domains]
         self.mix = {name: teacher_weights(d, name) for name in self.domain_names}
-        missing = {t for m in self.mix.values() for t in m} - set(teachers)
+        missing = {t for m in self.mix.values() for t in m} - set(self.teacher_names)
         if missing:
             raise ValueError(f"distill: no teacher model for {sorted(missing)} (loaded: "
                              f"{self.teacher_names})")
         self.teacher_scores: dict[str, float] | None = None  # measured once, at the first eval
+
+    def attach_frozen(self, ep_groups) -> None:
+        for name, load in self.teacher_loaders.items():
+            self.teachers[name] = load(ep_groups)
 
     # ------------------------------------------------------------------ rollout → batches
     def to_batches(self, groups: list[list], model, n_micro: int) -> list[list[dict]]:
@@ -120,12 +129,14 @@ class DistillTask(RolloutTask):
         mixed = torch.zeros(sel.shape)                                # [b, L-1]
         for k, name in enumerate(self.teacher_names):
             rows = batch["teacher_w"][:, k] > 0                       # [b]
-            if not rows.any():
+            if not rows.any() and not self.collective:
                 continue
+            # under EP a teacher's forward is a collective: every rank runs it, on all its rows
+            read = torch.ones_like(rows) if self.collective else rows
             teacher = self.teachers[name]
-            out = teacher(batch["input_ids"][rows].to(device),
-                          token_mask=batch["token_mask"][rows].to(device), mtp=False, head=False)
-            hidden = out.hidden[:, :-1][sel[rows].to(device)]         # [N_k, dim_T]
+            out = teacher(batch["input_ids"][read].to(device),
+                          token_mask=batch["token_mask"][read].to(device), mtp=False, head=False)
+            hidden = out.hidden[:, :-1][(sel & rows[:, None])[read].to(device)]  # [N_k, dim_T]
             tokens = rows[row_of_token].nonzero()[:, 0]               # [N_k] into N
             if self.d.kl == "sampled":
                 logp = chunked_token_logprobs(hidden, teacher.head.weight, targets[tokens],

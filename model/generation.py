@@ -101,7 +101,7 @@ def _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, e
               stop_strings, decode, on_token, pad_id) -> GenerationOutput:
     cfg = model.cfg
     device = model.embed.weight.device
-    peer = _dispatcher(model)
+    peer = token_dispatcher(model)
     try:  # every check before any collective; under EP all ranks then agree to go on or stop
         params = SamplingParams(temperature, top_p, top_k)
         params.validate()
@@ -231,10 +231,12 @@ def _check_prompts(prompts, cfg) -> None:
                              f"[0, {cfg.vocab_size})")
 
 
-def _dispatcher(model) -> TokenDispatcher:
+def token_dispatcher(model) -> TokenDispatcher:
     """The MoE token dispatcher: it knows whether forwards are collectives and over which ranks
-    (the model never sees a process group itself). All MoE layers share one EP group."""
-    for m in model.modules():
+    (the model never sees a process group itself). All MoE layers share one EP group. A loop
+    around `generate` whose iterations differ between ranks (rollout rounds and chunks) asks
+    its `any_active` too. Anything without modules (a test's stand-in) dispatches locally."""
+    for m in getattr(model, "modules", lambda: [])():
         d = getattr(m, "dispatcher", None)
         if isinstance(d, TokenDispatcher):
             return d

@@ -27,14 +27,10 @@ def reference_path(cfg) -> str | None:
 
 
 def stage_problems(cfg, world: int) -> list[str]:
-    """The `grpo` section's problems (rl/config.py) and what GRPO does not support."""
+    """The `grpo` section's problems (rl/config.py)."""
     from rl.config import grpo_problems
 
-    problems = grpo_problems(cfg, world)
-    if cfg.parallel.ep_size > 1 and not cfg.dry_run:  # a dry run may still plan it
-        problems.append(f"parallel.ep_size={cfg.parallel.ep_size}: GRPO does not support "
-                        f"expert parallelism yet (use parallel.ep_size=1)")
-    return problems
+    return grpo_problems(cfg, world)
 
 
 def pre_checks(cfg, model_cfg) -> None:
@@ -89,13 +85,15 @@ def make_task(cfg, info, model_cfg):
 
     from rl.grpo_task import GRPOTask
 
-    ref_model, ref = None, reference_path(cfg)
-    if ref is not None:
+    loader, ref = None, reference_path(cfg)
+    if ref is not None:  # loaded once the policy is built, sharded over its EP groups
         bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and info.device.type == "cuda")
-        ref_model = load_frozen_model(ref, info.device, ref_dtype(cfg, bf16),
-                                      what="grpo.ref").model
+
+        def loader(ep_groups):
+            return load_frozen_model(ref, info.device, ref_dtype(cfg, bf16), ep_groups=ep_groups,
+                                     what="grpo.ref").model
     return GRPOTask(cfg, info, model_cfg, stage_tokenizer(cfg, "GRPO"),
-                    build_domains(cfg.grpo, "grpo"), ref_model)
+                    build_domains(cfg.grpo, "grpo"), ref_loader=loader)
 
 
 def main() -> None:

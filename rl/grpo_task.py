@@ -31,8 +31,9 @@ update would make the live router disagree with the replayed routes for reasons 
 learning (the routing-agreement metric would measure the bias schedule). The MTP block is
 skipped in rollouts and in training unless `grpo.train_mtp`.
 
-Limitation: expert parallelism (`parallel.ep_size > 1`) is rejected at start-up for GRPO; the
-rollout's tool rounds and refill rounds are not yet agreed across an EP group.
+Expert parallelism: the rollout agrees on its generate calls across the EP group
+(`train/rollout.py`), refill rounds are agreed over all ranks, and the reference is loaded after
+the policy is built, sharded over the same EP groups (`attach_frozen`).
 """
 
 from __future__ import annotations
@@ -58,18 +59,25 @@ class GRPOTask(RolloutTask):
     label_time_key = "time/logprob"
 
     def __init__(self, cfg, info: DistInfo, model_cfg: ModelConfig, tokenizer_file: str,
-                 domains: list[tuple[Any, float]], ref_model=None, generate_fn=None):
+                 domains: list[tuple[Any, float]], ref_model=None, generate_fn=None,
+                 ref_loader=None):
+        """`ref_model`: the frozen reference policy, or `ref_loader(ep_groups)` loads it once
+        the trainer has built the policy (`attach_frozen`), sharded like it under EP."""
         g = cfg.grpo
         super().__init__(cfg, g, info, model_cfg, tokenizer_file, domains, generate_fn)
         self.g = g
         self.update_router_bias = g.router_bias_updates
-        self.ref_model = ref_model
+        self.ref_model, self.ref_loader = ref_model, ref_loader
         self.refill_rounds = g.max_refill_rounds if g.dynamic_sampling else 0
         self.objective = ObjectiveConfig(clip_low=g.clip_low, clip_high=g.clip_high,
                                          beta=g.beta, kl_unbiased=g.kl_unbiased,
                                          opsm_delta=g.opsm_delta, loss_agg=g.loss_agg,
                                          norm_len=g.max_new_tokens)
         self.objective.validate()
+
+    def attach_frozen(self, ep_groups) -> None:
+        if self.ref_loader is not None:
+            self.ref_model = self.ref_loader(ep_groups)
 
     # ------------------------------------------------------------------ rollout hooks
     def label(self, sample) -> None:
@@ -111,7 +119,9 @@ class GRPOTask(RolloutTask):
         with torch.no_grad():
             for batch in batches:
                 on = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                if self.ref_model is not None and float(batch["beta"].max()) > 0:
+                # under EP the reference's forward is a collective: every rank runs it
+                if self.ref_model is not None and (float(batch["beta"].max()) > 0
+                                                   or self.collective):
                     ref, _, _ = token_logprobs(self.ref_model, on, g.temperature)
                     batch["ref_logp"] = ref.cpu()
                 if g.recompute_old_logprobs:

@@ -40,8 +40,10 @@ Bad input never crashes a run: a prompt that does not fit the context (`>= max_s
 no room for one reply token) is skipped and listed in `RolloutResult.skipped` with its reason.
 
 Under expert parallelism every rank of an EP group must make the same number of `generate`
-calls; rows differ per rank, so the caller keeps the ranks' request counts equal (pad) and the
-tool rounds are the caller's concern too (see the EP generation loop in `model/generation.py`).
+calls (each is a collective). Ranks have their own requests, tool turns and chunk counts, so
+`rollout` agrees on every round and every chunk through the model's token dispatcher
+(`any_active`, one one-int all-reduce; nothing without EP): a rank with nothing left in a round
+calls `generate` with no prompts, which joins the others' forwards (`model/generation.py`).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ import torch
 
 from data.domains.base import Domain, Item, Score, safe_verify
 from encoding import encode_messages, parse_message_from_completion_text
-from model.generation import generate
+from model.generation import generate, token_dispatcher
 from model.sampling import KeptSets, SamplingParams
 
 FINISH_REASONS = ("eos", "length", "tool-limit", "tool-error")
@@ -176,20 +178,28 @@ def rollout(model, tokenizer, requests: Sequence[tuple[Domain, Item]], params: R
                               turns, list(item.prompt_messages)))
     stats = {"generated_tokens": 0.0, "inserted_tokens": 0.0, "prefill_tokens": 0.0,
              "generate_calls": 0.0, "generate_seconds": 0.0, "rounds": 0.0}
+    # Under expert parallelism every generate call is a collective of the EP group, so the
+    # ranks agree on each round and each chunk (`any_active`; no communication without EP): a
+    # rank with fewer rows or turns left calls generate with no prompts until all are done.
+    peer = token_dispatcher(model)
+    device = _device(model)
     round_ = 0
     while True:
         active = [x for x in live if not x.out.finish]
-        if not active:
+        if not peer.any_active(bool(active), device):
             break
-        stats["rounds"] += 1
-        for c in range(0, len(active), params.batch_size):
+        stats["rounds"] += bool(active)
+        c = 0
+        while peer.any_active(c < len(active), device):
             chunk = active[c:c + params.batch_size]
+            c += params.batch_size
             t0 = time.perf_counter()
             out = generate_fn(model, [x.out.prompt_ids + x.out.response_ids for x in chunk],
                               max_new_tokens=params.max_new_tokens,
                               temperature=params.temperature, top_p=params.top_p,
                               top_k=params.top_k,
-                              seed=_round_seed(params.seed, round_, c // params.batch_size),
+                              seed=_round_seed(params.seed, round_,
+                                               c // params.batch_size - 1),
                               eos_id=eos, return_logprobs=True,
                               return_routes=params.return_routes,
                               return_sampling_mask=params.return_sampling_mask)
@@ -208,6 +218,14 @@ def rollout(model, tokenizer, requests: Sequence[tuple[Domain, Item]], params: R
     stats["verify_seconds"] = time.perf_counter() - t0
     stats["seconds"] = time.perf_counter() - start
     return RolloutResult(samples, skipped, stats)
+
+
+def _device(model) -> torch.device:
+    """Where a collective's buffer lives: the model's device (CPU for a test's stand-in)."""
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
 
 
 def _append_generated(x: _Live, tokens: list[int], out, i: int) -> None:

@@ -132,6 +132,9 @@ class RolloutTask:
         self.domains = domains
         self.train_mtp = bool(getattr(s, "train_mtp", False))
         self.generate_fn = generate_fn
+        # under expert parallelism every forward is a collective of the EP group: frozen-model
+        # forwards a rank could skip (no rows for it) must then run on every rank
+        self.collective = cfg.parallel.ep_size > 1
         sampling = SamplingParams(s.temperature, s.top_p, s.top_k)
         self.params = RolloutParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                                     max_new_tokens=s.max_new_tokens, n=s.group_size,

@@ -22,7 +22,9 @@ A task owns what is particular to its stage:
 - optional `update_router_bias` (default True): False keeps the routers' balancing biases fixed
   (GRPO with replayed routes); optional `step_metrics(step_seconds)`: extra metrics logged with
   the step (GRPO's rollout rewards, lengths and time split); optional `derive_metrics(metrics)`:
-  metrics computed from the logged ones (distillation's KL per domain, a ratio of two sums).
+  metrics computed from the logged ones (distillation's KL per domain, a ratio of two sums);
+  optional `attach_frozen(ep_groups)`: called once the policy is built, to load the stage's
+  frozen models sharded over the same expert-parallel groups (GRPO's reference, the teachers).
 """
 
 from __future__ import annotations

@@ -384,6 +384,9 @@ class Trainer:
         cfg, info = self.cfg, self.info
         self.task = task
         self.build()
+        attach = getattr(task, "attach_frozen", None)  # frozen models, sharded like the policy
+        if attach is not None:
+            attach(self.ep)
         self.resume()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)

@@ -9,7 +9,8 @@
   Rollouts are seeded per (seed, rollout, rank) and CPU fp32 is deterministic, so they agree to
   rounding; 1e-5 relative is far below a changed batch (which moves the loss by O(1)).
 - Two processes under the deepspeed launcher: each rank rolls out its share of the prompts and
-  the rollout metrics are summed over ranks.
+  the rollout metrics are summed over ranks; the same with expert parallelism (EP=2) and a
+  reference policy.
 - Bad input: G < 2, an unknown domain, a missing `init_from`: one clear message, no traceback,
   before any model work.
 """
@@ -102,6 +103,23 @@ def test_two_processes_under_the_deepspeed_launcher(base_ckpt, tmp_path):
     assert all(r["global_batch"] == 32 for r in steps)
     # 4 prompts x 8 samples over both ranks, each with its 2 prompts: counts summed
     assert steps[0]["rollout/response_len_mean"] <= 2
+
+
+def test_expert_parallel_with_a_reference(base_ckpt, tmp_path):
+    """EP=2 over two ranks (each holds 2 of the 4 experts), β > 0: the rollouts' generate calls
+    and the reference's forwards (loaded after the policy, sharded like it) are collectives of
+    the EP group, and the run completes with the KL to the reference logged."""
+    from tests.helpers.distributed import free_port
+
+    launcher = ("deepspeed", "--num_gpus", "2", "--master_port", str(free_port()))
+    run = tmp_path / "ep2"
+    out = run_grpo(base_ckpt, run, "steps=2", "data.micro_batch=8", "parallel.ep_size=2",
+                   "grpo.beta=0.01", "grpo.updates=2", launcher=launcher)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    steps = [r for r in rows(run) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all("kl" in r and r["kl"] >= 0 for r in steps)
+    assert steps[0]["mismatch_kl"] < 1e-5
 
 
 @pytest.mark.parametrize("extra, message", [
