@@ -21,7 +21,8 @@ def evaluate(ckpt: str, domain: str, n: int, out: Path, options: list[str],
              section: str) -> dict:
     """Greedy pass@1 etc. of `ckpt` on `n` held-out items of `domain` (the harness's row)."""
     prefix = f"+{section}.domain_options."
-    opts = [f"options.{o[len(prefix):]}" for o in options if o.startswith(prefix)]
+    mine = f"{prefix}{domain}."  # a multi-domain stage's options: only this domain's
+    opts = [f"options.{o[len(prefix):]}" for o in options if o.startswith(mine)]
     subprocess.run([sys.executable, "-m", "train.evaluate", f"ckpt={ckpt}",
                     f"domains=[{domain}]", f"n={n}", "k=0", "max_new_tokens=64", "device=cpu",
                     f"out={out}", *opts], cwd=REPO, env=ENV, check=True,
