@@ -11,7 +11,9 @@ torch.manual_seed(0)
 def test_sinkhorn_is_doubly_stochastic():
     """Columns are exact (the last step normalises columns) for any logits; rows converge
     within 1e-4 in the official 20 iterations for unit-scale logits (for logits of std ≥ 2 the
-    release's 20 iterations leave rows off by up to a few percent; we keep its iteration count)."""
+    release's 20 iterations leave rows off by up to a few percent; we keep its iteration count).
+    Seeded here: under pytest-xdist the RNG state at a test's start depends on the test order."""
+    torch.manual_seed(0)
     for scale in (1.0, 10.0):
         p = sinkhorn(torch.randn(256, 4, 4) * scale, iters=20, eps=1e-6)
         assert (p > 0).all()
@@ -41,6 +43,12 @@ class Owner(torch.nn.Module):
 
 
 def test_pre_post_ranges_and_mixing_with_trained_like_params():
+    """Sinkhorn ends on a column normalisation, so the column sums are 1 to fp32 rounding; the
+    row sums converge geometrically, at a rate set by how peaked the mixing logits are. With
+    these trained-like logits, 20 iterations (V4's count) leave row sums within 3.0e-3 of 1 over
+    200 seeds (13 % of draws exceeded the old 1e-4), and 100 iterations within
+    1.2e-6: so the rows are checked at 5e-3 after 20 and at 1e-5 after 100, under a fixed seed."""
+    torch.manual_seed(0)
     hc, dim = 4, 32
     owner = Owner(hc, dim)
     torch.nn.init.normal_(owner.hc_attn_fn, std=1.0)
@@ -52,7 +60,10 @@ def test_pre_post_ranges_and_mixing_with_trained_like_params():
     assert x_in.shape == (2, 7, dim) and post.shape == (2, 7, hc) and comb.shape == (2, 7, hc, hc)
     assert ((post >= 0) & (post <= 2)).all()  # 2·sigmoid: (0, 2), closed once fp32 saturates
     torch.testing.assert_close(comb.sum(-2), torch.ones(2, 7, hc), atol=1e-4, rtol=0)
-    torch.testing.assert_close(comb.sum(-1), torch.ones(2, 7, hc), atol=1e-4, rtol=0)
+    torch.testing.assert_close(comb.sum(-1), torch.ones(2, 7, hc), atol=5e-3, rtol=0)
+    _, _, converged = hc_pre(x, owner.hc_attn_fn, owner.hc_attn_base, owner.hc_attn_scale,
+                             100, 1e-6, 1e-6)
+    torch.testing.assert_close(converged.sum(-1), torch.ones(2, 7, hc), atol=1e-5, rtol=0)
     # pre_j ∈ (eps, 1 + eps): x_in is a positively weighted sum of the streams
     f = torch.randn(2, 7, dim)
     out = hc_post(f, x, post, comb)
