@@ -85,8 +85,24 @@ def topk_reverse_kl_dense(student_logits: Tensor, teacher_logits: Tensor, k: int
     return (ps_top * (ls_top - lt_top)).sum(-1) + ps_tail * (ps_tail.log() - pt_tail.log())
 
 
-def _chunk_kl(h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, mask: Tensor | None,
-              mode: str, k: int) -> Tensor:
+def _over_chunks(fn, hidden: Tensor, head: Tensor, rows: tuple, extra: tuple,
+                 kept: KeptSets | None, chunk: int) -> Tensor:
+    """`[N]` = cat over token chunks of fn(hidden[c], head, *(r[c] for r in rows), *extra, mask
+    of c), each chunk under activation checkpointing when a gradient is wanted (module
+    docstring): one `[chunk, vocab]` working set at a time, forward and backward."""
+    n, vocab = hidden.shape[0], head.shape[0]
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or head.requires_grad)
+    parts = []
+    for lo in range(0, n, chunk):
+        hi = min(lo + chunk, n)
+        mask = kept_mask(kept, lo, hi, vocab, hidden.device)
+        args = (hidden[lo:hi], head, *(r[lo:hi] for r in rows), *extra, mask)
+        parts.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _chunk_kl(h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, mode: str, k: int,
+              mask: Tensor | None) -> Tensor:
     zs, zt = h_s @ w_s.t(), h_t @ w_t.t()                        # [c, vocab] each
     if mode == "full":
         return reverse_kl_dense(zs, zt, mask)
@@ -113,21 +129,8 @@ def chunked_reverse_kl(student_hidden: Tensor, student_head: Tensor, teacher_hid
                          f"{teacher_head.shape[0]}")
     if chunk < 1:
         raise ValueError(f"chunk={chunk}: must be >= 1")
-    vocab = student_head.shape[0]
-    h_t, w_t = teacher_hidden.detach(), teacher_head.detach()
-    parts = []
-    for lo in range(0, n, chunk):
-        hi = min(lo + chunk, n)
-        mask = kept_mask(kept, lo, hi, vocab, student_hidden.device)
-        args = (student_hidden[lo:hi], student_head, h_t[lo:hi], w_t, mask, mode, k)
-        if torch.is_grad_enabled() and (student_hidden.requires_grad
-                                        or student_head.requires_grad):
-            parts.append(checkpoint(_chunk_kl, *args, use_reentrant=False))
-        else:
-            parts.append(_chunk_kl(*args))
-    if not parts:
-        return student_hidden.new_zeros(0, dtype=torch.float32)
-    return torch.cat(parts)
+    return _over_chunks(_chunk_kl, student_hidden, student_head, (teacher_hidden.detach(),),
+                        (teacher_head.detach(), mode, k), kept, chunk)
 
 
 def _chunk_token_logp(h: Tensor, w: Tensor, tokens: Tensor, mask: Tensor | None) -> Tensor:
@@ -138,20 +141,8 @@ def chunked_token_logprobs(hidden: Tensor, head: Tensor, tokens: Tensor, *,
                            kept: KeptSets | None = None, chunk: int = 1024) -> Tensor:
     """log π(tokens) `[N]` fp32 from head inputs `[N, dim]` and `head` `[vocab, dim]`, chunked
     like `chunked_reverse_kl` (differentiable, checkpointed per chunk)."""
-    n, vocab = hidden.shape[0], head.shape[0]
     tokens = tokens.to(hidden.device).long()
-    parts = []
-    for lo in range(0, n, chunk):
-        hi = min(lo + chunk, n)
-        mask = kept_mask(kept, lo, hi, vocab, hidden.device)
-        args = (hidden[lo:hi], head, tokens[lo:hi], mask)
-        if torch.is_grad_enabled() and (hidden.requires_grad or head.requires_grad):
-            parts.append(checkpoint(_chunk_token_logp, *args, use_reentrant=False))
-        else:
-            parts.append(_chunk_token_logp(*args))
-    if not parts:
-        return hidden.new_zeros(0, dtype=torch.float32)
-    return torch.cat(parts)
+    return _over_chunks(_chunk_token_logp, hidden, head, (tokens,), (), kept, chunk)
 
 
 def sampled_kl_loss(logp: Tensor, old_logp: Tensor, teacher_logp: Tensor) -> Tensor:
