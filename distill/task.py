@@ -36,6 +36,7 @@ import torch
 from model.config import ModelConfig
 from model.sampling import KeptSets
 from train.dist import DistInfo
+from train.memory import SectionPeak
 from train.recipe import Phase
 from train.rollout_batch import collate, kept_sets, route_list
 from train.rollout_task import RolloutTask, route_agreement
@@ -86,6 +87,7 @@ class DistillTask(RolloutTask):
             raise ValueError(f"distill: no teacher model for {sorted(missing)} (loaded: "
                              f"{self.teacher_names})")
         self.teacher_scores: dict[str, float] | None = None  # measured once, at the first eval
+        self.loss_peak = 0.0  # bytes: the KL terms' peak over this step's micro-batches
 
     def attach_frozen(self, ep_groups) -> None:
         for name, load in self.teacher_loaders.items():
@@ -177,7 +179,9 @@ class DistillTask(RolloutTask):
             per_token = sampled_kl_loss(logp, old, teacher)
             kl = (old - teacher).detach()                             # the sampled estimate
         else:
-            per_token = self.teacher_kl(hidden, head, batch, kept, row_of_token)
+            with SectionPeak(hidden.device) as peak:
+                per_token = self.teacher_kl(hidden, head, batch, kept, row_of_token)
+            self.loss_peak = max(self.loss_peak, peak.bytes)
             kl = per_token.detach()
         if d.reward_coef:
             adv = batch["advantages"][row_of_token]
@@ -190,7 +194,9 @@ class DistillTask(RolloutTask):
         total = (per_token * weight).sum()
         metrics = {"kl": (kl * weight).sum()}
         if self.train_mtp:
-            mtp = self.mtp_kl(out.mtp_hidden[0], head, batch, kept, sel)
+            with SectionPeak(hidden.device) as peak:
+                mtp = self.mtp_kl(out.mtp_hidden[0], head, batch, kept, sel)
+            self.loss_peak = max(self.loss_peak, peak.bytes)
             total = total + d.mtp_weight * mtp
             metrics["mtp_kl"] = mtp.detach()
         domain = batch["domain_id"][row_of_token]
@@ -250,6 +256,17 @@ class DistillTask(RolloutTask):
             w = batch["teacher_w"][row_of_token[nxt[ok]], k] * batch["loss_mask"][sel][nxt[ok]]
             total = total + (w * kl).sum()
         return total
+
+    def step_metrics(self, step_seconds: float) -> dict[str, float]:
+        """The rollout's metrics plus `memory/loss_peak_gib`: the most the full/top-k KL's own
+        tensors held at once in one micro-batch's forward (`train/memory.py`; one chunk of
+        `[tokens, vocab]` logits per model, not the batch's). The checkpointed backward
+        recomputes one chunk at a time, so its peak is of the same size (tests/distill)."""
+        m = super().step_metrics(step_seconds)
+        if self.loss_peak:
+            m["memory/loss_peak_gib"] = self.loss_peak / 2**30
+        self.loss_peak = 0.0
+        return m
 
     def derive_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """KL per domain = (its KL sum) / (its token count); both arrive divided by the same

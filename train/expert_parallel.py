@@ -78,6 +78,9 @@ def create_groups(ep_size: int) -> EPGroups:
 
     if not deepspeed.comm.is_initialized():  # torch.distributed already is (e.g. tests)
         deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+        from .dist import release_shm_workspace
+
+        release_shm_workspace()
     name = f"ep_size_{ep_size}"
     if name not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(ep_size)

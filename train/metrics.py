@@ -177,7 +177,9 @@ class MetricsLogger:
 
 def memory_bytes(device: torch.device) -> float:
     if device.type == "cuda":
-        return float(torch.cuda.max_memory_allocated(device))
+        from .memory import process_peak_bytes
+
+        return process_peak_bytes(device)  # SectionPeak resets the counter, this carries it
     import psutil
 
     return float(psutil.Process(os.getpid()).memory_info().rss)

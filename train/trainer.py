@@ -39,7 +39,7 @@ from . import guards
 from . import init
 from .activation import apply_activation_checkpointing
 from .config import TrainConfig, validate_config
-from .dist import DistInfo, all_reduce_sum, any_rank, barrier
+from .dist import DistInfo, all_reduce_sum, any_rank, barrier, release_shm_workspace
 from .metrics import MetricsLogger, detect_peak_tflops, flops_per_token, memory_bytes
 from .plan import available_memory, make_plan
 from .recipe import Phase, phase_at
@@ -178,6 +178,7 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model, optimizer=self.optimizer,
             config=deepspeed_config(cfg, info, self.gas, self.bf16))
+        release_shm_workspace()  # when deepspeed.initialize set up the process group itself
         if self.ep is not None:
             ep.attach_engine(self.engine)
         counts = count_parameters(self.model_cfg)

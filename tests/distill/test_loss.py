@@ -154,3 +154,28 @@ def test_bad_arguments_are_named():
         chunked_reverse_kl(hs, ws, ht[:3], wt)
     with pytest.raises(ValueError, match="mode"):
         chunked_reverse_kl(hs, ws, ht, wt, mode="jsd")
+
+
+@pytest.mark.parametrize("mode", ["full", "topk"])
+def test_no_tensor_of_all_tokens_by_vocab_exists_in_forward_or_backward(mode):
+    """The issue's memory contract, measured: the tensors the loss creates (forward and the
+    checkpointed backward, `train/memory.py`) peak at a few chunks of `[chunk, vocab]` fp32
+    logits, never at the batch's `[tokens, vocab]`. Measured here: ~7 chunk-sized buffers
+    (student and teacher logits, their log-softmax and probabilities, the gradient); the bound
+    leaves room for 12, still a fifth of the dense tensor that 2048 tokens would need."""
+    from train.memory import SectionPeak
+
+    tokens, dim, vocab, chunk = 2048, 16, 1000, 32
+    g = torch.Generator().manual_seed(0)
+    hs = torch.randn(tokens, dim, generator=g, requires_grad=True)
+    ws = torch.randn(vocab, dim, generator=g, requires_grad=True)
+    ht, wt = torch.randn(tokens, dim, generator=g), torch.randn(vocab, dim, generator=g)
+    peaks = {}
+    for c in (chunk, 4 * chunk):
+        with SectionPeak(torch.device("cpu")) as peak:
+            chunked_reverse_kl(hs, ws, ht, wt, chunk=c, mode=mode, k=8).sum().backward()
+        peaks[c] = peak.bytes
+    one_chunk = chunk * vocab * 4
+    assert peaks[chunk] < 12 * one_chunk, peaks[chunk] / one_chunk
+    assert peaks[chunk] < tokens * vocab * 4 / 5
+    assert peaks[4 * chunk] > 3 * peaks[chunk]  # it scales with the chunk, not the batch
