@@ -100,10 +100,31 @@ def shard_model(model, g: EPGroups) -> None:
     model.shard_experts(g.ep_rank, g.ep_size,
                         lambda layer_id: AllToAllDispatcher(n_exp, g.ep_rank, g.ep_size,
                                                             g.ep_group))
+    mark_expert_params(model, g)
+
+
+def mark_expert_params(model, g: EPGroups) -> None:
+    """Tags the expert parameters for DeepSpeed (`allreduce=False`, `group_name`): its start-up
+    broadcast and gradient reduction then stay within the expert-data-parallel group.
+
+    The tags are attributes of the Parameter objects, so anything that replaces them drops the
+    tags: `to_empty` (meta → device) and `load_state_dict(assign=True)` do. Call this again
+    after them; `check_expert_marks` verifies before the engine is built."""
     for name, p in model.named_parameters():
         if is_expert_param(name):
             p.allreduce = False
             p.group_name = g.name
+
+
+def check_expert_marks(model, g: EPGroups) -> None:
+    """Unmarked experts would be broadcast from rank 0 over the whole data-parallel group (every
+    rank would hold rank 0's experts) and their gradients averaged across experts."""
+    bad = [name for name, p in model.named_parameters() if is_expert_param(name)
+           and (getattr(p, "allreduce", True) or getattr(p, "group_name", None) != g.name)]
+    if bad:
+        raise RuntimeError(f"expert parallelism: {len(bad)} expert parameters lost their "
+                           f"DeepSpeed expert-group tags (first: {bad[0]}); call "
+                           f"mark_expert_params after replacing parameters")
 
 
 def attach_engine(engine) -> None:

@@ -150,7 +150,9 @@ class Trainer:
         if cfg.parallel.ep_size > 1:  # before the optimizer and engine see the parameters
             self.ep = ep.create_groups(cfg.parallel.ep_size)
             ep.shard_model(self.model, self.ep)
-        self.model.to_empty(device=info.device)
+        self.model.to_empty(device=info.device)  # new Parameter objects: tags are gone
+        if self.ep is not None:
+            ep.mark_expert_params(self.model, self.ep)
         self.model.init_weights()
         # init_from: this rank's share of the starting weights, before the optimizer sees them
         init.apply_init_from(self.init_source, self.model, info, self.run_dir,
@@ -175,6 +177,8 @@ class Trainer:
             raise ValueError(f"optim.name={cfg.optim.name!r}: choose muon or adamw")
         self.scheduler = make_scheduler(self.optimizer, self.schedule)
         self.gas = self.grad_accum(self.global_batch_at(0))
+        if self.ep is not None:
+            ep.check_expert_marks(self.model, self.ep)
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model, optimizer=self.optimizer,
             config=deepspeed_config(cfg, info, self.gas, self.bf16))

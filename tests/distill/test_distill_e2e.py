@@ -143,13 +143,15 @@ def test_two_processes_equal_one(ckpts, tmp_path):
                       launcher=launcher, script=SCRIPTED)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     a = {r["step"]: r for r in rows(one) if "kl" in r}
-    for other, rels in ((two, (1e-4, 1e-4, 1e-4)), (ep, (1e-3, 3e-2, 3e-2))):
+    # measured: both within 5e-6 of one process over 3 steps (EP once differed by 3e-4 at step 1
+    # and 1e-2 by step 3: untagged experts, rank 0's copied over rank 1's; tests/parallel)
+    for other in (two, ep):
         b = {r["step"]: r for r in rows(other) if "kl" in r}
         assert sorted(a) == sorted(b) == [1, 2, 3]
-        for step, rel in zip((1, 2, 3), rels):
-            for key in ("loss", "kl/strings", "kl/arith"):
+        for step in (1, 2, 3):
+            for key in ("loss", "grad_norm", "kl/strings", "kl/arith"):
                 if key in a[step]:
-                    assert b[step][key] == pytest.approx(a[step][key], rel=rel), (other, step,
+                    assert b[step][key] == pytest.approx(a[step][key], rel=1e-4), (other, step,
                                                                                   key)
     assert a[1]["loss"] > 0.05 and a[3]["loss"] < a[1]["loss"]  # non-trivial, and learning
 
