@@ -179,9 +179,7 @@ class DistillTask(RolloutTask):
             per_token = sampled_kl_loss(logp, old, teacher)
             kl = (old - teacher).detach()                             # the sampled estimate
         else:
-            with SectionPeak(hidden.device) as peak:
-                per_token = self.teacher_kl(hidden, head, batch, kept, row_of_token)
-            self.loss_peak = max(self.loss_peak, peak.bytes)
+            per_token = self.measured(self.teacher_kl, hidden, head, batch, kept, row_of_token)
             kl = per_token.detach()
         if d.reward_coef:
             adv = batch["advantages"][row_of_token]
@@ -194,9 +192,7 @@ class DistillTask(RolloutTask):
         total = (per_token * weight).sum()
         metrics = {"kl": (kl * weight).sum()}
         if self.train_mtp:
-            with SectionPeak(hidden.device) as peak:
-                mtp = self.mtp_kl(out.mtp_hidden[0], head, batch, kept, sel)
-            self.loss_peak = max(self.loss_peak, peak.bytes)
+            mtp = self.measured(self.mtp_kl, out.mtp_hidden[0], head, batch, kept, sel)
             total = total + d.mtp_weight * mtp
             metrics["mtp_kl"] = mtp.detach()
         domain = batch["domain_id"][row_of_token]
@@ -256,6 +252,13 @@ class DistillTask(RolloutTask):
             w = batch["teacher_w"][row_of_token[nxt[ok]], k] * batch["loss_mask"][sel][nxt[ok]]
             total = total + (w * kl).sum()
         return total
+
+    def measured(self, kl_fn, hidden, *args) -> torch.Tensor:
+        """`kl_fn(hidden, *args)`, its tensors' peak kept for this step's `memory/loss_peak_gib`."""
+        with SectionPeak(hidden.device) as peak:
+            out = kl_fn(hidden, *args)
+        self.loss_peak = max(self.loss_peak, peak.bytes)
+        return out
 
     def step_metrics(self, step_seconds: float) -> dict[str, float]:
         """The rollout's metrics plus `memory/loss_peak_gib`: the most the full/top-k KL's own

@@ -92,10 +92,10 @@ def init_distributed(device_preference: str = "auto", timeout_s: float = 600) ->
 SHM_DIR = "/dev/shm"
 
 
-def shm_workspace_path(rank: int | None = None) -> str:
-    """The file DeepSpeed's CPU shared-memory all-reduce (`deepspeed_shm_comm`) creates for a
-    rank, named from the uid, MASTER_ADDR and MASTER_PORT (its `shm.cpp`)."""
-    rank = dist.get_rank() if rank is None else rank
+def shm_workspace_path() -> str:
+    """The file DeepSpeed's CPU shared-memory all-reduce (`deepspeed_shm_comm`) creates for this
+    rank, named from the uid, MASTER_ADDR, MASTER_PORT and rank (its `shm.cpp`)."""
+    rank = dist.get_rank()
     return os.path.join(SHM_DIR, f"deepspeed_allreduce_buffer_{os.getuid()}_"
                                  f"{os.environ.get('MASTER_ADDR', '')}_"
                                  f"{os.environ.get('MASTER_PORT', '')}_{rank}")
