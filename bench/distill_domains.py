@@ -33,27 +33,8 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import ENV, REPO, evaluate  # noqa: E402
 
-
-def weight_average(teachers: list[str], out: Path) -> Path:
-    """The teachers' element-wise mean, saved as a checkpoint of ours at `out`."""
-    sys.path.insert(0, str(REPO))
-    import torch
-
-    from model.weights import save_pretrained
-    from train.init import load_frozen_model
-
-    if (out / "config.json").is_file():
-        return out
-    loaded = [load_frozen_model(t, "cpu", torch.float32, what="teacher") for t in teachers]
-    first = loaded[0]
-    states = [f.model.state_dict() for f in loaded]
-    for name in states[0]:
-        if any(s[name].shape != states[0][name].shape for s in states):
-            raise ValueError(f"weight average: {name} has different shapes across teachers")
-    mean = {name: torch.stack([s[name].float() for s in states]).mean(0).to(states[0][name].dtype)
-            for name in states[0]}
-    save_pretrained(first.model, out, first.tokenizer_file, state_dict=mean)
-    return out
+sys.path.insert(0, str(REPO))
+from pipeline.average import weight_average  # noqa: E402
 
 
 def main() -> None:

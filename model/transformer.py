@@ -56,7 +56,10 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # weights given, so nn.Embedding skips its own normal_ init (init_weights fills it): on
+        # the meta device that init would import torch._dynamo, 3 s of every process start
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim,
+                                  _weight=torch.empty(cfg.vocab_size, cfg.dim))
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)

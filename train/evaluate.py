@@ -25,6 +25,8 @@ generated tokens; tool results excluded), `unparsable` (unreadable answers), `ve
 (verifier exceptions caught by `safe_verify`), `skipped` (prompts longer than the context), and
 the greedy finish reasons. With k=1 the sampled estimate is `pass@1_sampled` (the greedy one
 keeps `pass@1`). Rates are over evaluated (not skipped) items; None when there are none.
+`examples=E` keeps the first E greedy transcripts per domain (the user's last message, the
+completion, the reference answer, the score) under `examples`, for reports a person reads.
 """
 
 from __future__ import annotations
@@ -65,12 +67,13 @@ def evaluate_domains(model, tokenizer, domains: Sequence[Domain | str], n: int, 
                      split: str = "test", seed: int = 0, k: int = 0, samples: int | None = None,
                      temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                      max_new_tokens: int = 64, max_tool_turns: int | None = None,
-                     batch_size: int = 64, rank: int = 0, world: int = 1,
+                     batch_size: int = 64, rank: int = 0, world: int = 1, examples: int = 0,
                      generate_fn: Callable = generate) -> dict[str, Any]:
     """Scores `n` items of `split` per domain (module docstring). Returns
 
         {"domains": {name: {"pass@1", "pass@k" (when k), "format_valid", ...}},
-         "settings": {...}, "stats": {"generated_tokens", "seconds", ...}}
+         "settings": {...}, "stats": {"generated_tokens", "seconds", ...},
+         "examples": {name: [{"prompt", "completion", "answer", "correct", "reason"}]}}
 
     `domains`: Domain objects or names (built with default options). `k=0`: greedy only.
     `generate_fn`: `model.generation.generate` or a stand-in with its signature (tests)."""
@@ -93,6 +96,7 @@ def evaluate_domains(model, tokenizer, domains: Sequence[Domain | str], n: int, 
     greedy.validate(), sampled.validate()
     counts: dict[str, dict[str, float]] = {}
     stats = {"generated_tokens": 0.0, "generate_seconds": 0.0, "seconds": 0.0}
+    shown: dict[str, list[dict[str, Any]]] = {}
     for domain in built:
         items = [item for i, item in enumerate(domain.generate(split, n, seed))
                  if i % world == rank]
@@ -103,6 +107,7 @@ def evaluate_domains(model, tokenizer, domains: Sequence[Domain | str], n: int, 
             g = rollout(model, tokenizer, requests, greedy, generate_fn=generate_fn)
             _count_greedy(c, g)
             _add_stats(stats, g)
+            shown[domain.name] = [_example(items[s.request], s) for s in g.samples[:examples]]
             if k:
                 s = rollout(model, tokenizer, requests, sampled, generate_fn=generate_fn)
                 _count_sampled(c, s, samples, k)
@@ -115,7 +120,15 @@ def evaluate_domains(model, tokenizer, domains: Sequence[Domain | str], n: int, 
                          "max_new_tokens": max_new_tokens, "max_tool_turns": max_tool_turns,
                          "difficulty": {d.name: d.difficulty for d in built},
                          "world": world},
-            "stats": stats}
+            "stats": stats, "examples": shown}
+
+
+def _example(item, sample) -> dict[str, Any]:
+    """One greedy transcript as a person reads it (rank-local: no reduction)."""
+    user = [m for m in item.prompt_messages if m.get("role") == "user"]
+    return {"prompt": str(user[-1].get("content", "")) if user else "",
+            "completion": sample.text, "answer": item.answer,
+            "correct": bool(solved(sample.score)), "reason": sample.score.reason}
 
 
 def stage_evaluation(model, tokenizer, domains: Sequence[Domain], n: int, max_new_tokens: int,
@@ -248,6 +261,7 @@ class EvalConfig:
     max_new_tokens: int = 64
     max_tool_turns: Optional[int] = None
     batch_size: int = 64
+    examples: int = 0  # greedy transcripts kept per domain in the JSON (`examples`)
     out: Optional[str] = None
     device: str = "auto"
     dtype: Optional[str] = None
@@ -271,7 +285,8 @@ def parse_config(argv: list[str]) -> EvalConfig:
     cfg = OmegaConf.to_object(cfg)
     if cfg.ckpt is None:
         raise ValueError("ckpt=PATH is required")
-    for key, low in (("n", 1), ("k", 0), ("max_new_tokens", 1), ("batch_size", 1)):
+    for key, low in (("n", 1), ("k", 0), ("max_new_tokens", 1), ("batch_size", 1),
+                     ("examples", 0)):
         if getattr(cfg, key) < low:
             raise ValueError(f"{key}={getattr(cfg, key)}: must be >= {low}")
     if cfg.k and cfg.samples is not None and cfg.samples < cfg.k:
@@ -309,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
                                   seed=cfg.seed, k=cfg.k, samples=cfg.samples,
                                   temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                   max_new_tokens=cfg.max_new_tokens,
-                                  max_tool_turns=cfg.max_tool_turns, batch_size=cfg.batch_size)
+                                  max_tool_turns=cfg.max_tool_turns, batch_size=cfg.batch_size,
+                                  examples=cfg.examples)
     except (FileNotFoundError, ValueError, ImportError) as e:
         sys.stderr.write(f"error: {e}\n")
         return 2

@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 from model.config import ModelConfig
 from model.summary import count_parameters
 from model.transformer import Transformer
-from optim import build_optimizer, check_zero_stage
+from optim import MuonAdamW, build_optimizer, check_zero_stage
 from optim.schedule import LRSchedule, batch_size_ramp, make_scheduler
 
 from . import checkpoint as ckpt
@@ -170,9 +170,14 @@ class Trainer:
                 model_config=self.model_cfg,
                 expert_process_group=ep.optimizer_shard_group(self.ep) if self.ep else None)
         elif cfg.optim.name == "adamw":
-            self.optimizer = torch.optim.AdamW(
-                self.model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.adamw_betas),
-                eps=cfg.optim.adamw_eps, weight_decay=cfg.optim.weight_decay)
+            # our optimizer with every parameter in one AdamW group (the same update as
+            # torch.optim.AdamW), so a non-finite step is skipped as under Muon
+            named = list(self.model.named_parameters())
+            self.optimizer = MuonAdamW(
+                [{"params": [p for _, p in named], "param_names": [n for n, _ in named],
+                  "use_muon": False}],
+                lr=cfg.optim.lr, betas=tuple(cfg.optim.adamw_betas), eps=cfg.optim.adamw_eps,
+                weight_decay=cfg.optim.weight_decay)
         else:
             raise ValueError(f"optim.name={cfg.optim.name!r}: choose muon or adamw")
         self.scheduler = make_scheduler(self.optimizer, self.schedule)

@@ -11,14 +11,15 @@ import argparse
 import sys
 
 from data.domains.base import safe_verify
-from data.domains.registry import DOMAINS, REGISTRY, get_domain
+from data.domains import registry
+from data.domains.registry import DOMAINS, get_domain
 from encoding import encode_messages
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data.domains", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="the built-in domains and their difficulty levels")
+    sub.add_parser("list", help="the domains (built-in and $V4LAB_DOMAINS) and their levels")
     show = sub.add_parser("show", help="print rendered examples and the reference's score")
     show.add_argument("name", help=f"one of {', '.join(DOMAINS)} or rg:<task>")
     show.add_argument("--n", type=int, default=3)
@@ -29,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "list":
-        for name in DOMAINS:
-            cls = REGISTRY[name]
+        registry.load_plugins()
+        for name, cls in registry.REGISTRY.items():
             print(f"{name:12s} levels {list(cls.levels)}  {cls.description}")
         print("rg:<task>    any reasoning-gym task (pip install 'v4lab[domains]')")
         return 0

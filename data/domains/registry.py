@@ -2,10 +2,18 @@
 
 Built-in names map to our own generators; `rg:<task>` builds a reasoning-gym task through
 `data.domains.rgym` (optional dependency, imported only then).
+
+Your own domains, without editing this package: put `Domain` subclasses in a module that
+calls `register_domain(cls)` at import, and name it in the environment variable
+`V4LAB_DOMAINS` (comma-separated modules, importable from `PYTHONPATH`). Every entry point and
+every process of a launcher then knows them, because the variable travels with the
+environment: `V4LAB_DOMAINS=my_domains python -m rl.grpo grpo.domains=[my_task]`.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 from typing import Any
 
 from data.domains.arith import ArithDomain
@@ -19,6 +27,28 @@ REGISTRY: dict[str, type[Domain]] = {
 }
 DOMAINS: tuple[str, ...] = tuple(REGISTRY)
 RG_PREFIX = "rg:"
+PLUGINS_ENV = "V4LAB_DOMAINS"
+_loaded_plugins: set[str] = set()
+
+
+def register_domain(cls: type[Domain]) -> type[Domain]:
+    """Adds a Domain subclass under its `name` (usable as a class decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, Domain)) or not getattr(cls, "name", ""):
+        raise ValueError(f"register_domain: {cls!r} is not a named Domain subclass")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def load_plugins() -> None:
+    """Imports the modules named in $V4LAB_DOMAINS once each (they register their domains)."""
+    for module in (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",")):
+        if module and module not in _loaded_plugins:
+            try:
+                importlib.import_module(module)
+            except ImportError as error:
+                raise ImportError(f"{PLUGINS_ENV}={os.environ[PLUGINS_ENV]!r}: cannot import "
+                                  f"{module!r}: {error}") from error
+            _loaded_plugins.add(module)
 
 
 def get_domain(name: str, **options: Any) -> Domain:
@@ -34,9 +64,11 @@ def get_domain(name: str, **options: Any) -> Domain:
         if not task:
             raise ValueError(f"domain {name!r}: give a reasoning-gym task, e.g. 'rg:spell_backward'")
         return ReasoningGymDomain(task, **options)
+    load_plugins()
     if name not in REGISTRY:
-        raise ValueError(f"unknown domain {name!r}; known: {', '.join(DOMAINS)} "
-                         f"(or '{RG_PREFIX}<task>' for reasoning-gym)")
+        raise ValueError(f"unknown domain {name!r}; known: {', '.join(REGISTRY)} "
+                         f"(or '{RG_PREFIX}<task>' for reasoning-gym, or your own through "
+                         f"${PLUGINS_ENV})")
     try:
         return REGISTRY[name](**options)
     except TypeError as error:  # an unknown keyword: say which domain and what it takes

@@ -65,6 +65,29 @@ def test_registry_lists_builtins_and_rejects_unknown_names():
         get_domain("calculator", schema="brief", thinking_mode="thinking")
 
 
+
+def test_plugin_domains_come_from_the_environment(monkeypatch, capsys):
+    """$V4LAB_DOMAINS names modules whose import registers domains; every entry point's
+    `get_domain` (and `python -m data.domains list`) then knows them; a module that does not
+    import is an error naming the variable and the module."""
+    from data.domains import registry
+
+    monkeypatch.setattr(registry, "REGISTRY", dict(registry.REGISTRY))
+    monkeypatch.setattr(registry, "_loaded_plugins", set())
+    monkeypatch.setenv("V4LAB_DOMAINS", "tests.rl.first_char_domain")
+    sys.modules.pop("tests.rl.first_char_domain", None)
+    domain = get_domain("first_char")
+    item = domain.sample("test", 0)
+    assert safe_verify(domain, item, item.reference_completion()).format_valid
+    assert get_domain("first_char_odd").name == "first_char_odd"
+    assert cli_main(["list"]) == 0 and "first_char" in capsys.readouterr().out
+    monkeypatch.setattr(registry, "_loaded_plugins", set())
+    monkeypatch.setenv("V4LAB_DOMAINS", "tests.rl.first_char_domain, no_such_module_xyz")
+    with pytest.raises(ImportError, match="V4LAB_DOMAINS=.*cannot import 'no_such_module_xyz'"):
+        get_domain("strings")
+    with pytest.raises(ValueError, match="not a named Domain subclass"):
+        registry.register_domain(int)
+
 # ---- determinism and splits ---------------------------------------------------------------
 
 @pytest.mark.parametrize("name", BUILTIN)

@@ -14,11 +14,17 @@ def _run(monkeypatch, mode):
     cfg = get_config("tiny").replace(dim=64, n_heads=2, head_dim=32, rope_head_dim=8,
                                      q_lora_rank=32, o_lora_rank=32, index_n_heads=2,
                                      index_head_dim=16, index_topk=4, moe_inter_dim=32,
-                                     vocab_size=256, window_size=8, compress_ratios=(0, 4, 8, 4, 0))
+                                     n_routed_experts=4, vocab_size=256, window_size=8,
+                                     compress_ratios=(0, 4, 8, 4, 0),
+                                     # the interpreted mHC backward costs per Sinkhorn
+                                     # iteration; tests/kernels/test_mhc.py checks all 20
+                                     hc_sinkhorn_iters=4)
     model = Transformer(cfg)
     model.set_csa_mode("sparse", indexer_loss=True)
-    ids = torch.randint(0, cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
-    out = model(ids, doc_ids=torch.tensor([[0] * 25 + [1] * 15]))
+    # 28 tokens, two documents: several CSA/HCA blocks, the window and the indexer's top-k all
+    # act, and one block straddles the document boundary
+    ids = torch.randint(0, cfg.vocab_size, (1, 28), generator=torch.Generator().manual_seed(0))
+    out = model(ids, doc_ids=torch.tensor([[0] * 18 + [1] * 10]))
     loss = compute_loss(out, ids).total
     loss.backward()
     return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}

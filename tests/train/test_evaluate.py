@@ -56,7 +56,7 @@ def test_perfect_policy_scores_one_everywhere(domain_tokenizer):
     items = [it for d in domains for it in d.generate("test", 6, seed=2)]
     oracle = Oracle(tok, items)
     result = evaluate_domains(stub_model(), tok, domains, 6, seed=2, k=2, samples=3,
-                              max_new_tokens=200, generate_fn=oracle)
+                              max_new_tokens=200, examples=2, generate_fn=oracle)
     # per domain: greedy (T=0, one row per item), then T=1 with 3 rows per item; calculator
     # takes a second round after its tool result
     temps = [(c["temperature"], c["rows"]) for c in oracle.calls]
@@ -69,6 +69,11 @@ def test_perfect_policy_scores_one_everywhere(domain_tokenizer):
                 row["verifier_errors"]) == (6, 0, 0, 0), name
         assert row["finish"] == {"eos": 6} and row["mean_response_tokens"] > 0
     assert flat_metrics(result)["eval/calculator/pass@1"] == 1.0
+    # the first two greedy transcripts per domain, as a report shows them
+    by_domain = {d.name: [it for it in items if it.domain == d.name][:2] for d in domains}
+    for name, shown in result["examples"].items():
+        assert [e["answer"] for e in shown] == [it.answer for it in by_domain[name]], name
+        assert all(e["correct"] and e["completion"] and e["prompt"] for e in shown), name
     table = format_table(result)
     assert "pass@2" in table and "calculator" in table.splitlines()[-1]
 

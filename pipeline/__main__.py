@@ -1,0 +1,74 @@
+"""The whole DeepSeek-V4 recipe in one command: pre-training, one expert per domain (SFT, then
+GRPO), on-policy distillation of the experts into one student, the evaluation harness on every
+checkpoint, and a report.
+
+    python -m pipeline                              # tiny preset, this CPU, ~30 minutes
+    python -m pipeline name=mine jobs=1 distill.steps=200
+    python -m pipeline conf=small launcher=deepspeed nproc=8 jobs=1 \\
+        pretrain.reuse=runs/small/checkpoints/step_00010000 ...   # a GPU machine
+
+Hydra-configured (`conf/pipeline.yaml`, typed by `pipeline/config.py`). Every stage is the
+project's own entry point in a subprocess (`pipeline/stages.py`), so each stage is exactly what
+its own command does. Re-running the command skips the stages whose outputs are complete and
+resumes an interrupted one from its newest checkpoint; `report.md` and its plots are written
+again at the end of every run (`pipeline/report.py`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+
+def run(cfg) -> int:
+    from pathlib import Path
+
+    from pipeline.average import weight_average
+    from pipeline.config import pipeline_problems
+    from pipeline.report import write_report
+    from pipeline.runner import Runner, StageFailed, log
+    from pipeline.stages import build_stages
+
+    problems = pipeline_problems(cfg)
+    if problems:
+        sys.stderr.write("error: bad pipeline config:\n" + "".join(f"  {p}\n" for p in problems))
+        return 2
+    stages = build_stages(cfg, weight_average)
+    out = Path(cfg.out_dir)
+    todo = [s.name for s in stages if not s.done()]
+    log(f"pipeline {cfg.name}: {len(stages)} stages, {len(todo)} to run, {cfg.jobs} at a time; "
+        f"output {out}")
+    try:
+        Runner(out, cfg.launcher, cfg.nproc, cfg.jobs, cfg.stage_timeout).run(stages)
+    except (StageFailed, ValueError, FileNotFoundError) as error:
+        sys.stderr.write(f"error: {error}\n")
+        return 1
+    report = write_report(cfg, stages, out)
+    log(f"report: {report}")
+    return 0
+
+
+def main() -> None:
+    import hydra
+    from hydra.core.config_store import ConfigStore
+
+    from pipeline.config import PipelineConfig
+
+    ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)
+    code = 0
+
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="pipeline")
+    def entry(cfg) -> None:
+        nonlocal code
+        code = run(cfg)
+
+    entry()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

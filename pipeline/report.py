@@ -1,0 +1,238 @@
+"""`<out_dir>/report.md`, `report.json` and the PNGs beside them, from what the stages left:
+the harness's results (`eval/*.json`), each run's `metrics.jsonl`, and `stages.json`.
+
+The learning signal of each training stage is read from its own metrics, first few steps
+against last few (means of `WINDOW` logged values, so one noisy step cannot decide it):
+pre-training and SFT loss falls, GRPO's rollout reward rises, the distillation KL to each
+teacher falls. `report.json` carries the same numbers for programs (the tests read it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from .plots import bar_chart, curves
+from .stages import Stage
+
+WINDOW = 3
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill: the rest is still good
+            continue
+    return rows
+
+
+def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of `key`, the last value per step (a resumed run re-logs a step)."""
+    last = {r["step"]: float(r[key]) for r in rows if isinstance(r.get(key), (int, float))}
+    steps = sorted(last)
+    return steps, [last[s] for s in steps]
+
+
+def change(values: list[float]) -> tuple[float, float] | None:
+    if len(values) < 2:
+        return None
+    w = max(1, min(WINDOW, len(values) // 2))
+    return sum(values[:w]) / w, sum(values[-w:]) / w
+
+
+def signals(stages: list[Stage]) -> dict[str, dict[str, Any]]:
+    """Per training stage: the metric, its first and last values, and whether it moved the
+    way learning moves it."""
+    out = {}
+    for s in stages:
+        if s.kind not in ("pretrain", "sft", "grpo", "distill"):
+            continue
+        rows = read_metrics(s.run_dir)
+        keys = {"pretrain": ["loss"], "sft": ["loss"], "grpo": ["reward/mean"],
+                "distill": sorted(k for r in rows for k in r if k.startswith("kl/"))}[s.kind]
+        for key in dict.fromkeys(keys):
+            moved = change(series(rows, key)[1])
+            if moved is None:
+                out[f"{s.name} {key}"] = {"stage": s.name, "metric": key, "learned": False,
+                                          "first": None, "last": None}
+                continue
+            first, last = moved
+            rises = key.startswith("reward")
+            out[f"{s.name} {key}"] = {"stage": s.name, "metric": key, "first": first,
+                                      "last": last,
+                                      "learned": last > first if rises else last < first}
+    return out
+
+
+def costs(stages: list[Stage], record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Wall time (from stages.json), optimizer steps, tokens and the generation share."""
+    out = {}
+    for s in stages:
+        entry = record.get(s.name, {})
+        rows = read_metrics(s.run_dir) if s.kind in ("pretrain", "sft", "grpo", "distill") else []
+        steps = [r for r in rows if "step_seconds" in r]
+        step_s = sum(r["step_seconds"] for r in steps)
+        gen = sum(r.get("time/generate", 0.0) for r in steps)
+        tokens = max((r.get("tokens_seen", 0) for r in steps), default=0)
+        out[s.name] = {"seconds": entry.get("seconds"), "status": entry.get("status"),
+                       "steps": len(steps), "tokens": tokens, "step_seconds": step_s,
+                       "generate_share": gen / step_s if s.kind in ("grpo", "distill")
+                       and step_s else None}
+    return out
+
+
+def scores(stages: list[Stage]) -> dict[str, dict[str, Any]]:
+    table = {}
+    for s in stages:
+        if s.kind == "eval" and s.output.is_file():
+            table[s.name[len("eval/"):]] = json.loads(s.output.read_text())
+    return table
+
+
+def write_report(cfg: Any, stages: list[Stage], out: Path) -> Path:
+    out = Path(out)
+    record_path = out / "stages.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    domains = list(cfg.domains)
+    table = scores(stages)
+    learned, spent = signals(stages), costs(stages, record)
+    by_kind = {k: [s for s in stages if s.kind == k] for k in ("pretrain", "sft", "grpo",
+                                                              "distill")}
+    plots = []
+    pre = by_kind["pretrain"] or [_reused_pretrain(cfg)]
+    pre = [p for p in pre if p is not None]
+    if pre:
+        rows = read_metrics(pre[0].run_dir)
+        if curves(out / "pretraining.png", "pre-training", "step",
+                  {"loss": series(rows, "loss")}, right={"held-out bits/byte":
+                                                         series(rows, "val_bpb")}):
+            plots.append(("Pre-training: loss and held-out bits per byte", "pretraining.png"))
+    sft = {s.name: series(read_metrics(s.run_dir), "loss") for s in by_kind["sft"]}
+    if curves(out / "sft_loss.png", "SFT loss", "step", sft):
+        plots.append(("SFT loss of each expert and of the mixed-domain baseline",
+                      "sft_loss.png"))
+    reward = {s.name: series(read_metrics(s.run_dir), "reward/mean") for s in by_kind["grpo"]}
+    if curves(out / "grpo_reward.png", "GRPO rollout reward (T = 1)", "step", reward):
+        plots.append(("Each expert's GRPO reward curve", "grpo_reward.png"))
+    for s in by_kind["distill"]:
+        rows = read_metrics(s.run_dir)
+        kl = {f"KL to the {d} teacher": series(rows, f"kl/{d}") for d in domains}
+        if curves(out / "distill_kl.png", "on-policy distillation: reverse KL per teacher",
+                  "step", kl):
+            plots.append(("Distillation KL to each teacher", "distill_kl.png"))
+    bars = {row: [(result["domains"].get(d) or {}).get("pass@1") or 0.0 for d in domains]
+            for row, result in table.items()}
+    if bar_chart(out / "scores.png", "held-out pass@1 (greedy)", domains, bars):
+        plots.append(("pass@1 of every checkpoint on every domain", "scores.png"))
+    data = {"name": cfg.name, "written": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "machine": machine(), "domains": domains, "scores": {
+                row: r["domains"] for row, r in table.items()},
+            "signals": learned, "stages": spent, "plots": [p for _, p in plots]}
+    _atomic_write(out / "report.json", json.dumps(data, indent=2))
+    text = render(cfg, domains, table, learned, spent, plots,
+                  {**data, "record": record, "stage_objects": stages})
+    _atomic_write(out / "report.md", text)
+    return out / "report.md"
+
+
+def _reused_pretrain(cfg: Any) -> Stage | None:
+    """The reused pre-training run (its checkpoint's run directory), for its curves."""
+    if not cfg.pretrain.reuse:
+        return None
+    run_dir = Path(cfg.pretrain.reuse).parent.parent
+    return Stage("pretrain", "pretrain", run_dir) if (run_dir / "metrics.jsonl").is_file() \
+        else None
+
+
+def machine() -> str:
+    import torch
+
+    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+              else f"CPU only, {os.cpu_count()} cores")
+    return f"{platform.node()}: {platform.machine()}, {device}; torch {torch.__version__}"
+
+
+def _cell(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def render(cfg, domains, table, learned, spent, plots, data) -> str:
+    lines = [f"# {cfg.name}: the DeepSeek-V4 recipe end to end", "",
+             f"Written {data['written']} on {data['machine']}; preset `conf={cfg.conf}`, "
+             f"launcher {cfg.launcher} × {cfg.nproc}, {cfg.jobs} stage(s) at a time.", "",
+             f"## Every checkpoint on every domain ({cfg.eval.n} held-out items each, greedy)",
+             ""]
+    head = ["model"] + [f"{d} {c}" for d in domains for c in ("pass@1", "format", "length")]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row, result in table.items():
+        cells = [row]
+        for d in domains:
+            r = result["domains"].get(d) or {}
+            cells += [_cell(r.get("pass@1")), _cell(r.get("format_valid"), 2),
+                      _cell(r.get("mean_response_tokens"), 1)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "`weight_average` is the experts' element-wise mean; `sft/mixed` is SFT on "
+              "all domains' data, the distillation's starting point.", "",
+              "## Did each stage learn?", "", "| stage | metric | first | last | learned |",
+              "|---|---|---|---|---|"]
+    for sig in learned.values():
+        lines.append(f"| {sig['stage']} | {sig['metric']} | {_cell(sig['first'])} | "
+                     f"{_cell(sig['last'])} | {'yes' if sig['learned'] else '**no**'} |")
+    lines += ["", f"First and last are means of {WINDOW} logged values.", "",
+              "## Time and tokens", "",
+              "| stage | wall time | steps | tokens | generation share of a step |",
+              "|---|---|---|---|---|"]
+    total = 0.0
+    for name, c in spent.items():
+        wall = c["seconds"]
+        total += wall or 0.0
+        share = "-" if c["generate_share"] is None else f"{100 * c['generate_share']:.0f} %"
+        wall_text = "-" if wall is None else f"{wall / 60:.1f} min"
+        lines.append(f"| {name} | {wall_text} | {c['steps'] or '-'} | "
+                     f"{c['tokens'] or '-'} | {share} |")
+    ran = [(e["started"], e["started"] + e["seconds"]) for e in data["record"].values()
+           if e.get("status") == "ran" and "started" in e]
+    span = f"; first start to last end {(max(b for _, b in ran) - min(a for a, _ in ran)) / 60:.1f}" \
+        f" min" if ran else ""
+    lines += ["", f"Stages' wall time summed: {total / 60:.1f} min ({cfg.jobs} at a time{span})."]
+    if not any(s.kind == "pretrain" for s in data["stage_objects"]):
+        lines.append(f"Pre-training was reused: `{cfg.pretrain.reuse}`.")
+    lines.append("")
+    if plots:
+        lines += ["## Plots", ""]
+        for caption, name in plots:
+            lines += [f"**{caption}**", "", f"![{caption}]({name})", ""]
+    student = table.get("distill", {}).get("examples") or {}
+    if student:
+        lines += ["## The student's conversations", ""]
+        for d, examples in student.items():
+            lines += [f"### {d}", ""]
+            for e in examples:
+                mark = "correct" if e["correct"] else f"wrong ({e['reason']})"
+                lines += [f"- **user:** {_quote(e['prompt'])}",
+                          f"  **student:** {_quote(e['completion'])}",
+                          f"  reference `{e['answer']}`: {mark}", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _quote(text: str) -> str:
+    text = " ".join(str(text).split())
+    return f"`{text.replace('`', chr(39))}`"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,160 @@
+"""Runs the stages: each as soon as the stages it reads are complete, `jobs` at a time.
+
+A stage's output goes to `<out_dir>/logs/<stage>.log`; the console gets one line when it starts
+and one when it ends. What each stage cost is kept in `<out_dir>/stages.json` (written
+atomically after every stage), so a re-run that skips finished stages still reports their time.
+When a stage fails, the running ones get SIGTERM (the trainer saves a checkpoint and stops, so
+nothing is lost), and the error names the stage, its exit status, its log and the log's tail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+from .stages import Stage
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def stage_env(jobs: int) -> dict[str, str]:
+    """The stages' environment: unbuffered output, and (unless the user chose) the CPU's
+    threads shared among the stages that run at once instead of each taking them all."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    return env
+
+
+class Runner:
+    def __init__(self, out_dir: Path, launcher: str, nproc: int, jobs: int, timeout: float):
+        self.out_dir, self.launcher, self.nproc = Path(out_dir), launcher, nproc
+        self.jobs, self.timeout = jobs, timeout
+        self.record_path = self.out_dir / "stages.json"
+        self.record: dict[str, Any] = (json.loads(self.record_path.read_text())
+                                       if self.record_path.is_file() else {})
+        self.lock = threading.Lock()
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.env = stage_env(jobs)
+
+    def run(self, stages: list[Stage]) -> None:
+        names = {s.name for s in stages}
+        for s in stages:
+            missing = [n for n in s.needs if n not in names]
+            if missing:
+                raise ValueError(f"stage {s.name} needs {missing}, which are not in the plan")
+        finished: set[str] = set()
+        pending = list(stages)
+        running: dict[Future, Stage] = {}
+        with ThreadPoolExecutor(self.jobs) as pool:
+            while pending or running:
+                self.skip_complete(pending, finished)
+                for s in [s for s in pending if all(n in finished for n in s.needs)]:
+                    if len(running) < self.jobs:
+                        pending.remove(s)
+                        running[pool.submit(self.run_one, s)] = s
+                if not running:
+                    if pending:  # cannot happen with build_stages' order; say so if it does
+                        raise StageFailed(f"stages {[s.name for s in pending]} wait on stages "
+                                          f"that never finish")
+                    break
+                done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for future in done:
+                    stage = running.pop(future)
+                    try:
+                        future.result()
+                    except BaseException:
+                        self.stop_all()
+                        wait(list(running))
+                        raise
+                    finished.add(stage.name)
+
+    def skip_complete(self, pending: list[Stage], finished: set[str]) -> None:
+        """Marks finished every ready stage whose output exists, until none is left (a skipped
+        stage can make the next one ready)."""
+        ready = [s for s in pending if all(n in finished for n in s.needs) and s.done()]
+        while ready:
+            for s in ready:
+                pending.remove(s)
+                finished.add(s.name)
+                self.note(s, status="complete")
+            ready = [s for s in pending if all(n in finished for n in s.needs) and s.done()]
+
+    def run_one(self, stage: Stage) -> None:
+        t0 = time.time()
+        log(f"start {stage.name}" + ("" if stage.fn else f"  (log {self.log_path(stage)})"))
+        if stage.fn is not None:
+            stage.fn()
+        else:
+            self.run_command(stage)
+        if not stage.done():
+            raise StageFailed(f"stage {stage.name} exited cleanly but left no "
+                              f"{stage.output or stage.checkpoint}; see {self.log_path(stage)}")
+        seconds = time.time() - t0
+        self.note(stage, status="ran", seconds=seconds, started=t0)
+        log(f"done  {stage.name} in {seconds / 60:.1f} min")
+
+    def run_command(self, stage: Stage) -> None:
+        path = self.log_path(stage)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = stage.command(self.launcher, self.nproc)
+        with open(path, "a") as out:
+            out.write(f"$ {' '.join(cmd)}\n")
+            out.flush()
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                    start_new_session=True)
+            with self.lock:
+                self.procs[stage.name] = proc
+            try:
+                code = proc.wait(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                _signal(proc, signal.SIGTERM)
+                code = proc.wait()
+                raise StageFailed(f"stage {stage.name} ran past stage_timeout="
+                                  f"{self.timeout:g}s and was stopped; see {path}") from None
+            finally:
+                with self.lock:
+                    self.procs.pop(stage.name, None)
+        if code != 0:
+            tail = "".join(path.read_text(errors="replace").splitlines(True)[-25:])
+            raise StageFailed(f"stage {stage.name} failed (exit status {code}); log {path}; "
+                              f"its end:\n{tail}")
+
+    def stop_all(self) -> None:
+        with self.lock:
+            for proc in self.procs.values():
+                _signal(proc, signal.SIGTERM)
+
+    def log_path(self, stage: Stage) -> Path:
+        return self.out_dir / "logs" / f"{stage.name.replace('/', '_')}.log"
+
+    def note(self, stage: Stage, **fields: Any) -> None:
+        """Keeps the latest run's cost of each stage; a skipped stage keeps its old figures."""
+        with self.lock:
+            entry = self.record.setdefault(stage.name, {})
+            if fields.get("status") == "complete" and entry:
+                return
+            entry.update(fields, kind=stage.kind, run_dir=str(stage.run_dir))
+            self.record_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.record_path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(self.record, indent=2))
+            os.replace(tmp, self.record_path)
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # the launcher and every rank it started
+    except ProcessLookupError:
+        pass
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
