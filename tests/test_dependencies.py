@@ -31,10 +31,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LIBRARY = ["model", "optim", "kernels", "data", "encoding", "train", "rl", "distill", "bench",
-           "generate.py"]
-OWN = {"model", "optim", "kernels", "data", "encoding", "train", "rl", "distill", "bench",
-       "generate", "tests", "conftest"}
+LIBRARY = ["model", "optim", "kernels", "data", "encoding", "train", "rl", "distill", "pipeline",
+           "bench", "generate.py"]
+OWN = {"model", "optim", "kernels", "data", "encoding", "train", "rl", "distill", "pipeline",
+       "bench", "generate", "tests", "conftest"}
 
 
 def normalise(name: str) -> str:
