@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from data.cache import atomic_write_text
+
 from .plots import bar_chart, curves
 from .stages import Stage
 
@@ -137,10 +139,10 @@ def write_report(cfg: Any, stages: list[Stage], out: Path) -> Path:
             "machine": machine(), "domains": domains, "scores": {
                 row: r["domains"] for row, r in table.items()},
             "signals": learned, "stages": spent, "plots": [p for _, p in plots]}
-    _atomic_write(out / "report.json", json.dumps(data, indent=2))
+    atomic_write_text(out / "report.json", json.dumps(data, indent=2))
     text = render(cfg, domains, table, learned, spent, plots,
                   {**data, "record": record, "stage_objects": stages})
-    _atomic_write(out / "report.md", text)
+    atomic_write_text(out / "report.md", text)
     return out / "report.md"
 
 
@@ -229,10 +231,3 @@ def render(cfg, domains, table, learned, spent, plots, data) -> str:
 def _quote(text: str) -> str:
     text = " ".join(str(text).split())
     return f"`{text.replace('`', chr(39))}`"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

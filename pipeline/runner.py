@@ -19,6 +19,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
+from data.cache import atomic_write_text
+
 from .stages import Stage
 
 
@@ -143,10 +145,7 @@ class Runner:
             if fields.get("status") == "complete" and entry:
                 return
             entry.update(fields, kind=stage.kind, run_dir=str(stage.run_dir))
-            self.record_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.record_path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(self.record, indent=2))
-            os.replace(tmp, self.record_path)
+            atomic_write_text(self.record_path, json.dumps(self.record, indent=2))
 
 
 def _signal(proc: subprocess.Popen, sig: int) -> None:
