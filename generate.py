@@ -11,7 +11,9 @@ release) or a training checkpoint `runs/x/checkpoints/step_N`, whose `model/` is
 Other overrides: tokenizer=PATH (default: the checkpoint's tokenizer.json), device=cpu|cuda,
 dtype=bfloat16|float32, chat=true (wrap prompt/input_file prompts as one user message with the
 chat encoding; default: raw text after BOS), bos=false, stop="text" (an extra stop string),
-batch_size=N (input_file), csa_mode=dense|sparse.
+batch_size=N (input_file), csa_mode=dense|sparse, speculative=true (the MTP block drafts each
+next token and the following forward verifies it: the same output distribution, greedy output
+unchanged; the drafts accepted are reported with the speeds).
 
 Interactive mode is a multi-turn chat encoded with `encoding/` (`mode=chat` or `thinking`);
 `/clear` starts a new conversation and `/exit` quits. Tokens are printed as they come (one
@@ -32,11 +34,11 @@ DEFAULTS: dict[str, Any] = dict(
     ckpt=None, prompt=None, input_file=None, interactive=False, max_new_tokens=256,
     temperature=0.6, top_p=1.0, top_k=0, seed=None, tokenizer=None, device=None, dtype=None,
     chat=False, bos=True, mode="chat", reasoning_effort=None, stop=None, batch_size=16,
-    csa_mode=None,
+    csa_mode=None, speculative=False,
 )
 _INTS = ("max_new_tokens", "top_k", "seed", "batch_size")
 _FLOATS = ("temperature", "top_p")
-_BOOLS = ("interactive", "chat", "bos")
+_BOOLS = ("interactive", "chat", "bos", "speculative")
 
 
 def parse_overrides(argv: list[str]) -> dict[str, Any]:
@@ -154,12 +156,14 @@ def sample(model, tokenizer, prompts: list[list[int]], opts: dict[str, Any],
                    seed=opts["seed"], eos_id=tokenizer.eos_token_id,
                    stop_strings=[opts["stop"]] if opts["stop"] else None,
                    decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
-                   on_token=on_token)
+                   on_token=on_token, speculative=opts["speculative"])
     s = out.stats
     err.write(f"prefill: {s['prefill_tokens']:.0f} tokens, {s['prefill_s']:.2f}s, "
               f"{s['prefill_tokens'] / max(s['prefill_s'], 1e-9):.1f} tok/s | decode: "
               f"{s['decode_tokens']:.0f} tokens, {s['decode_s']:.2f}s, "
-              f"{s['decode_tokens'] / max(s['decode_s'], 1e-9):.1f} tok/s\n")
+              f"{s['decode_tokens'] / max(s['decode_s'], 1e-9):.1f} tok/s"
+              + (f" | MTP drafts accepted: {s['accepted']:.0f}/{s['drafted']:.0f}"
+                 if "drafted" in s else "") + "\n")
     return out
 
 

@@ -43,6 +43,7 @@ class DistillSection:
     max_new_tokens: int = _num(64, ">= 1")
     max_tool_turns: Optional[int] = _num(None, ">= 0")
     rollout_batch_size: int = _num(64, ">= 1")
+    speculative: bool = False                 # MTP speculative decoding in rollouts
     reward_timeout: float = _num(10.0, "> 0")
     keep_routing: bool = True
     # --- loss (distill/loss.py)

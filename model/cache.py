@@ -91,7 +91,10 @@ class ModelCache:
     """All layers' caches for `batch` rows of at most `max_len` tokens each."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, layer_ids: range | None = None):
+        """`layer_ids`: the attention layers cached (default the main layers; the MTP blocks,
+        `range(n_layers, n_layers + n_mtp_layers)`, get a cache of their own for speculative
+        decoding, since the draft block runs one position behind the main model)."""
         if batch <= 0 or max_len <= 0:
             raise ValueError(f"ModelCache: batch={batch} and max_len={max_len} must be positive")
         self.cfg, self.max_len, self.dtype = cfg, max_len, dtype
@@ -106,8 +109,9 @@ class ModelCache:
             return CompressorState(zeros(batch, coff * ratio + 1, coff * width, dt=torch.float32),
                                    zeros(batch, coff * ratio + 1, coff * width, dt=torch.float32))
 
-        self.layers: list[LayerCache] = []
-        for i in range(cfg.n_layers):
+        self.layer_ids = range(cfg.n_layers) if layer_ids is None else layer_ids
+        self.layers: dict[int, LayerCache] = {}  # layer id -> its cache
+        for i in self.layer_ids:
             ratio, kind = cfg.compress_ratios[i], cfg.layer_kind(i)
             layer = LayerCache(window=zeros(batch, w + 1, c))
             if ratio:
@@ -116,7 +120,7 @@ class ModelCache:
             if kind == "csa":
                 layer.index_keys = zeros(batch, max_len // CSA_RATIO + 1, d)
                 layer.index_state = state(CSA_RATIO, d, overlap=True)
-            self.layers.append(layer)
+            self.layers[i] = layer
 
     @property
     def batch(self) -> int:
@@ -146,19 +150,31 @@ class ModelCache:
             row = int(end.argmax())
             raise ValueError(f"cache full: row {row} would hold {end_max} tokens, "
                              f"max_len={self.max_len} (create the cache with a larger max_len)")
-        ratios = {r for r in self.cfg.compress_ratios[:self.cfg.n_layers] if r} | {CSA_RATIO}
+        ratios = {r for r in (self.cfg.compress_ratios[i] for i in self.layer_ids) if r}
+        ratios |= {CSA_RATIO}
         return CacheStep(start=start, positions=expected, valid=valid, end=end,
                          fresh=start_max == 0, n_entries={r: end_max // r for r in ratios})
 
     def commit(self, step: CacheStep) -> None:
         self.lengths = step.end
 
+    def rewind(self, counts: torch.Tensor) -> None:
+        """Forgets the last `counts[row]` tokens of each row (a rejected speculative draft).
+
+        Shortening `lengths` is the whole rollback: every write is addressed by position (ring
+        slot pos % size, entry slot pos // ratio) and every read is bounded by the row's length,
+        so a forgotten token's slots are either invisible (an entry past `lengths // ratio`) or
+        hold a position no later query reads (the ring slot of position L, reused by L - size,
+        which is outside the window of every query at L or later), and they are overwritten when
+        the row reaches that position again."""
+        self.lengths = self.lengths - counts.to(self.lengths)
+
     # ------------------------------------------------------------------ housekeeping
     def select(self, rows: torch.Tensor | list[int]) -> None:
         """Keeps only `rows` (in that order), e.g. to drop finished sequences from a batch."""
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
         self.lengths = self.lengths.index_select(0, rows)
-        for layer in self.layers:
+        for layer in self.layers.values():
             for f in fields(layer):
                 value = getattr(layer, f.name)
                 if isinstance(value, torch.Tensor):
@@ -171,7 +187,7 @@ class ModelCache:
         """Bytes held, by part: 'window', 'entries', 'index_keys' (grow with context) and
         'state' (compressor tails, fixed per sequence). Excludes the one write-sink slot."""
         out = {"window": 0, "entries": 0, "index_keys": 0, "state": 0}
-        for layer in self.layers:
+        for layer in self.layers.values():
             for name, t in layer.tensors().items():
                 part = "state" if "state" in name else name
                 out[part] += (t.shape[1] - 1) * t[:, :1].numel() * t.element_size()

@@ -75,7 +75,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
              return_sampling_mask: bool = False, stop_strings: Sequence[str] | None = None,
              decode: Callable[[list[int]], str] | None = None,
              on_token: Callable[[int, int], None] | None = None,
-             pad_id: int | None = None) -> GenerationOutput:
+             pad_id: int | None = None, speculative: bool = False) -> GenerationOutput:
     """Samples up to `max_new_tokens` per prompt (token id lists, BOS included if wanted).
 
     Stops a row on `eos_id`, on any of `stop_token_sequences` (matched on generated ids), on any
@@ -84,21 +84,24 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     called for every generated token as it is drawn (streaming). Sampling as in `sampling.py`;
     `seed` makes the draws reproducible for the same batch. Runs under `no_grad` in eval mode
     and restores the model's training flag; the returned tensors are ordinary (not inference
-    tensors), so routes can be replayed in a training forward."""
+    tensors), so routes can be replayed in a training forward. `speculative=True` drafts each
+    next token with the MTP block and verifies it in the following forward
+    (`model/speculative.py`): the same outputs, distributed exactly as without it."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             return _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, seed,
                              eos_id, stop_token_sequences, return_logprobs, return_routes,
-                             return_sampling_mask, stop_strings, decode, on_token, pad_id)
+                             return_sampling_mask, stop_strings, decode, on_token, pad_id,
+                             speculative)
     finally:
         model.train(was_training)
 
 
 def _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, eos_id,
               stop_token_sequences, return_logprobs, return_routes, return_sampling_mask,
-              stop_strings, decode, on_token, pad_id) -> GenerationOutput:
+              stop_strings, decode, on_token, pad_id, speculative) -> GenerationOutput:
     cfg = model.cfg
     device = model.embed.weight.device
     peer = token_dispatcher(model)
@@ -112,6 +115,11 @@ def _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, e
         if not prompts and not peer.collective:
             raise ValueError("prompts: empty batch")
         _check_prompts(prompts, cfg)
+        if speculative and not cfg.n_mtp_layers:
+            raise ValueError("speculative=True: the model has no MTP block to draft with "
+                             "(n_mtp_layers=0)")
+        if speculative and peer.collective:
+            raise ValueError("speculative=True: not supported under expert parallelism yet")
         pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
         if not 0 <= pad < cfg.vocab_size:  # padding is embedded like any token
             raise ValueError(f"{'pad_id' if pad_id is not None else 'eos_id'}={pad}: outside "
@@ -131,6 +139,19 @@ def _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, e
     n_layers = cfg.n_layers
     store_kept = return_sampling_mask and restricts(params, cfg.vocab_size)
 
+    def finish(row: _Row) -> str | None:
+        return _finish_reason(row, eos_id, stops, stop_strings, decode)
+
+    if speculative:
+        from .speculative import speculative_decode  # it builds on this module's rows
+
+        stats = speculative_decode(model, prompts, rows, params, gen, pad, finish, on_token,
+                                   return_logprobs, return_routes, store_kept)
+        _sync(device)
+        stats["prefill_tokens"] = float(sum(len(p) for p in prompts))
+        return _output(rows, return_logprobs, return_routes, return_sampling_mask, store_kept,
+                       stats)
+
     # prefill: right-padded prompts, logits at each row's last prompt token
     lens = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
     t0 = time.perf_counter()
@@ -145,9 +166,9 @@ def _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, e
         out = model(ids, token_mask=mask, cache=cache, logits_index=(lens - 1)[:, None])
         logits = out.logits[:, 0]  # [batch, vocab]
         if return_routes:
-            prompt_routes = torch.stack(out.routes[:n_layers], dim=2)  # [batch, width, layers, k]
+            prompt_routes = torch.stack(out.routes[:n_layers], dim=2).cpu()  # [b, w, layers, k]
             for i, r in enumerate(rows):
-                r.routes.append(prompt_routes[i, :r.prompt_len].cpu())
+                r.routes.append(prompt_routes[i, :r.prompt_len])
     else:  # an EP rank without prompts still joins the group's prefill
         _idle_forward(model, device)
     _sync(device)
@@ -165,24 +186,9 @@ def _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, e
         if active:
             logp, kept = sampling_distribution(logits, params)
             tok = logits.float().argmax(-1) if params.greedy else draw(logp, gen)  # [batch]
-            tok_list = tok.tolist()
-            raw = torch.log_softmax(logits.float(), -1) if return_logprobs else None
-            if store_kept:  # one nonzero and one copy per step, split per row on the host
-                step_kept = KeptSets.from_mask(kept).to("cpu")
-                kept_rows = step_kept.ids.split(step_kept.counts.tolist())
-            for i, row_id in enumerate(active):
-                row = rows[row_id]
-                row.tokens.append(tok_list[i])
-                if return_logprobs:
-                    row.logprobs.append(logp[i, tok_list[i]].cpu())
-                    row.raw.append(raw[i, tok_list[i]].cpu())
-                if store_kept:
-                    row.kept_ids.append(kept_rows[i])
-                if on_token is not None:
-                    on_token(row_id, tok_list[i])
-                row.finish = _finish_reason(row, eos_id, stops, stop_strings, decode)
-                if row.finish:
-                    done.append(i)
+            emit_step(rows, active, [True] * len(active), tok, logp, kept, logits, finish,
+                      on_token, return_logprobs, store_kept)
+            done = [i for i, row_id in enumerate(active) if rows[row_id].finish]
             decode_tokens += len(active)
             keep = [i for i in range(len(active)) if i not in done]
             if done and not return_routes:  # finished rows need no more forwards
@@ -196,16 +202,23 @@ def _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, e
         out = model(tok[:, None], cache=cache)  # one token per row at cache.lengths
         logits = out.logits[:, 0]
         if return_routes:  # the fed token's routes; finished rows leave after this forward
-            step_routes = torch.stack(out.routes[:n_layers], dim=2)[:, 0]  # [batch, layers, k]
+            step_routes = torch.stack(out.routes[:n_layers], dim=2)[:, 0].cpu()  # [b, layers, k]
             for i, row_id in enumerate(active):
-                rows[row_id].routes.append(step_routes[i:i + 1].cpu())
+                rows[row_id].routes.append(step_routes[i:i + 1])
             if done:
                 active, logits = _shrink(cache, active, logits, keep)
     _sync(device)
     t2 = time.perf_counter()
 
+    return _output(rows, return_logprobs, return_routes, return_sampling_mask, store_kept,
+                   {"prefill_tokens": float(lens.sum()), "prefill_s": t1 - t0,
+                    "decode_tokens": float(decode_tokens), "decode_s": t2 - t1})
+
+
+def _output(rows: list[_Row], return_logprobs, return_routes, return_sampling_mask, store_kept,
+            stats: dict[str, float]) -> GenerationOutput:
     result = GenerationOutput(tokens=[r.tokens for r in rows],
-                              finish_reasons=[r.finish or "length" for r in rows])
+                              finish_reasons=[r.finish or "length" for r in rows], stats=stats)
     if return_logprobs:
         result.logprobs = [_stack(r.logprobs) for r in rows]
         result.raw_logprobs = [_stack(r.raw) for r in rows]
@@ -213,9 +226,37 @@ def _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, e
         result.routes = [torch.cat(r.routes) for r in rows]
     if return_sampling_mask:
         result.kept_sets = [_kept_sets(r.kept_ids) if store_kept else None for r in rows]
-    result.stats = {"prefill_tokens": float(lens.sum()), "prefill_s": t1 - t0,
-                    "decode_tokens": float(decode_tokens), "decode_s": t2 - t1}
     return result
+
+
+def emit_step(rows: list[_Row], active: list[int], which: list[bool], tokens: torch.Tensor,
+              logp: torch.Tensor, kept: torch.Tensor, logits: torch.Tensor, finish_reason,
+              on_token, return_logprobs: bool, store_kept: bool) -> None:
+    """Appends `tokens[i]` `[batch]` to row `active[i]` where `which[i]` and the row still runs,
+    with its per-token outputs (log-prob under `logp`, raw log-prob under `logits`' softmax, the
+    kept set of `kept`), and sets the row's finish reason. One host copy per output per step,
+    split per row on the host, never one per row."""
+    tok = tokens.tolist()
+    if return_logprobs:
+        picked = tokens[:, None]
+        step_logp = logp.gather(1, picked)[:, 0].cpu()
+        step_raw = torch.log_softmax(logits.float(), -1).gather(1, picked)[:, 0].cpu()
+    if store_kept:
+        step_kept = KeptSets.from_mask(kept).to("cpu")
+        kept_rows = step_kept.ids.split(step_kept.counts.tolist())
+    for i, row_id in enumerate(active):
+        row = rows[row_id]
+        if not which[i] or row.finish is not None:
+            continue
+        row.tokens.append(tok[i])
+        if return_logprobs:
+            row.logprobs.append(step_logp[i])
+            row.raw.append(step_raw[i])
+        if store_kept:
+            row.kept_ids.append(kept_rows[i])
+        if on_token is not None:
+            on_token(row_id, tok[i])
+        row.finish = finish_reason(row)
 
 
 def _check_prompts(prompts, cfg) -> None:

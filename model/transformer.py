@@ -50,6 +50,9 @@ class ModelOutput:
     # same per MTP depth; the caller applies `head.weight` itself, e.g. in token chunks
     hidden: torch.Tensor | None = None
     mtp_hidden: list[torch.Tensor] = field(default_factory=list)
+    # forward(keep_streams=True): the last main block's residual streams [batch, seq, hc, dim],
+    # what the MTP block reads (speculative decoding drafts from them)
+    streams: torch.Tensor | None = None
 
 
 class Transformer(nn.Module):
@@ -113,11 +116,34 @@ class Transformer(nn.Module):
             self.compute_indexer_loss = indexer_loss
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
-                  device: torch.device | str | None = None) -> ModelCache:
+                  device: torch.device | str | None = None, mtp: bool = False) -> ModelCache:
         """An empty inference cache for `batch` rows of up to `max_len` tokens (model dtype and
-        device by default)."""
-        w = self.embed.weight
-        return ModelCache(self.cfg, batch, max_len, dtype or w.dtype, device or w.device)
+        device by default); `mtp=True`: the cache of the MTP blocks, for `mtp_draft`."""
+        w, cfg = self.embed.weight, self.cfg
+        layers = range(cfg.n_layers, cfg.n_layers + cfg.n_mtp_layers) if mtp else None
+        return ModelCache(cfg, batch, max_len, dtype or w.dtype, device or w.device, layers)
+
+    def mtp_draft(self, streams: torch.Tensor, next_ids: torch.Tensor, cache: ModelCache,
+                  token_mask: torch.Tensor | None = None,
+                  logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        """The first MTP block, incrementally: `streams` `[batch, seq, hc, dim]` are the main
+        model's (`forward(keep_streams=True)`) at the positions `cache.lengths + arange(seq)`,
+        `next_ids` `[batch, seq]` the token after each of them; → logits `[batch, k, vocab]`
+        for the token after that, at the sequence indices `logits_index` `[batch, k]` (all
+        positions when None). `cache` is `new_cache(..., mtp=True)`; the block attends to its
+        own earlier positions there, exactly as in the training forward."""
+        if not self.mtp:
+            raise ValueError("mtp_draft: the model has no MTP block (n_mtp_layers=0)")
+        step = cache.begin(next_ids, None, token_mask)
+        freqs = {c: rope_frequencies(self.cfg, c).to(next_ids.device) for c in (False, True)}
+        ctx = AttentionContext(torch.zeros_like(next_ids), step.positions, freqs, self.csa_mode,
+                               False, cache=cache, step=step)
+        y, _ = self.mtp[0].predict(streams, self.embed(next_ids), ctx, next_ids, None,
+                                   token_mask=token_mask)  # [batch, seq, dim], normed
+        cache.commit(step)
+        if logits_index is not None:
+            y = y.gather(1, logits_index[..., None].expand(-1, -1, y.shape[-1]))
+        return self.head(y)
 
     def shard_experts(self, ep_rank: int, ep_size: int, make_dispatcher) -> None:
         """Expert parallelism: every MoE layer (MTP blocks included) keeps only this rank's
@@ -140,7 +166,7 @@ class Transformer(nn.Module):
                 positions: torch.Tensor | None = None, routes=None,
                 token_mask: torch.Tensor | None = None, cache: ModelCache | None = None,
                 logits_index: torch.Tensor | None = None, mtp: bool = True,
-                head: bool = True) -> ModelOutput:
+                head: bool = True, keep_streams: bool = False) -> ModelOutput:
         """input_ids `[batch, seq]`; `routes` replays expert ids (one `[batch, seq, topk]` per
         block, MTP blocks last; an entry may be None) instead of the routers' own top-k; the
         routers still score every token (the routing weights, and so the router gradient, come
@@ -156,7 +182,8 @@ class Transformer(nn.Module):
         `mtp_logits` is then empty and `expert_counts` has main-layer rows only). `head=False`
         stops before the output head: `logits` is None and `hidden` (and `mtp_hidden`) hold the
         normed head inputs, so a vocabulary-sized loss can apply the head in token chunks
-        (distillation's full-vocabulary KL) instead of materialising `[batch, seq, vocab]`."""
+        (distillation's full-vocabulary KL) instead of materialising `[batch, seq, vocab]`.
+        `keep_streams=True` also returns the last block's streams (`streams`, every position)."""
         cfg = self.cfg
         batch, seq = input_ids.shape
         step = None
@@ -223,4 +250,5 @@ class Transformer(nn.Module):
             live_routes=[a.live_routes for a in auxes],
             hidden=None if head else hidden,
             mtp_hidden=mtp_hidden,
+            streams=x if keep_streams else None,
         )

@@ -39,6 +39,7 @@ class GRPOSection:
     max_new_tokens: int = _num(64, ">= 1")    # per assistant turn
     max_tool_turns: Optional[int] = _num(None, ">= 0")  # None: the domain's own
     rollout_batch_size: int = _num(64, ">= 1")  # rows per generate call
+    speculative: bool = False                  # MTP speculative decoding in rollouts
     # --- rewards
     reward_timeout: float = _num(10.0, "> 0")  # seconds per verification; a hang scores 0
     length_penalty: float = _num(0.0, ">= 0")  # reward -= this x generated / max_new_tokens

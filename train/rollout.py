@@ -75,6 +75,7 @@ class RolloutParams:
     max_tool_turns: int | None = None  # None: the domain's own, else DEFAULT_MAX_TOOL_TURNS
     return_routes: bool = False
     return_sampling_mask: bool = False
+    speculative: bool = False  # MTP drafts + one verifying forward (model/speculative.py)
 
     def validate(self) -> None:
         SamplingParams(self.temperature, self.top_p, self.top_k).validate()
@@ -202,7 +203,8 @@ def rollout(model, tokenizer, requests: Sequence[tuple[Domain, Item]], params: R
                                                c // params.batch_size - 1),
                               eos_id=eos, return_logprobs=True,
                               return_routes=params.return_routes,
-                              return_sampling_mask=params.return_sampling_mask)
+                              return_sampling_mask=params.return_sampling_mask,
+                              speculative=params.speculative)
             stats["generate_seconds"] += time.perf_counter() - t0
             stats["generate_calls"] += 1
             stats["prefill_tokens"] += sum(len(x.out.prompt_ids) + len(x.out.response_ids)

@@ -72,6 +72,10 @@ def rollout_batch_problems(s: Any, prefix: str, cfg: Any, world: int,
         problems.append(f"{prefix.rstrip('.')}: prompts_per_step x group_size / updates = "
                         f"{samples // s.updates} samples per step must be a multiple of "
                         f"data.micro_batch={cfg.data.micro_batch} x world size {world}")
+    if getattr(s, "speculative", False) and cfg.parallel.ep_size > 1:
+        problems.append(f"{prefix}speculative=true: MTP speculative decoding does not run "
+                        f"under expert parallelism yet (parallel.ep_size="
+                        f"{cfg.parallel.ep_size}); drop one of them")
     return problems
 
 
@@ -141,6 +145,7 @@ class RolloutTask:
                                     batch_size=s.rollout_batch_size,
                                     max_tool_turns=s.max_tool_turns,
                                     return_routes=s.keep_routing,
+                                    speculative=s.speculative,
                                     return_sampling_mask=restricts(sampling,
                                                                    model_cfg.vocab_size))
         self.params.validate()

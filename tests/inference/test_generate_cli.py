@@ -37,6 +37,15 @@ def test_prompt_streams_and_reports_speed(ckpt):
     assert "prefill:" in err and "tok/s" in err and "decode: 6 tokens" in err
 
 
+def test_speculative_prints_the_same_text_and_the_drafts_accepted(ckpt):
+    argv = [f"ckpt={ckpt}", "prompt=the cat sat", "max_new_tokens=12", "temperature=0",
+            "device=cpu"]
+    code, plain, _ = run(argv)
+    code_s, fast, err = run([*argv, "speculative=true"])
+    assert code == code_s == 0, err
+    assert fast == plain and "MTP drafts accepted:" in err
+
+
 def test_input_file_is_batched(ckpt, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("hello world\n\nthe dog ran\nfar away\n\n\n one two three\n")

@@ -228,7 +228,8 @@ def test_config_errors_name_the_key(tmp_path):
              ({"grpo.updates": 3}, "grpo.updates=3"),
              ({"grpo.beta_per_domain": {"arith": 0.1}}, "grpo.beta_per_domain"),
              ({"grpo.temperature": 0.0}, "grpo.temperature=0.0"),
-             ({"batch.global_batch": 16}, "batch.global_batch=16: GRPO takes")]
+             ({"batch.global_batch": 16}, "batch.global_batch=16: GRPO takes"),
+             ({"grpo.speculative": True, "parallel.ep_size": 2}, "grpo.speculative=true")]
     for changes, message in cases:
         problems = grpo_problems(grpo_cfg(tmp_path, **changes), world=2)
         assert any(message in p for p in problems), (changes, problems)
