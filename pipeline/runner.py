@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -155,5 +156,11 @@ def _signal(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
+_PRINT = threading.Lock()
+
+
 def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+    """One whole line per message: stages start and end on several threads at once."""
+    with _PRINT:
+        sys.stdout.write(f"[{time.strftime('%H:%M:%S')}] {message}\n")
+        sys.stdout.flush()

@@ -9,6 +9,11 @@ checkpoints are written atomically, so a half-written one never counts. An incom
 is simply started again: its entry point resumes from the newest checkpoint in its run
 directory (`checkpoint.resume=auto`). Evaluation results and the weight average are complete
 when their file exists (both are written atomically).
+
+The list is also the runner's priority among ready stages: every expert's SFT, then the mixed
+SFT, then the GRPO stages. The mixed SFT is the longest stage on the way to the student
+(mixed SFT, then distillation), so it takes the first free slot and the GRPO stages fill the
+other one beside it.
 """
 
 from __future__ import annotations
@@ -101,20 +106,22 @@ def build_stages(cfg: Any, average: Callable[[list[Path], Path], Any]) -> list[S
                      cfg.pretrain.overrides)
         base_ckpt, base_needs = base.checkpoint, (base.name,)
     rows = [("base", base_ckpt, base_needs)]
+    sfts = {name: train(f"sft/{name}", "sft", out / f"sft_{name}", d["sft"].steps,
+                        [f"init_from={base_ckpt}", f"sft.domains=[{name}]",
+                         *_options(domains, "sft", name)], d["sft"].overrides, base_needs)
+            for name, d in domains.items()}
+    mixed = train("sft/mixed", "sft", out / "sft_mixed", cfg.mixed_sft.steps,
+                  [f"init_from={base_ckpt}", f"sft.domains={_mix(domains)}",
+                   *_options(domains, "sft")], cfg.mixed_sft.overrides, base_needs)
     experts = {}
     for name, d in domains.items():
-        sft = train(f"sft/{name}", "sft", out / f"sft_{name}", d["sft"].steps,
-                    [f"init_from={base_ckpt}", f"sft.domains=[{name}]",
-                     *_options(domains, "sft", name)], d["sft"].overrides, base_needs)
+        sft = sfts[name]
         grpo = train(f"grpo/{name}", "grpo", out / f"grpo_{name}", d["grpo"].steps,
                      [f"init_from={sft.checkpoint}", f"grpo.domains=[{name}]",
                       *_options(domains, "grpo", name)], d["grpo"].overrides, (sft.name,))
         experts[name] = grpo
         rows += [(sft.name, sft.checkpoint, (sft.name,)),
                  (grpo.name, grpo.checkpoint, (grpo.name,))]
-    mixed = train("sft/mixed", "sft", out / "sft_mixed", cfg.mixed_sft.steps,
-                  [f"init_from={base_ckpt}", f"sft.domains={_mix(domains)}",
-                   *_options(domains, "sft")], cfg.mixed_sft.overrides, base_needs)
     teachers = "{" + ", ".join(f"{n}: {e.checkpoint}" for n, e in experts.items()) + "}"
     student = train("distill", "distill", out / "distill", cfg.distill.steps,
                     [f"init_from={mixed.checkpoint}", f"teachers={teachers}",

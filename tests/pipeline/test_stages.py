@@ -58,6 +58,9 @@ def test_the_default_plan_chains_the_stages_through_their_checkpoints(tmp_path):
     assert rows == {"base", "sft/mixed", "weight_average", "distill",
                     *(f"{k}/{d}" for d in domains for k in ("sft", "grpo"))}
     assert stages["eval/base"].needs == ("pretrain",)
+    # priority among ready stages: the mixed SFT (on the long path to the student) before GRPO
+    order = list(stages)
+    assert order.index("sft/mixed") < min(order.index(f"grpo/{d}") for d in domains)
     ds = stages["distill"].command("deepspeed", 4)
     assert ds[:3] == ["deepspeed", "--num_gpus", "4"] and ds[5:7] == ["--module",
                                                                        "distill.onpolicy"]
