@@ -53,7 +53,7 @@ def speculative_decode(model, prompts, rows, params: SamplingParams, gen, pad: i
     room = width + max(r.limit for r in rows) + 2  # the last round's draft is one past the end
     cache = model.new_cache(batch, room)
     drafts = model.new_cache(batch, room, mtp=True)
-    stats = {"drafted": 0.0, "accepted": 0.0, "decode_tokens": 0.0, "forwards": 0.0}
+    stats = {"drafted": 0.0, "accepted": 0.0, "decode_tokens": 0.0}
 
     t0 = time.perf_counter()
     out = model(ids, token_mask=mask, cache=cache, logits_index=(lens - 1)[:, None],
@@ -80,7 +80,7 @@ def speculative_decode(model, prompts, rows, params: SamplingParams, gen, pad: i
     next_ids[torch.arange(batch, device=device), lens - 1] = first
     last = first
     flush = [return_routes and rows[r].finish is not None and rows[r].limit > 0 for r in active]
-    active, keep = _retire(rows, active, flush)
+    active, keep = _retire(active, [f or rows[r].finish is None for f, r in zip(flush, active)])
     if not active:
         stats["decode_s"] = time.perf_counter() - t0 - stats["prefill_s"]
         return stats
@@ -101,7 +101,6 @@ def speculative_decode(model, prompts, rows, params: SamplingParams, gen, pad: i
         chunk = torch.stack((last, draft), dim=1)  # [n, 2]
         valid = torch.stack((torch.ones_like(flushing), ~flushing), dim=1)
         out = model(chunk, token_mask=valid, cache=cache, keep_streams=True)
-        stats["forwards"] += 1
         check, after = out.logits[:, 0], out.logits[:, 1]  # [n, vocab]: p at t+1 and t+2
         p_logp, p_kept = sampling_distribution(check, params)
         a_logp, a_kept = sampling_distribution(after, params)
@@ -142,7 +141,7 @@ def speculative_decode(model, prompts, rows, params: SamplingParams, gen, pad: i
                      and not (accepted[i] and not more[i]) for i, r in enumerate(active)]
         retiring = [f or rows[r].finish is not None for f, r in zip(flush, active)]
         still = [nf or not ret for nf, ret in zip(new_flush, retiring)]
-        active, keep = _retire(rows, active, still, keep_if=True)
+        active, keep = _retire(active, still)
         if not active:
             break
         index = torch.as_tensor(keep, dtype=torch.long, device=device)
@@ -164,10 +163,7 @@ def speculative_decode(model, prompts, rows, params: SamplingParams, gen, pad: i
     return stats
 
 
-def _retire(rows, active, stay, keep_if: bool = False):
-    """Drops the rows that are done: (new active rows, their indices into the old batch). With
-    `keep_if`, `stay[i]` says outright whether batch row i stays; otherwise a row stays while it
-    runs or flushes (`stay[i]` = it still has to be fed once more)."""
-    keep = [i for i, r in enumerate(active)
-            if (stay[i] if keep_if else (stay[i] or rows[r].finish is None))]
+def _retire(active: list[int], stay: list[bool]) -> tuple[list[int], list[int]]:
+    """Keeps batch row i where `stay[i]`: (the rows still in the batch, their old indices)."""
+    keep = [i for i in range(len(active)) if stay[i]]
     return [active[i] for i in keep], keep
