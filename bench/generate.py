@@ -3,12 +3,21 @@ memory at long context vs a dense KV cache.
 
     python bench/generate.py [--config tiny] [--batch 2] [--prompt 256] [--new 32]
                              [--device cpu] [--dtype float32] [--context 32768]
+                             [--hf-shapes 1x512x64,8x64x64,32x32x32] [--repeat 3] [--no-hf]
 
 Speed: greedy decoding of `--new` tokens after a `--prompt`-token prompt per row, (a) with
 `model.generation.generate` (one cached prefill, then one token per row per step) and (b) by
 re-running the whole sequence through the forward at every step (what a model without a cache
 must do). Both produce the same tokens (checked). Prefill tokens/s is the cached prefill; decode
 tokens/s counts generated tokens. Weights are random: speed does not depend on them.
+
+Against transformers (`--hf`, on by default where transformers is installed): the same random
+weights exported with `model.convert.export_hf` and loaded by `AutoModelForCausalLM`; greedy
+decoding of each `--hf-shapes` entry (batch x prompt -> new) by both, alternating, best of
+`--repeat`; prints decode tok/s and `ratio` (ours / theirs). Rows identical to transformers are
+counted too, but transformers breaks indexer top-k ties arbitrarily (model/INFERENCE.md,
+"transformers vs the reference", item 9), so token equality is checked against our own recompute
+path above and the transformers count is informational.
 
 Memory: bytes per token of a `--context`-token sequence for the released shapes (and the run
 config), measured on a cache allocated on the meta device, against a dense bf16 shared-KV (MQA)
@@ -20,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -69,6 +79,69 @@ def speed(args) -> None:
           f"ratio {cached_decode / recompute:.1f}x")
 
 
+def _best_decode_s(run, repeat: int) -> tuple[float, list]:
+    best, tokens = float("inf"), None
+    for _ in range(repeat):
+        seconds, tokens = run()
+        best = min(best, seconds)
+    return best, tokens
+
+
+def against_transformers(args) -> None:
+    try:
+        import transformers
+    except ImportError:
+        print("transformers: not installed, comparison skipped")
+        return
+    from model.convert import export_hf
+
+    cfg = get_config(args.config, max_seq_len=4096)
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    model = Transformer(cfg).to(args.device, dtype).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(model, os.path.join(tmp, "hf"), dtype=dtype)
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(
+            os.path.join(tmp, "hf"), dtype=dtype).to(args.device).eval()
+    print(f"# vs transformers {transformers.__version__} `generate` (greedy, KV cache), "
+          f"{args.config} on {args.device} ({args.dtype}), best of {args.repeat}")
+    for shape in args.hf_shapes.split(","):
+        batch, plen, new = (int(v) for v in shape.split("x"))
+        prompts = torch.randint(0, cfg.vocab_size, (batch, plen), device=args.device)
+
+        def ours():
+            out = generate(model, prompts.tolist(), max_new_tokens=new, temperature=0)
+            return out.stats["decode_s"], out.tokens
+
+        @torch.inference_mode()
+        def hf():
+            _sync(args.device)
+            t0 = time.perf_counter()
+            seq = theirs.generate(prompts, attention_mask=torch.ones_like(prompts),
+                                  max_new_tokens=new, min_new_tokens=new, do_sample=False)
+            _sync(args.device)
+            # their time includes the prefill: subtract a prefill-only call's time
+            t1 = time.perf_counter()
+            theirs.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=1,
+                            min_new_tokens=1, do_sample=False)
+            _sync(args.device)
+            return (t1 - t0) - (time.perf_counter() - t1), seq[:, plen:].tolist()
+
+        ours(), hf()  # warm-up
+        t_ours = t_hf = float("inf")
+        for _ in range(args.repeat):  # alternate, so load changes hit both
+            t_ours = min(t_ours, ours()[0])
+            t_hf = min(t_hf, hf()[0])
+        ours_tokens, hf_tokens = ours()[1], hf()[1]
+        ref, _ = recompute_greedy(model, prompts, new, args.device)
+        same_ref = sum(a == b for a, b in zip(ours_tokens, ref))
+        same_hf = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
+        ours_tps, hf_tps = batch * new / t_ours, batch * new / t_hf
+        print(f"decode tok/s {batch}x{plen}->{new}: ours {ours_tps:.1f}, baseline transformers "
+              f"{hf_tps:.1f}, ratio {ours_tps / hf_tps:.2f}x (rows equal to our recompute "
+              f"{same_ref}/{batch}, to transformers {same_hf}/{batch})")
+
+
 def memory(args) -> None:
     for name in ("flash", "pro", args.config):
         cfg = get_config(name)
@@ -89,11 +162,17 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--context", type=int, default=32768)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--hf-shapes", default="1x512x64,8x64x64,32x32x32",
+                   help="batch x prompt x new, comma-separated, for the transformers comparison")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     memory(args)
     speed(args)
+    if not args.no_hf:
+        against_transformers(args)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from .dispatch import HAS_TRITON, interpreting, kernel_mode, use_triton
 from .fp8_quant import fp8_block_dequant, fp8_block_quant, fp8_block_quant_ref
 from .grouped_gemm import (grouped_mm, grouped_mm_ref, grouped_swiglu_experts,
                            grouped_swiglu_experts_ref)
-from .mhc import hc_split_sinkhorn, hc_split_sinkhorn_ref, sinkhorn_ref
+from .mhc import hc_split_sinkhorn, hc_split_sinkhorn_ref, sinkhorn_gemm, sinkhorn_ref
 from .moe_permute import moe_permute, moe_permute_ref, moe_unpermute, moe_unpermute_ref
 from .newton_schulz import gram, gram_ref
 from .rms_norm import rms_norm, rms_norm_ref
@@ -28,7 +28,8 @@ __all__ = [
     "HAS_TRITON", "interpreting", "kernel_mode", "use_triton",
     "rms_norm", "rms_norm_ref",
     "swiglu", "swiglu_ref",
-    "hc_split_sinkhorn", "hc_split_sinkhorn_ref", "sinkhorn_ref", "mhc_coefficients",
+    "hc_split_sinkhorn", "hc_split_sinkhorn_ref", "sinkhorn_gemm", "sinkhorn_ref",
+    "mhc_coefficients",
     "sparse_attention", "sparse_attention_ref", "window_indices", "hybrid_indices",
     "grouped_mm", "grouped_mm_ref", "grouped_swiglu_experts", "grouped_swiglu_experts_ref",
     "moe_permute", "moe_permute_ref", "moe_unpermute", "moe_unpermute_ref",

@@ -74,7 +74,20 @@ class CacheStep:
     end: torch.Tensor        # [batch] row length after the step
     fresh: bool              # every row was empty (a prefill from scratch)
     n_entries: dict[int, int] = field(default_factory=dict)  # ratio -> entries read this step
+    # ratio -> whether any row completes a block this step (read on the host with the lengths,
+    # so a decode step that completes none skips the pooling: 3 of 4 steps at ratio 4)
+    completes: dict[int, bool] = field(default_factory=dict)
     visible: dict[int, torch.Tensor] = field(default_factory=dict)  # ratio -> [b, seq, n]
+    slots: dict[int, torch.Tensor] = field(default_factory=dict)  # ring size -> [b, seq]
+
+    def ring_slots(self, size: int) -> torch.Tensor:
+        """`[batch, seq]` slot of each new token in a ring of `size` (+1 sink) slots: pos % size
+        for the real tokens among each row's last `size` positions, the sink slot `size` for
+        the rest. Shared by every ring of that size this step."""
+        if size not in self.slots:
+            keep = self.valid & (self.positions >= self.end[:, None] - size)
+            self.slots[size] = torch.where(keep, self.positions % size, size)
+        return self.slots[size]
 
     def entry_visibility(self, ratio: int) -> torch.Tensor:
         """`[batch, seq, n]` bool: entry s is usable by a query at position t once its last token
@@ -145,7 +158,8 @@ class ModelCache:
             raise ValueError("token_mask: with a cache each row's real tokens must come first "
                              "(right padding only)")
         end = start + valid.sum(1)
-        end_max, start_max = torch.stack((end.max(), start.max())).tolist()  # one sync
+        starts, ends = torch.stack((start, end)).tolist()  # the step's one host sync
+        end_max, start_max = max(ends), max(starts)
         if end_max > self.max_len:
             row = int(end.argmax())
             raise ValueError(f"cache full: row {row} would hold {end_max} tokens, "
@@ -153,7 +167,9 @@ class ModelCache:
         ratios = {r for r in (self.cfg.compress_ratios[i] for i in self.layer_ids) if r}
         ratios |= {CSA_RATIO}
         return CacheStep(start=start, positions=expected, valid=valid, end=end,
-                         fresh=start_max == 0, n_entries={r: end_max // r for r in ratios})
+                         fresh=start_max == 0, n_entries={r: end_max // r for r in ratios},
+                         completes={r: any(e // r > s // r for s, e in zip(starts, ends))
+                                    for r in ratios})
 
     def commit(self, step: CacheStep) -> None:
         self.lengths = step.end

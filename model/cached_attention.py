@@ -83,9 +83,7 @@ def window_keys(ring: torch.Tensor, kv: torch.Tensor, step: CacheStep):
 def write_ring(ring: torch.Tensor, values: torch.Tensor, step: CacheStep) -> None:
     """Stores each row's real new tokens among its last `size` positions at slot pos % size;
     everything else goes to the trailing sink slot. ring `[batch, size + 1, width]`."""
-    size = ring.shape[1] - 1
-    keep = step.valid & (step.positions >= step.end[:, None] - size)
-    slot = torch.where(keep, step.positions % size, size)  # [batch, seq]
+    slot = step.ring_slots(ring.shape[1] - 1)  # [batch, seq]
     ring.scatter_(1, slot[..., None].expand(-1, -1, ring.shape[-1]), values.to(ring.dtype))
 
 
@@ -98,9 +96,14 @@ def append_entries(comp: Compressor, x: torch.Tensor, state: CompressorState,
     The cached tail (positions start − size … start − 1, the previous block's first-half
     projections included for CSA) and the new tokens form one short sequence; `tail_layout`
     lays out its blocks as training does (aligned to position 0, complete, real tokens only)
-    and `Compressor.pool` pools them. Only blocks ending at or after `start` are new."""
+    and `Compressor.pool` pools them. Only blocks ending at or after `start` are new; when no
+    row has one (`step.completes`, known on the host) the pooling is skipped."""
     m, size = comp.ratio, state.size
     kv, gate = comp.project(x)  # [batch, seq, coff*c] fp32
+    if not step.completes[m]:  # no row finishes a block: only the tail state changes
+        write_ring(state.kv, kv, step)
+        write_ring(state.gate, gate, step)
+        return
     prev_pos = step.start[:, None] - size + torch.arange(size, device=x.device)  # [batch, size]
     slot = (prev_pos % size)[..., None].expand(-1, -1, kv.shape[-1])
     ext_kv = torch.cat((state.kv.gather(1, slot), kv), dim=1)  # [batch, size + seq, coff*c]

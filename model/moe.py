@@ -36,7 +36,7 @@ GROUPED_MM_ALIGN = 16
 @dataclass
 class MoEOutput:
     out: Tensor            # [batch, seq, dim], input dtype
-    balance_loss: Tensor   # [] fp32, unweighted sequence-wise balance loss (0 on hash layers)
+    balance_loss: Tensor   # [] fp32, unweighted sequence-wise balance loss (0 on hash layers and without autograd)
     counts: Tensor         # [n_routed_experts] fp32, copies routed per expert (valid tokens)
     routes: Tensor         # [batch, seq, topk] int64 expert ids used
     # [batch, seq, topk] int64, detached: what the router itself would pick (top-k of the biased
@@ -439,9 +439,10 @@ class MoE(nn.Module):
 
         idx = idx.reshape(b, s, k)                                        # [B, S, k]
         counts = expert_counts(idx, token_mask, self.n_experts)           # [E]
-        if self.is_hash:
+        if self.is_hash or not torch.is_grad_enabled():
             # Hash selection is fixed by the table, so f_e cannot respond: the loss could only
             # bend the router's weights, not balance anything. Spec §12.9 leaves it open.
+            # Without autograd (generation, evaluation) nothing trains on it: reported as 0.
             loss = torch.zeros((), device=x.device, dtype=torch.float32)
         else:
             loss = sequence_balance_loss(scores.reshape(b, s, -1), idx, token_mask)

@@ -15,6 +15,14 @@ Memory per rank (bytes per parameter, `p` = parameters resident on the rank):
   like the policy's (`load_frozen_model` shards them the same way); no gradients or optimizer.
 Activations are an estimate per micro-batch (documented in `activation_bytes`); they are the
 least exact line, within about 2x of what a profiler shows.
+
+Communication per optimizer step (`comm_terms`, bytes a rank sends, and seconds at `Links`):
+dense gradients ring all-reduced over data parallel, expert gradients over the ranks holding
+the same experts, Muon's owner broadcast of updated matrices, and the MoE all-to-all (forward,
+backward, and the checkpointed forward's recompute). A term's time is its bytes over the link it
+crosses: NVLink when its group fits in one node, the inter-node NIC otherwise (a ring is as
+slow as its slowest hop); all-to-all traffic splits by the share of peers on other nodes. No
+overlap with compute is assumed: the figures say which term dominates, not the step time.
 """
 
 from __future__ import annotations
@@ -24,6 +32,23 @@ from dataclasses import dataclass
 from model.config import ModelConfig
 from model.summary import build_meta
 from optim.groups import ADAMW, assign
+
+
+@dataclass(frozen=True)
+class Links:
+    """Per-GPU link bandwidths (bytes/s, one direction). Defaults: H200 nodes of 8 with NVLink 4
+    (450 GB/s per GPU) and one 400 Gb/s NIC per GPU between nodes."""
+    gpus_per_node: int = 8
+    intra_node: float = 450e9
+    inter_node: float = 400e9 / 8
+
+
+@dataclass(frozen=True)
+class CommTerm:
+    name: str
+    bytes: float       # sent per rank per optimizer step
+    seconds: float     # at `Links`, no overlap
+    link: str          # "nvlink" | "network" | "mixed" | "-"
 
 
 @dataclass
@@ -45,6 +70,7 @@ class Plan:
     expert_params_per_rank: int = 0
     dispatch_bytes: float = 0.0   # per token per MoE layer, forward (dispatch + combine)
     frozen: tuple = ()            # (name, parameters resident per rank, weight bytes per rank)
+    comm: tuple = ()              # CommTerm per communication kind, per optimizer step
 
     @property
     def frozen_bytes(self) -> float:
@@ -76,6 +102,13 @@ class Plan:
             f"all-to-all {self.dispatch_bytes / 1024:.1f} KiB per token per MoE layer "
             f"(forward, dispatch + combine; backward the same again)",
         ]
+        if self.comm:
+            slowest = max(self.comm, key=lambda t: t.seconds)
+            rows.append("communication per optimizer step and rank (no overlap assumed):")
+            rows += [f"  {t.name:<22} {t.bytes / gib:9.2f} GiB  {t.seconds * 1e3:9.1f} ms  "
+                     f"({t.link})" for t in self.comm]
+            if slowest.seconds > 0:
+                rows.append(f"  dominant: {slowest.name}")
         return "\n".join(rows)
 
 
@@ -103,6 +136,48 @@ def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, dtype_byt
     return tokens * (per_token + logits)
 
 
+def _ring_seconds(nbytes: float, group: int, stride: int, links: Links) -> tuple[float, str]:
+    """A ring over `group` ranks spaced `stride` apart: inside one node or across nodes."""
+    if group <= 1 or nbytes == 0:
+        return 0.0, "-"
+    if group * stride <= links.gpus_per_node:
+        return nbytes / links.intra_node, "nvlink"
+    return nbytes / links.inter_node, "network"
+
+
+def comm_terms(cfg: ModelConfig, dp: int, ep: int, dense: int, experts: int, muon_dense: int,
+               muon_experts: int, tokens_per_rank: int, grad_bytes: int, act_bytes: int,
+               checkpointing: str, links: Links = Links()) -> tuple[CommTerm, ...]:
+    """Per-rank traffic of one optimizer step (module doc). `dense`/`experts`: parameters the
+    rank holds outside/inside the routed experts; `muon_*`: those Muon updates (broadcast by
+    their owners); `tokens_per_rank`: micro-batch x seq x accumulation."""
+    terms = []
+
+    def ring(name: str, n_bytes: float, group: int, stride: int, all_reduce: bool):
+        factor = 2 * (group - 1) / group if all_reduce else (group - 1) / group
+        sent = n_bytes * factor if group > 1 else 0.0
+        seconds, link = _ring_seconds(sent, group, stride, links)
+        terms.append(CommTerm(name, sent, seconds, link))
+
+    edp = dp // ep  # ranks holding the same experts, ep apart
+    ring("dense grad all-reduce", dense * grad_bytes, dp, 1, True)
+    ring("expert grad all-reduce", experts * grad_bytes, edp, ep, True)
+    ring("muon broadcast", muon_dense * act_bytes, dp, 1, False)
+    ring("expert muon broadcast", muon_experts * act_bytes, edp, ep, False)
+    passes = 3 if checkpointing in ("block", "selective") else 2  # fwd, bwd (+ recompute)
+    moe_layers = cfg.n_layers + cfg.n_mtp_layers
+    a2a = tokens_per_rank * moe_layers * passes * dispatch_bytes_per_token(cfg, ep, act_bytes)
+    if ep > 1 and a2a:
+        local = min(ep, links.gpus_per_node)
+        off_node = (ep - local) / (ep - 1)  # share of the other EP ranks on other nodes
+        seconds = a2a * (off_node / links.inter_node + (1 - off_node) / links.intra_node)
+        link = "nvlink" if off_node == 0 else "mixed"
+        terms.append(CommTerm("moe all-to-all", a2a, seconds, link))
+    else:
+        terms.append(CommTerm("moe all-to-all", 0.0, 0.0, "-"))
+    return tuple(terms)
+
+
 def frozen_weight_bytes(cfg: ModelConfig, ep: int, dtype_bytes: int) -> tuple[int, float]:
     """(parameters, weight bytes) one rank holds of a frozen model: routed experts split over
     `ep`, the rest replicated; the fp32-by-design tensors (`model.weights._FP32_NAMES`) at 4."""
@@ -118,9 +193,10 @@ def frozen_weight_bytes(cfg: ModelConfig, ep: int, dtype_bytes: int) -> tuple[in
 
 def make_plan(cfg: ModelConfig, world: int, ep: int, micro_batch: int, seq_len: int,
               global_batch: int, bf16: bool, checkpointing: str,
-              frozen_models: list | tuple = ()) -> Plan:
+              frozen_models: list | tuple = (), links: Links | None = None) -> Plan:
     """`frozen_models`: (name, ModelConfig, dtype) per frozen model a stage holds besides the
-    policy, dtype "bf16" | "fp32" (or a torch dtype); planned as weights only."""
+    policy, dtype "bf16" | "fp32" (or a torch dtype); planned as weights only. `links`: the
+    bandwidths of the communication estimate (default `Links()`)."""
     if ep < 1 or world % ep:
         raise ValueError(f"parallel.ep_size={ep} must divide the world size {world}")
     if cfg.n_routed_experts % ep:
@@ -132,6 +208,8 @@ def make_plan(cfg: ModelConfig, world: int, ep: int, micro_batch: int, seq_len: 
                          f"data.micro_batch={micro_batch} x data-parallel size {dp}")
     model = build_meta(cfg)
     total = activated = resident = muon = adamw = expert_muon = expert_local = 0
+    if links is None:
+        links = Links()
     frac = cfg.n_activated_experts / cfg.n_routed_experts
     for name, p in model.named_parameters():
         n = p.numel()
@@ -162,9 +240,12 @@ def make_plan(cfg: ModelConfig, world: int, ep: int, micro_batch: int, seq_len: 
             raise ValueError(f"frozen model {name}: parallel.ep_size={ep} must divide its "
                              f"n_routed_experts={fcfg.n_routed_experts}")
         frozen.append((name, *frozen_weight_bytes(fcfg, ep, _dtype_bytes(dtype, name))))
+    accum = global_batch // (micro_batch * dp)
+    comm = comm_terms(cfg, dp, ep, resident - expert_local, expert_local, muon, expert_muon,
+                      micro_batch * seq_len * accum, w_bytes, w_bytes, checkpointing, links)
     return Plan(world, dp, ep, total, int(activated), resident, weights, grads, optimizer, acts,
-                global_batch * seq_len, micro_batch, seq_len, global_batch // (micro_batch * dp),
-                expert_local, dispatch_bytes_per_token(cfg, ep, w_bytes), tuple(frozen))
+                global_batch * seq_len, micro_batch, seq_len, accum,
+                expert_local, dispatch_bytes_per_token(cfg, ep, w_bytes), tuple(frozen), comm)
 
 
 def _dtype_bytes(dtype, name: str) -> int:

@@ -157,3 +157,20 @@ def test_cached_layer_through_the_triton_kernel(micro_model, layer_id, monkeypat
         cache.commit(step)
         s0 += width
     assert (torch.cat(outs, 1) - full).abs().max() <= TOL
+
+
+def test_step_knows_on_the_host_whether_a_block_completes(micro_model):
+    """`CacheStep.completes[ratio]`: some row's new tokens end a compression block (then the
+    cached forward pools; otherwise it only appends to the tail state)."""
+    cache = micro_model.new_cache(2, 64)
+    cache.lengths = torch.tensor([3, 5])
+    step = cache.begin(torch.zeros(2, 1, dtype=torch.long), None, None)
+    assert step.completes[4] is True  # row 0 reaches position 3, the end of block 0
+    cache.lengths = torch.tensor([4, 5])
+    step = cache.begin(torch.zeros(2, 1, dtype=torch.long), None, None)
+    assert step.completes[4] is False  # positions 4 and 5 end no block of 4
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    step = cache.begin(torch.zeros(2, 4, dtype=torch.long), None, mask)
+    assert step.completes[4] is False  # both rows end at 7; the padding at 7 does not count
+    step = cache.begin(torch.zeros(2, 4, dtype=torch.long), None, torch.ones_like(mask))
+    assert step.completes[4] is True  # all real: both rows pass position 7
