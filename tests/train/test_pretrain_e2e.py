@@ -1,5 +1,5 @@
 """The pretraining launcher end to end, in real processes on the default corpus: learning,
-checkpoints, exact resume (1 process bitwise, 2 processes under the deepspeed launcher), SIGTERM,
+checkpoints, exact resume (1 process bitwise; 2 processes trained on two simulated nodes under the deepspeed launcher and resumed on one), torchrun across two simulated nodes, SIGTERM,
 micro-batching invariance of the router-bias update, non-finite step skipping, fault exit."""
 
 import json
@@ -30,6 +30,8 @@ FAST = ["optim.name=adamw", "data.seq_len=128", "data.micro_batch=2", "batch.glo
 
 
 def run(args, run_dir, cache_dir, launcher="python", timeout=600, env=None, check=True):
+    if launcher.endswith("_2nodes"):
+        return run_two_nodes(args, run_dir, cache_dir, launcher.removesuffix("_2nodes"), timeout)
     cmd = {"python": [sys.executable, "train/pretrain.py"],
            "deepspeed2": ["deepspeed", "--num_gpus", "2", "--master_port", str(_port()),
                           "train/pretrain.py"],
@@ -41,6 +43,37 @@ def run(args, run_dir, cache_dir, launcher="python", timeout=600, env=None, chec
     if check:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     return out
+
+
+def run_two_nodes(args, run_dir, cache_dir, launcher: str, timeout: int):
+    """Two "nodes" of one process each, launched as on a cluster: one launcher per node with its
+    node rank and the first node as rendezvous (torchrun --nnodes 2; deepspeed with a hostfile
+    and --no_ssh, which starts only the given node's ranks), sharing the run directory as nodes
+    share a filesystem. Both launchers must exit 0."""
+    port = str(_port())
+    hostfile = Path(run_dir).parent / f"{Path(run_dir).name}_hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    procs = []
+    for node in (0, 1):
+        cmd = {"torchrun": [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+                            "--nproc_per_node", "1", "--node_rank", str(node),
+                            "--master_addr", "127.0.0.1", "--master_port", port],
+               "deepspeed": ["deepspeed", "--hostfile", str(hostfile), "--no_ssh",
+                             "--node_rank", str(node), "--master_addr", "127.0.0.1",
+                             "--master_port", port]}[launcher]
+        procs.append(subprocess.Popen([*cmd, "train/pretrain.py", *FAST, f"run_dir={run_dir}",
+                                       f"data.cache_dir={cache_dir}", *args], cwd=REPO, env=ENV,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for node, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"node {node}:\n{out[-5000:]}"
+    return outs
 
 
 def _port():
@@ -76,8 +109,11 @@ def test_single_process_learns_checkpoints_and_resumes_bitwise(tmp_path, cache_d
 
 
 def test_two_processes_deepspeed_launcher_learn_and_resume(tmp_path, cache_dir):
+    """Trained on two simulated nodes (hostfile, --no_ssh, one launcher per node), resumed on
+    one node with two processes: the same ranks, so the continued losses match."""
     a = tmp_path / "a"
-    run(["steps=16", "checkpoint.every=8", "optim.lr=3e-3", MUON], a, cache_dir, "deepspeed2")
+    run(["steps=16", "checkpoint.every=8", "optim.lr=3e-3", MUON], a, cache_dir,
+        "deepspeed_2nodes")
     full = losses(a)
     assert sorted(full) == list(range(1, 17))
     first, last = sum(full[s] for s in range(1, 5)) / 4, sum(full[s] for s in range(13, 17)) / 4
@@ -96,9 +132,13 @@ def test_two_processes_deepspeed_launcher_learn_and_resume(tmp_path, cache_dir):
         assert abs(resumed[step] - full[step]) < 1e-4 * abs(full[step]), step
 
 
-def test_torchrun_launcher(tmp_path, cache_dir):
-    run(["steps=2"], tmp_path, cache_dir, "torchrun2")
+def test_torchrun_launcher_two_nodes(tmp_path, cache_dir):
+    """`torchrun --nnodes 2 --node_rank R --master_addr ...` once per node, one process each."""
+    outs = run(["steps=2", "checkpoint.every=2"], tmp_path, cache_dir, "torchrun_2nodes")
     assert sorted(losses(tmp_path)) == [1, 2]
+    ckpt = tmp_path / "checkpoints" / "step_00000002"
+    assert {"trainer_rank0.pt", "trainer_rank1.pt"} <= {p.name for p in ckpt.iterdir()}
+    assert len(outs) == 2
 
 
 def test_router_bias_update_same_for_one_and_four_micro_batches(tmp_path, cache_dir):
