@@ -79,14 +79,6 @@ def speed(args) -> None:
           f"ratio {cached_decode / recompute:.1f}x")
 
 
-def _best_decode_s(run, repeat: int) -> tuple[float, list]:
-    best, tokens = float("inf"), None
-    for _ in range(repeat):
-        seconds, tokens = run()
-        best = min(best, seconds)
-    return best, tokens
-
-
 def against_transformers(args) -> None:
     try:
         import transformers

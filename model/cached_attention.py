@@ -98,13 +98,19 @@ def append_entries(comp: Compressor, x: torch.Tensor, state: CompressorState,
     lays out its blocks as training does (aligned to position 0, complete, real tokens only)
     and `Compressor.pool` pools them. Only blocks ending at or after `start` are new; when no
     row has one (`step.completes`, known on the host) the pooling is skipped."""
-    m, size = comp.ratio, state.size
     kv, gate = comp.project(x)  # [batch, seq, coff*c] fp32
-    if not step.completes[m]:  # no row finishes a block: only the tail state changes
-        write_ring(state.kv, kv, step)
-        write_ring(state.gate, gate, step)
-        return
-    prev_pos = step.start[:, None] - size + torch.arange(size, device=x.device)  # [batch, size]
+    if step.completes[comp.ratio]:  # else no row finishes a block: only the tail state changes
+        _pool_new_blocks(comp, kv, gate, state, store, step, freqs)
+    write_ring(state.kv, kv, step)
+    write_ring(state.gate, gate, step)
+
+
+def _pool_new_blocks(comp: Compressor, kv: torch.Tensor, gate: torch.Tensor,
+                     state: CompressorState, store: torch.Tensor, step: CacheStep,
+                     freqs: torch.Tensor) -> None:
+    """Pools the blocks of [cached tail, chunk] and writes the new ones' entries to `store`."""
+    m, size = comp.ratio, state.size
+    prev_pos = step.start[:, None] - size + torch.arange(size, device=kv.device)  # [batch, size]
     slot = (prev_pos % size)[..., None].expand(-1, -1, kv.shape[-1])
     ext_kv = torch.cat((state.kv.gather(1, slot), kv), dim=1)  # [batch, size + seq, coff*c]
     ext_gate = torch.cat((state.gate.gather(1, slot), gate), dim=1)
@@ -114,8 +120,6 @@ def append_entries(comp: Compressor, x: torch.Tensor, state: CompressorState,
     idx = torch.where(new, torch.div(layout.position, m, rounding_mode="floor"),
                       store.shape[1] - 1)  # the sink slot for everything else
     store.scatter_(1, idx[..., None].expand(-1, -1, store.shape[-1]), entries)
-    write_ring(state.kv, kv, step)
-    write_ring(state.gate, gate, step)
 
 
 def tail_layout(step: CacheStep, m: int, size: int) -> BlockLayout:

@@ -36,7 +36,8 @@ GROUPED_MM_ALIGN = 16
 @dataclass
 class MoEOutput:
     out: Tensor            # [batch, seq, dim], input dtype
-    balance_loss: Tensor   # [] fp32, unweighted sequence-wise balance loss (0 on hash layers and without autograd)
+    # [] fp32, unweighted sequence-wise balance loss (0 on hash layers and without autograd)
+    balance_loss: Tensor
     counts: Tensor         # [n_routed_experts] fp32, copies routed per expert (valid tokens)
     routes: Tensor         # [batch, seq, topk] int64 expert ids used
     # [batch, seq, topk] int64, detached: what the router itself would pick (top-k of the biased

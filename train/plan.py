@@ -193,10 +193,10 @@ def frozen_weight_bytes(cfg: ModelConfig, ep: int, dtype_bytes: int) -> tuple[in
 
 def make_plan(cfg: ModelConfig, world: int, ep: int, micro_batch: int, seq_len: int,
               global_batch: int, bf16: bool, checkpointing: str,
-              frozen_models: list | tuple = (), links: Links | None = None) -> Plan:
+              frozen_models: list | tuple = (), links: Links = Links()) -> Plan:
     """`frozen_models`: (name, ModelConfig, dtype) per frozen model a stage holds besides the
     policy, dtype "bf16" | "fp32" (or a torch dtype); planned as weights only. `links`: the
-    bandwidths of the communication estimate (default `Links()`)."""
+    bandwidths of the communication estimate."""
     if ep < 1 or world % ep:
         raise ValueError(f"parallel.ep_size={ep} must divide the world size {world}")
     if cfg.n_routed_experts % ep:
@@ -208,8 +208,6 @@ def make_plan(cfg: ModelConfig, world: int, ep: int, micro_batch: int, seq_len: 
                          f"data.micro_batch={micro_batch} x data-parallel size {dp}")
     model = build_meta(cfg)
     total = activated = resident = muon = adamw = expert_muon = expert_local = 0
-    if links is None:
-        links = Links()
     frac = cfg.n_activated_experts / cfg.n_routed_experts
     for name, p in model.named_parameters():
         n = p.numel()
