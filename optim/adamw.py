@@ -16,7 +16,7 @@ import torch
 
 def adamw_init(p: torch.Tensor, state: dict) -> None:
     """Creates the fp32 moments and the step counter (a CPU scalar: reading it never syncs)."""
-    if state:
+    if "step" in state:  # (the state may already hold a sharded run's fp32 master)
         return
     state["step"] = torch.zeros((), dtype=torch.float32)
     state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)

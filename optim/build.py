@@ -18,13 +18,14 @@ EXPERT_PATTERN = r"\.ffn\.experts\.w[123]$"
 
 
 def split_expert_groups(groups: list[dict[str, Any]], shard_group: Any,
-                        pattern: str = EXPERT_PATTERN) -> list[dict[str, Any]]:
-    """Each Muon group whose parameters match `pattern` is split in two: the rest, and the
-    matches carrying `shard_group` (see `MuonAdamW.shard_group_of`). Order is kept so every
-    rank builds the same groups."""
+                        pattern: str = EXPERT_PATTERN,
+                        include_adamw: bool = False) -> list[dict[str, Any]]:
+    """Each Muon group (and AdamW group, with `include_adamw`) whose parameters match `pattern`
+    is split in two: the rest, and the matches carrying `shard_group` (see
+    `MuonAdamW.shard_group_of`). Order is kept so every rank builds the same groups."""
     out = []
     for g in groups:
-        if not g["use_muon"]:
+        if not g["use_muon"] and not include_adamw:
             out.append(g)
             continue
         hit = [bool(re.search(pattern, n)) for n in g["param_names"]]
@@ -53,7 +54,8 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
                     overrides: Mapping[str, str] | None = None,
                     row_splits: Mapping[str, int | str] | None = None,
                     model_config: Any = None, expert_process_group: Any = None,
-                    expert_pattern: str = EXPERT_PATTERN) -> MuonAdamW:
+                    expert_pattern: str = EXPERT_PATTERN,
+                    zero_stage: int = 0) -> MuonAdamW:
     """Muon for the model's matrices, AdamW for the rest (see `optim.groups`), one optimizer.
 
     `lr` is the AdamW-style peak learning rate for both halves (γ-scaling makes Muon's update
@@ -75,6 +77,6 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
     opt = MuonAdamW(groups, lr=lr, weight_decay=weight_decay, momentum=muon_momentum,
                     nesterov=nesterov, ns_coefficients=ns_coefficients, ns_dtype=ns_dtype,
                     scale_mode=scale_mode, gamma=gamma, betas=adamw_betas, eps=adamw_eps,
-                    process_group=process_group)
+                    process_group=process_group, zero_stage=zero_stage)
     log.info(summarize(groups))
     return opt

@@ -33,12 +33,12 @@ def _indexed(opt):
             idx += 1
 
 
-def _pack(opt, muon_bufs: dict[int, torch.Tensor]) -> dict[str, Any]:
+def _pack(opt, muon_state: dict[int, dict[str, Any]]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for idx, group, p in _indexed(opt):
         if group["use_muon"]:
-            if id(p) in muon_bufs:
-                state[idx] = {"momentum_buffer": muon_bufs[id(p)]}
+            if id(p) in muon_state:
+                state[idx] = dict(muon_state[id(p)])
         elif p in opt.state and opt.state[p]:
             state[idx] = dict(opt.state[p])
     groups, idx = [], 0
@@ -51,9 +51,9 @@ def _pack(opt, muon_bufs: dict[int, torch.Tensor]) -> dict[str, Any]:
     return {"state": state, "param_groups": groups}
 
 
-def _owned_momentum(opt) -> dict[int, torch.Tensor]:
-    return {id(p): opt.state[p]["momentum_buffer"] for p in _owned(opt)
-            if "momentum_buffer" in opt.state.get(p, {})}
+def _owned_state(opt) -> dict[int, dict[str, Any]]:
+    """Owned Muon parameters' state: momentum, and the fp32 master when gradients are sharded."""
+    return {id(p): dict(opt.state[p]) for p in _owned(opt) if opt.state.get(p)}
 
 
 def _owned(opt) -> list[torch.Tensor]:
@@ -78,13 +78,16 @@ def consolidated_state_dict(opt) -> dict[str, Any]:
                 torch.empty(p.shape, dtype=torch.float32, device=p.device)
     placeholder = torch.empty(0)
     opt.broadcast_owned(lambda n, p: out.get(id(p), placeholder))
-    return _pack(opt, out)
+    return _pack(opt, {k: {"momentum_buffer": v} for k, v in out.items()})
 
 
 def sharded_state_dict(opt) -> dict[str, Any]:
-    sd = _pack(opt, _owned_momentum(opt))
+    sd = _pack(opt, _owned_state(opt))
     me, world = group_rank_size(opt.process_group)
-    sd["muon_shard"] = {"world": world, "rank": me, "owners": list(opt.owners())}
+    sd["muon_shard"] = {"world": world, "rank": me, "owners": list(opt.owners()),
+                        "zero_stage": opt.zero_stage}
+    if opt.sharded:
+        sd["muon_shard"]["all_owners"] = list(opt.all_owners())
     return sd
 
 
@@ -95,11 +98,15 @@ def load_state_dict(opt, state_dict: dict[str, Any]) -> None:
             if k not in ("params", "param_names", "shapes", "shard_group"):
                 group[k] = v
     owned = {id(p) for p in _owned(opt)}
+    if opt.sharded:  # every parameter's state lives on its owner only
+        owned |= {id(p) for (_, _, p, _), mine in zip(opt._all_params(), opt.owns()) if mine}
     opt.state = defaultdict(dict)
+    opt._acc.clear()
+    opt._local.clear()
     saved_state = {int(k): v for k, v in state_dict["state"].items()}
     for idx, group, p in _indexed(opt):
         entry = saved_state.get(idx)
-        if entry is None or (group["use_muon"] and id(p) not in owned):
+        if entry is None or ((group["use_muon"] or opt.sharded) and id(p) not in owned):
             continue
         opt.state[p] = {k: _restore(k, v, p) for k, v in entry.items()}
 
@@ -126,8 +133,17 @@ def _check_compatible(opt, state_dict: dict[str, Any]) -> None:
     shard = state_dict.get("muon_shard")
     if shard is not None:
         me, world = group_rank_size(opt.process_group)
+        saved_stage = int(shard.get("zero_stage", 0))
+        if (saved_stage > 0) != opt.sharded:  # stages 1 and 2 keep the same state layout
+            raise ValueError(f"optimizer state of rank {shard['rank']} was saved with "
+                             f"parallel.zero_stage={saved_stage}, this run has "
+                             f"parallel.zero_stage={opt.zero_stage}: master weights and state "
+                             f"are {'sharded' if saved_stage else 'replicated'} there; resume "
+                             f"with a matching stage")
         if shard["world"] != world or shard["rank"] != me or \
-                list(shard["owners"]) != list(opt.owners()):
+                list(shard["owners"]) != list(opt.owners()) or \
+                list(shard.get("all_owners", [])) != (list(opt.all_owners())
+                                                      if opt.sharded else []):
             raise ValueError(f"sharded optimizer state of rank {shard['rank']}/{shard['world']} "
                              f"cannot be loaded on rank {me}/{world} (or the ownership plan "
                              f"changed); save a consolidated state_dict() to change world size")

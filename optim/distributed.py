@@ -80,7 +80,7 @@ def broadcast_from_owners(tensors: Sequence[torch.Tensor], owners: Sequence[int]
     for (owner, _, _), ts in sorted(buckets.items(), key=lambda kv: (kv[0][0], kv[0][1],
                                                                       str(kv[0][2]))):
         src = dist.get_global_rank(group, owner) if group is not dist.group.WORLD else owner
-        for chunk in _chunks(ts, bucket_numel):
+        for chunk in chunk_by_size(ts, torch.Tensor.numel, bucket_numel):
             flat = _flatten_dense_tensors([t.detach() for t in chunk])
             dist.broadcast(flat, src=src, group=group)
             if me != owner:
@@ -88,14 +88,48 @@ def broadcast_from_owners(tensors: Sequence[torch.Tensor], owners: Sequence[int]
                     t.copy_(v)
 
 
-def _chunks(ts: list[torch.Tensor], cap: int):
-    chunk: list[torch.Tensor] = []
+def chunk_by_size(items: Sequence, size_of, cap: int):
+    """Consecutive runs of `items` whose sizes sum to at most `cap` (an item larger than `cap`
+    is a run of its own)."""
+    chunk: list = []
     n = 0
-    for t in ts:
-        if chunk and n + t.numel() > cap:
+    for item in items:
+        k = size_of(item)
+        if chunk and n + k > cap:
             yield chunk
             chunk, n = [], 0
-        chunk.append(t)
-        n += t.numel()
+        chunk.append(item)
+        n += k
     if chunk:
         yield chunk
+
+
+def reduce_to_owners(grads: Sequence[torch.Tensor], owners: Sequence[int], group,
+                     divisor: float, bucket_numel: int = 1 << 26) -> dict[int, torch.Tensor]:
+    """Sums each gradient over `group` onto its owner, in fp32, divided by `divisor`.
+
+    Returns {position in `grads`: fp32 sum / divisor} for the tensors this rank owns (all of them
+    when `group` is None: a local domain). Buckets as `broadcast_from_owners`: one `reduce` per
+    owner and ≤ `bucket_numel` elements, in a rank-independent order; fp32 on the wire, so the
+    owner's sum is the same as an fp32 all-reduce's (no bf16 rounding of partial sums).
+    """
+    me, _ = group_rank_size(group)
+    out: dict[int, torch.Tensor] = {}
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for i, (g, owner) in enumerate(zip(grads, owners)):
+        buckets[(owner, g.device.type)].append(i)
+    for (owner, _), idx in sorted(buckets.items()):
+        src = owner if group in (None, dist.group.WORLD) else dist.get_global_rank(group, owner)
+        for chunk in chunk_by_size(idx, lambda i: grads[i].numel(), bucket_numel):
+            flat = torch.cat([grads[i].detach().reshape(-1).float() for i in chunk])
+            if group is not None:
+                dist.reduce(flat, dst=src, group=group)
+            if me != owner:
+                continue
+            flat.div_(divisor)
+            offset = 0
+            for i in chunk:
+                n = grads[i].numel()
+                out[i] = flat[offset:offset + n].view(grads[i].shape)
+                offset += n
+    return out

@@ -17,8 +17,24 @@ DeepSpeed stage 0, does that). AdamW state is small next to Muon's and is replic
 Call `step` once per optimizer step, after gradient accumulation: Newton-Schulz then runs once
 per matrix per step (`ns_matrices` counts it), never per micro-batch.
 
+Sharded master weights and optimizer state (`zero_stage` 1 or 2, the trainer's
+`parallel.zero_stage`; see `optim.zero`): every parameter, not only Muon's, has an owner in its
+shard domain (Muon's by Newton-Schulz cost as above, AdamW's by size). Only the owner keeps the
+fp32 master copy of a bf16 parameter (`state["master"]`), the optimizer state and, at the step,
+the fp32 reduced gradient. Call `accumulate_gradients` after every backward and
+`finish_gradients` once at the accumulation boundary:
+- stage 2: each micro-batch's gradient is summed onto its owner in fp32 right away and freed
+  everywhere (fp32 gradients exist only on owners; one reduce per micro-batch);
+- stage 1: each rank adds it into a local fp32 buffer of the full size, reduced to the owners
+  once at the boundary (one reduce per step; full fp32 gradients on every rank until then).
+`step` updates the owned masters, writes them into the (bf16) parameters and the owners
+broadcast them. The gradient norm (`grad_norm`) and clipping (`scale_gradients`) work on the
+owners' shards. A reduce plus a broadcast per matrix is the volume of the all-reduce it replaces.
+
 Checkpoints (`optim.checkpoint`): `state_dict` is consolidated (a collective; restores at any
-world size), `sharded_state_dict` is per rank (same world size only). `skip_next_step` makes the
+world size; at stages 1 and 2 it holds every Muon momentum but AdamW state and masters only for
+what this rank owns), `sharded_state_dict` is per rank (same world size and stage only; the
+trainer reshards those files to any layout with `train.reshard`). `skip_next_step` makes the
 next `step` a no-op, for non-finite losses.
 """
 
@@ -29,11 +45,12 @@ from collections import defaultdict
 from typing import Any, Callable, Iterable
 
 import torch
+import torch.distributed as dist
 
 from . import checkpoint
 from .adamw import adamw_init, adamw_step
-from .distributed import assign_owners, broadcast_from_owners, group_rank_size, ns_cost, \
-    resolve_group
+from .distributed import assign_owners, broadcast_from_owners, chunk_by_size, group_rank_size, \
+    ns_cost, reduce_to_owners, resolve_group
 from .groups import logical_shape
 from .muon import SCALE_MODES, block_shape, block_view, momentum_direction, orthogonalize, \
     update_scale
@@ -42,8 +59,9 @@ from .newton_schulz import default_ns_dtype, get_schedule
 log = logging.getLogger("v4lab.optim")
 
 _FLATTENED = ("was replaced by a tensor of another shape; a wrapper probably flattened or "
-              "partitioned the parameters (DeepSpeed ZeRO stage >= 1 does). Muon needs whole "
-              "matrices: use ZeRO stage 0 (see optim.check_zero_stage)")
+              "partitioned the parameters (DeepSpeed's ZeRO stages >= 1 do). Muon needs whole "
+              "matrices: run DeepSpeed at ZeRO stage 0 and shard with v4lab's own "
+              "parallel.zero_stage=1 or 2 (see optim.zero)")
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -55,7 +73,7 @@ class MuonAdamW(torch.optim.Optimizer):
                  ns_eps: float = 1e-7, scale_mode: str = "match_rms", gamma: float = 0.18,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-20,
                  process_group: Any = None, bucket_numel: int = 1 << 26,
-                 max_ns_batch_numel: int = 1 << 26) -> None:
+                 max_ns_batch_numel: int = 1 << 26, zero_stage: int = 0) -> None:
         if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1:
             raise ValueError(f"invalid lr={lr}, weight_decay={weight_decay} or momentum={momentum}")
         if scale_mode not in SCALE_MODES:
@@ -75,6 +93,13 @@ class MuonAdamW(torch.optim.Optimizer):
         self._skip_next = False
         self._plan_key: Any = None
         self._owners: list[int] = []
+        if zero_stage not in (0, 1, 2):
+            raise ValueError(f"zero_stage={zero_stage}: choose 0 (replicated), 1 or 2")
+        self.zero_stage = int(zero_stage)
+        self._local: dict[int, torch.Tensor] = {}  # id(param) → local fp32 gradient (stage 1)
+        self._all_key: Any = None
+        self._all_owners: list[int] = []
+        self._acc: dict[int, torch.Tensor] = {}   # id(param) → owned fp32 gradient (sharded)
         super().__init__(list(params), dict(lr=lr, weight_decay=weight_decay))
 
     @property
@@ -200,6 +225,131 @@ class MuonAdamW(torch.optim.Optimizer):
         """Muon parameter name → owner rank (for logs and tests)."""
         return {name: o for (_, _, _, name), o in zip(self._muon_params(), self.owners())}
 
+    # ------------------------------------------------------------------ sharded gradients
+    def _all_params(self):
+        """(group, index, param, name) for every parameter, in a rank-independent order."""
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                yield group, i, p, group["param_names"][i]
+
+    def all_owners(self) -> list[int]:
+        """Owner rank (in its shard domain) of every parameter, in `_all_params` order: Muon's
+        from `owners()`, AdamW's by size (longest first to the least-loaded rank)."""
+        items = list(self._all_params())
+        key = (tuple(id(self.shard_group_of(g)) for g, _, _, _ in items),
+               tuple((tuple(p.shape), g["use_muon"]) for g, _, p, _ in items))
+        if key != self._all_key:
+            muon = iter(self.owners())
+            owners = [next(muon) if g["use_muon"] else -1 for g, _, _, _ in items]
+            for pg, ix in self._all_domains(items):
+                adamw = [n for n in ix if owners[n] < 0]
+                _, world = group_rank_size(pg)
+                for n, o in zip(adamw, assign_owners([items[n][2].numel() for n in adamw],
+                                                     world)):
+                    owners[n] = o
+            self._all_owners, self._all_key = owners, key
+        return self._all_owners
+
+    def _all_domains(self, items) -> list[tuple[Any, list[int]]]:
+        domains: dict[int, tuple[Any, list[int]]] = {}
+        for n, (g, _, _, _) in enumerate(items):
+            pg = self.shard_group_of(g)
+            domains.setdefault(id(pg), (pg, []))[1].append(n)
+        return list(domains.values())
+
+    def owns(self) -> list[bool]:
+        """Whether this rank owns each parameter (in `_all_params` order)."""
+        items = list(self._all_params())
+        owners = self.all_owners()
+        flags = [False] * len(items)
+        for pg, ix in self._all_domains(items):
+            me, _ = group_rank_size(pg)
+            for n in ix:
+                flags[n] = owners[n] == me
+        return flags
+
+    @property
+    def sharded(self) -> bool:
+        """Whether master weights, optimizer state and reduced gradients live on owners only."""
+        return self.zero_stage > 0
+
+    @torch.no_grad()
+    def accumulate_gradients(self) -> None:
+        """Sharded modes, after every backward: this micro-batch's `p.grad` moves into fp32,
+        onto its owner (stage 2, a collective over each shard domain) or into this rank's
+        local buffer (stage 1); `p.grad` is freed on every rank."""
+        if not self.sharded:
+            raise RuntimeError("accumulate_gradients needs MuonAdamW(zero_stage=1 or 2)")
+        if self.zero_stage == 2:
+            self._reduce(lambda p: p.grad)
+        else:
+            for _, _, p, _ in self._all_params():
+                if p.grad is not None:
+                    local = self._local.get(id(p))
+                    if local is None:
+                        self._local[id(p)] = p.grad.detach().float()
+                    else:
+                        local.add_(p.grad.detach())
+        for _, _, p, _ in self._all_params():
+            p.grad = None
+
+    @torch.no_grad()
+    def finish_gradients(self) -> None:
+        """Sharded modes, once at the accumulation boundary (stage 1: the reduce to owners)."""
+        if self.zero_stage == 1:
+            self._reduce(lambda p: self._local.get(id(p)))
+            self._local.clear()
+
+    def _reduce(self, grad_of) -> None:
+        """Every gradient summed onto its owner in fp32 and divided by the data-parallel size
+        (DeepSpeed's averaging), added to the owner's accumulated gradient. A parameter that
+        requires grad but has none here (an expert no token reached) contributes zeros, so
+        every rank issues the same collectives."""
+        items = list(self._all_params())
+        owners = self.all_owners()
+        _, dp = group_rank_size(self.process_group)
+        for pg, ix in self._all_domains(items):
+            ix = [n for n in ix if items[n][2].requires_grad]
+            grads = [grad_of(items[n][2]) for n in ix]
+            grads = [g if g is not None else torch.zeros_like(items[n][2])
+                     for g, n in zip(grads, ix)]
+            summed = reduce_to_owners(grads, [owners[n] for n in ix], pg, float(dp),
+                                      self.bucket_numel)
+            for k, g in summed.items():
+                p = items[ix[k]][2]
+                acc = self._acc.get(id(p))
+                self._acc[id(p)] = g if acc is None else acc.add_(g)
+
+    def grad_norm(self) -> float:
+        """L2 norm of the full reduced gradient from the owners' shards (a collective over the
+        data-parallel group: each parameter counted once, each expert once)."""
+        total = torch.zeros((), dtype=torch.float64)
+        for g in self._acc.values():
+            total = total.to(g.device) + g.double().pow(2).sum()
+        if self.process_group is not None:
+            device = next(p for _, _, p, _ in self._all_params()).device
+            total = total.to(device)
+            dist.all_reduce(total, group=self.process_group)
+        return float(total.sqrt())
+
+    @torch.no_grad()
+    def scale_gradients(self, factor: float) -> None:
+        """Multiplies the owned gradients (gradient clipping in sharded mode)."""
+        for g in self._acc.values():
+            g.mul_(factor)
+
+    def _grad(self, p: torch.Tensor) -> torch.Tensor | None:
+        return self._acc.get(id(p)) if self.sharded else p.grad
+
+    def _target(self, p: torch.Tensor) -> torch.Tensor:
+        """What the update is applied to: the fp32 master of a bf16 parameter when sharded."""
+        if not self.sharded or p.dtype == torch.float32:
+            return p
+        state = self.state[p]
+        if "master" not in state:
+            state["master"] = p.detach().float().clone(memory_format=torch.contiguous_format)
+        return state["master"]
+
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
@@ -209,6 +359,12 @@ class MuonAdamW(torch.optim.Optimizer):
                 loss = closure()
         if self._skip_next:
             self._skip_next = False
+            self._acc.clear()
+            self._local.clear()
+            return loss
+        if self.sharded:
+            self._stepped = True
+            self._sharded_step()
             return loss
         if not self._stepped and self._is_state_init_step():
             self._init_state()
@@ -226,6 +382,26 @@ class MuonAdamW(torch.optim.Optimizer):
                 adamw_step(p, p.grad, self.state[p], lr=group["lr"], betas=group["betas"],
                            eps=group["eps"], weight_decay=group["weight_decay"])
         return loss
+
+    def _sharded_step(self) -> None:
+        """Owned parameters: Muon or AdamW update of the fp32 master (or the fp32 parameter),
+        written back into the parameter; then every owner broadcasts."""
+        self._muon_step(broadcast=False)
+        for (group, _, p, _), mine in zip(self._all_params(), self.owns()):
+            if group["use_muon"] or not mine or self._grad(p) is None:
+                continue
+            adamw_step(self._target(p), self._grad(p), self.state[p], lr=group["lr"],
+                       betas=group["betas"], eps=group["eps"],
+                       weight_decay=group["weight_decay"])
+        for (_, _, p, _), mine in zip(self._all_params(), self.owns()):
+            if mine and "master" in self.state.get(p, {}) and id(p) in self._acc:
+                p.copy_(self.state[p]["master"])
+        self._acc.clear()
+        items = list(self._all_params())
+        owners = self.all_owners()
+        for pg, ix in self._all_domains(items):
+            broadcast_from_owners([items[n][2] for n in ix], [owners[n] for n in ix], pg,
+                                  self.bucket_numel)
 
     def skip_next_step(self) -> None:
         """Make the next `step()` a no-op (no update, no state change, no communication).
@@ -255,7 +431,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 for p in group["params"]:
                     adamw_init(p, self.state[p])
 
-    def _muon_step(self) -> None:
+    def _muon_step(self, broadcast: bool = True) -> None:
         """Owned matrices: momentum, batched Newton-Schulz, update; then owners broadcast.
 
         Work is bucketed by block shape (one batched NS call per bucket) and cut into slices of
@@ -265,7 +441,7 @@ class MuonAdamW(torch.optim.Optimizer):
         items = list(self._muon_params())
         work: dict[tuple, list] = defaultdict(list)
         for (group, i, p, name), mine in zip(items, self.owned_flags()):
-            if not mine or p.grad is None:
+            if not mine or self._grad(p) is None:
                 continue
             k = group["row_blocks"][i]
             b, r, c = block_shape(p.shape, k)
@@ -282,11 +458,13 @@ class MuonAdamW(torch.optim.Optimizer):
                 self.ns_calls += 1
                 self.ns_matrices += sum(u.shape[0] for u in inputs)
                 for (g, i, p, name, s, e), o in zip(chunk, outs):
-                    w = _blocks(p, g["row_blocks"][i], name)[s:e]      # [e - s, r, c] view
+                    target = self._target(p)
+                    w = _blocks(target, g["row_blocks"][i], name)[s:e]  # [e - s, r, c] view
                     w.mul_(1 - g["lr"] * g["weight_decay"])
-                    w.add_(o.to(p.dtype), alpha=-g["lr"] * update_scale(r, c, g["scale_mode"],
-                                                                          g["gamma"]))
-        self.broadcast_owned(lambda n, p: p)
+                    w.add_(o.to(target.dtype), alpha=-g["lr"] * update_scale(
+                        r, c, g["scale_mode"], g["gamma"]))
+        if broadcast:
+            self.broadcast_owned(lambda n, p: p)
 
     def _direction(self, group: dict[str, Any], i: int, p: torch.Tensor, s: int,
                    e: int) -> torch.Tensor:
@@ -297,7 +475,7 @@ class MuonAdamW(torch.optim.Optimizer):
                                                         memory_format=torch.contiguous_format)
         k = group["row_blocks"][i]
         buf = block_view(state["momentum_buffer"], k)[s:e]
-        grad = block_view(p.grad, k)[s:e]
+        grad = block_view(self._grad(p), k)[s:e]
         return momentum_direction(grad, buf, group["momentum"], group["nesterov"])
 
     # ------------------------------------------------------------------ checkpoints
@@ -328,13 +506,4 @@ def _blocks(p: torch.Tensor, row_blocks: int, name: str) -> torch.Tensor:
 
 def _numel_chunks(entries: list, block_numel: int, cap: int):
     """Groups work entries (…, start, end) into chunks of at most `cap` elements."""
-    chunk, n = [], 0
-    for e in entries:
-        k = (e[-1] - e[-2]) * block_numel
-        if chunk and n + k > cap:
-            yield chunk
-            chunk, n = [], 0
-        chunk.append(e)
-        n += k
-    if chunk:
-        yield chunk
+    return chunk_by_size(entries, lambda e: (e[-1] - e[-2]) * block_numel, cap)

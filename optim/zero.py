@@ -1,40 +1,62 @@
-"""Which DeepSpeed ZeRO stages work with `MuonAdamW`, checked before the engine starts.
+"""Which ZeRO stages work with `MuonAdamW`, checked before the engine starts.
 
-Supported: **stage 0 only.** DeepSpeed then leaves parameters whole; the engine all-reduces the
-gradients and calls our `step` once per optimizer step (at the gradient-accumulation boundary),
-so Newton-Schulz runs once per step on full, fully reduced matrices. With bf16 parameters at
-stage 0 DeepSpeed wraps us in its unfused mixed-precision optimizer, which hands us fp32 master
-copies of the same shapes: that works too. Muon's momentum is already split across data-parallel
-ranks by whole matrices (our ZeRO-1-like sharding, `optim.distributed`).
+`parallel.zero_stage` names what is sharded, as in ZeRO; how is ours, since Muon needs whole
+matrices:
 
-Refused: stages 1, 2 and 3. Their optimizers flatten every parameter group into one buffer and
-give the inner optimizer a 1-D slice per rank, cut at arbitrary element boundaries. Muon cannot
-orthogonalise a slice, and DeepSpeed's own Muon hooks only recognise DeepSpeed's
-`MuonWithAuxAdam` class, so our optimizer would get flat shards (verified by a test:
-`MuonAdamW.step` then raises instead of silently degrading).
+- **0**: DeepSpeed stage 0. Parameters, gradients and (with bf16) DeepSpeed's fp32 master
+  copies are replicated; the engine all-reduces the gradients and calls our `step` once per
+  optimizer step, so Newton-Schulz runs once per step on full, fully reduced matrices. Muon's
+  momentum is already split across data-parallel ranks by whole matrices (`optim.distributed`).
+- **1** and **2**: whole-matrix ZeRO, ours (`MuonAdamW(zero_stage=...)`). DeepSpeed runs at stage
+  0 with its gradient all-reduce and its bf16 master wrapper off. Each matrix has an owner rank,
+  which alone keeps its fp32 master weight and optimizer state, receives its reduced fp32
+  gradient, updates it and broadcasts the new (bf16) weight. Stage 2 reduces every
+  micro-batch's gradient to the owner at once, so fp32 gradients exist only there; stage 1
+  accumulates a full fp32 gradient on every rank and reduces once per step (less traffic under
+  gradient accumulation, more memory). Per rank both leave the bf16 weights and one micro-batch's
+  bf16 gradients replicated, and 1/dp of the fp32 state.
+
+Refused: DeepSpeed's own stages 1-3, and stage 3 here. DeepSpeed's flatten every parameter
+group into one buffer and give the inner optimizer 1-D slices cut at arbitrary element
+boundaries. Muon cannot orthogonalise a slice, and DeepSpeed 0.19's Muon support under ZeRO 1/2
+recognises only its own `MuonWithAuxAdam` (`stage_1_and_2.py`: a matrix cut by a partition
+boundary is all-reduced to every rank holding a slice and updated there, repeating
+Newton-Schulz on each), so our optimizer would get flat shards (`MuonAdamW.step` then raises
+instead of silently degrading). Stage 3 (sharded bf16 weights, gathered per layer) is not
+implemented.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
-SUPPORTED_ZERO_STAGES = (0,)
+SUPPORTED_ZERO_STAGES = (0, 1, 2)
 
 
 def check_zero_stage(stage: int) -> None:
     """Raises ValueError unless `stage` is a ZeRO stage `MuonAdamW` supports."""
     if int(stage) not in SUPPORTED_ZERO_STAGES:
         raise ValueError(
-            f"ZeRO stage {stage} is not supported with v4lab's Muon optimizer: ZeRO stages 1-3 "
-            f"flatten and partition parameters, but Muon must orthogonalise whole matrices. Use "
-            f"zero_optimization.stage=0; Muon's momentum and Newton-Schulz work are already "
-            f"sharded across data-parallel ranks by whole matrices (like ZeRO-1).")
+            f"ZeRO stage {stage} is not supported with v4lab's Muon optimizer: choose 0 "
+            f"(replicated fp32 state), 1 (fp32 master weights and optimizer state sharded by "
+            f"whole matrices) or 2 (fp32 gradients sharded too). Sharded bf16 weights (stage 3) "
+            f"are not implemented.")
+
+
+def sharded_state(stage: int) -> bool:
+    """Whether the optimizer keeps master weights and state on owners only (stages 1, 2)."""
+    check_zero_stage(stage)
+    return int(stage) > 0
 
 
 def check_deepspeed_config(config: Mapping[str, Any]) -> None:
-    """Validates the parts of a DeepSpeed config dict that matter to `MuonAdamW`."""
+    """Validates the parts of a DeepSpeed config dict that matter to `MuonAdamW`: the engine
+    itself always runs at stage 0 (stage 2 is the optimizer's, not DeepSpeed's)."""
     zero = config.get("zero_optimization") or {}
-    check_zero_stage(zero.get("stage", 0) if isinstance(zero, Mapping) else 0)
+    stage = zero.get("stage", 0) if isinstance(zero, Mapping) else 0
+    if int(stage) != 0:
+        raise ValueError(f"DeepSpeed zero_optimization.stage={stage}: run the engine at stage 0; "
+                         f"v4lab's own whole-matrix sharding is parallel.zero_stage=1 or 2")
     if config.get("optimizer"):
         raise ValueError("the DeepSpeed config names an 'optimizer'; pass MuonAdamW to "
                          "deepspeed.initialize(optimizer=...) instead, and drop that section")

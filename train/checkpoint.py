@@ -30,9 +30,9 @@ Router biases and the hash tables are buffers, so they travel in the weights.
 Expert parallelism: `model/` always holds full `[n_routed_experts, ...]` expert stacks (gathered
 over the expert-parallel group before rank 0 writes), so its layout does not depend on
 `parallel.ep_size`; loading slices each rank's experts for the ep_size it runs with
-(`load_weights`), e.g. a run saved at EP=2 serves at EP=1 or EP=4. Optimizer shards are per rank
-and are *not* resharded: resuming training needs the same world size and ep_size (checked at
-start-up, before any data work, with the overrides that start fresh instead).
+(`load_weights`), e.g. a run saved at EP=2 serves at EP=1 or EP=4. Optimizer shards are per rank;
+resuming with the saved layout loads each rank's own file (bitwise), and resuming at another
+world size, `parallel.ep_size` or `parallel.zero_stage` reshards them (`train.reshard`).
 """
 
 from __future__ import annotations
@@ -193,28 +193,29 @@ def resolve_resume(resume: str | None, run_dir: str | os.PathLike,
 
 
 # ---------------------------------------------------------------------- layout
-def saved_layout(path: Path) -> tuple[int | None, int]:
-    """(world size, ep_size) the checkpoint was written with."""
+def saved_layout(path: Path) -> tuple[int | None, int, int]:
+    """(world size, ep_size, zero_stage) the checkpoint was written with."""
     manifest = read_manifest(path)
     if manifest is not None and "world" in manifest:
-        return manifest["world"], manifest.get("ep_size", 1)
+        return manifest["world"], manifest.get("ep_size", 1), manifest.get("zero_stage", 0)
     state = _load_pt(path / "trainer_rank0.pt", "cpu")
-    return state.get("world"), state.get("ep_size", 1)
+    return state.get("world"), state.get("ep_size", 1), state.get("zero_stage", 0)
 
 
-def check_layout(path: Path, world: int, ep_size: int) -> None:
-    """Raises, naming the overrides that start fresh, if `path` was written by another world
-    size or ep_size (optimizer state is sharded per rank and not resharded)."""
-    saved_world, saved_ep = saved_layout(path)
+def check_layout(path: Path, world: int, ep_size: int, reshardable: bool = True) -> None:
+    """With `reshardable` (v4lab's optimizer: `train.reshard`) any layout resumes. Otherwise
+    raises, naming the overrides that start fresh, if `path` was written by another world size
+    or ep_size."""
+    saved_world, saved_ep, _ = saved_layout(path)
     diffs = []
     if saved_world != world:
         diffs.append(f"written with world size {saved_world}, resuming with {world}")
     if saved_ep != ep_size:
         diffs.append(f"written with parallel.ep_size={saved_ep}, resuming with {ep_size}")
-    if diffs:
+    if diffs and not reshardable:
         raise CheckpointError(
-            f"{path}: {'; '.join(diffs)}. Optimizer state is sharded per rank and is not "
-            f"resharded, so training resumes only with the saved layout (world size "
+            f"{path}: {'; '.join(diffs)}. This optimizer's per-rank state cannot be "
+            f"resharded (v4lab's MuonAdamW can), so training resumes only with the saved layout (world size "
             f"{saved_world}, parallel.ep_size={saved_ep}). To start a new run instead, pass "
             f"checkpoint.resume=none (the run directory's checkpoints are then moved aside into "
             f"checkpoints/abandoned_<time>/, not deleted) or a new run_name=... / run_dir=... .")
@@ -355,8 +356,9 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, info: DistInfo, model
     shard = getattr(optimizer, "sharded_state_dict", optimizer.state_dict)()
     torch.save(shard, tmp / f"optimizer_rank{info.rank}.pt")
     ep_size = ep_groups.ep_size if ep_groups is not None else 1
-    torch.save({**trainer_state, "rng": rng_state(), "world": info.world, "ep_size": ep_size},
-               tmp / f"trainer_rank{info.rank}.pt")
+    stage = getattr(optimizer, "zero_stage", 0)
+    torch.save({**trainer_state, "rng": rng_state(), "world": info.world, "ep_size": ep_size,
+                "zero_stage": stage}, tmp / f"trainer_rank{info.rank}.pt")
     for name in (f"optimizer_rank{info.rank}.pt", f"trainer_rank{info.rank}.pt"):
         _fsync(tmp / name)
     full = ep.full_state_dict(model, ep_groups) if ep_size > 1 else None  # collective
@@ -368,7 +370,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, info: DistInfo, model
         files = {str(p.relative_to(tmp)): p.stat().st_size
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps(
-            {"step": step, "world": info.world, "ep_size": ep_size, "files": files}, indent=1))
+            {"step": step, "world": info.world, "ep_size": ep_size, "zero_stage": stage,
+             "files": files}, indent=1))
         _fsync_tree(tmp)
         trash = final.with_name(final.name + _DELETING)
         if final.exists():  # re-saving the same step (e.g. a signal right after a save)
@@ -399,14 +402,39 @@ def _load_pt(file: Path, map_location: Any) -> Any:
 
 def load_checkpoint(path: Path, info: DistInfo, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restores weights, this rank's optimizer state and RNG; returns the trainer state."""
-    ep_size = getattr(model, "expert_parallel", (0, 1))[1]
-    check_layout(path, info.world, ep_size)  # before any rank's own file: a missing
-    # trainer_rank1.pt is a world-size change only if the checkpoint says so
-    trainer_state = _load_pt(path / f"trainer_rank{info.rank}.pt", "cpu")
+    """Restores weights, this rank's optimizer state and RNG; returns the trainer state. At
+    another world size, ep_size or zero_stage (v4lab's optimizer only) the optimizer state is
+    resharded from every rank's file (`train.reshard`)."""
+    from optim import MuonAdamW
+
+    from . import reshard
+
+    ep_rank, ep_size = getattr(model, "expert_parallel", (0, 1))
+    reshardable = isinstance(optimizer, MuonAdamW)
+    check_layout(path, info.world, ep_size, reshardable)  # before any rank's own file: a
+    # missing trainer_rank1.pt is a world-size change only if the checkpoint says so
+    saved = saved_layout(path)
+    change = reshard.describe(saved, (info.world, ep_size, getattr(optimizer, "zero_stage", 0)))
+    if not change:
+        trainer_state = _load_pt(path / f"trainer_rank{info.rank}.pt", "cpu")
+        load_weights(path / "model", model, info.device)
+        optimizer.load_state_dict(_load_pt(path / f"optimizer_rank{info.rank}.pt", info.device))
+        set_rng_state(trainer_state["rng"])
+        return trainer_state
+    saved_world, saved_ep, _ = saved
+    for r in range(saved_world):  # every file is read: name a missing one before any work
+        if not (path / f"optimizer_rank{r}.pt").is_file():
+            raise CheckpointError(f"{path / f'optimizer_rank{r}.pt'}: missing; the checkpoint is "
+                                  f"incomplete (resume from another one with "
+                                  f"checkpoint.resume=PATH)")
+    if info.is_main:
+        print(f"resharding {path}: {change}", flush=True)
+    trainer_state = _load_pt(path / f"trainer_rank{info.rank % saved_world}.pt", "cpu")
     load_weights(path / "model", model, info.device)
-    optimizer.load_state_dict(_load_pt(path / f"optimizer_rank{info.rank}.pt", info.device))
+    optimizer.load_state_dict(reshard.resharded_state_dict(optimizer, path, saved_world,
+                                                           saved_ep, ep_rank, ep_size))
     set_rng_state(trainer_state["rng"])
+    reshard.reseed(info.rank, trainer_state["step"])
     return trainer_state
 
 

@@ -62,9 +62,9 @@ def validate(model_cfg: ModelConfig, world: int, ep_size: int, zero_stage: int =
     if world % ep_size:
         raise ValueError(f"parallel.ep_size={ep_size} must divide the world size {world} "
                          f"(EP ranks are carved out of the data-parallel ranks)")
-    if ep_size > 1 and zero_stage != 0:
+    if ep_size > 1 and zero_stage not in (0, 1, 2):
         raise ValueError(f"parallel.ep_size={ep_size} with parallel.zero_stage={zero_stage}: "
-                         f"expert parallelism is supported with ZeRO stage 0 only")
+                         f"expert parallelism is supported with ZeRO stages 0, 1 and 2")
 
 
 def is_expert_param(name: str) -> bool:
@@ -161,12 +161,18 @@ def global_grad_norm(model, g: EPGroups | None) -> float:
     return float((dense + expert).sqrt())
 
 
+def clip_coefficient(max_norm: float, norm: float) -> float:
+    """torch's clip_grad_norm_ factor, max_norm / (norm + 1e-6) capped at 1; 1 when clipping is
+    off or the norm is NaN (that step is skipped)."""
+    if max_norm <= 0 or not norm == norm:
+        return 1.0
+    return min(1.0, max_norm / (norm + 1e-6))
+
+
 @torch.no_grad()
 def clip_grads_(model, max_norm: float, norm: float) -> None:
     """torch's clip_grad_norm_ rule (coefficient max_norm / (norm + 1e-6), capped at 1)."""
-    if max_norm <= 0 or not norm == norm:  # disabled, or NaN (the step will be skipped)
-        return
-    coef = max_norm / (norm + 1e-6)
+    coef = clip_coefficient(max_norm, norm)
     if coef < 1.0:
         for p in model.parameters():
             if p.grad is not None:

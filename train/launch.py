@@ -85,7 +85,8 @@ def launch(cfg: TrainConfig, make_task: Callable, pre_checks: Callable | None = 
         bf16 = cfg.dtype != "fp32"
         plan = make_plan(model_cfg, world, cfg.parallel.ep_size, cfg.data.micro_batch,
                          cfg.data.seq_len, cfg.batch.global_batch, bf16,
-                         cfg.activation_checkpointing, frozen_models=frozen)
+                         cfg.activation_checkpointing, frozen_models=frozen,
+                         zero_stage=cfg.parallel.zero_stage)
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"dry run: conf={cfg.run_name} ({cfg.model.preset})\n{plan.format()}")
         return

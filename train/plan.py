@@ -1,10 +1,14 @@
 """The dry-run planner: parameters, memory per rank and tokens per step, before any allocation.
 
-Memory per rank (bytes per parameter, `p` = parameters resident on the rank):
-- weights: 2 (bf16) or 4 (fp32); bf16 training also keeps an fp32 master copy (+4);
-- gradients: the parameter dtype (bf16 runs also hold fp32 gradients for the master step, +4);
+Memory per rank (bytes per parameter, `p` = parameters resident on the rank; "owned" = the
+rank's share under whole-matrix ownership, dense / dp + experts / (dp / ep)):
+- weights: 2 (bf16) or 4 (fp32); bf16 training also keeps an fp32 master copy: +4 per resident
+  parameter at `zero_stage` 0, +4 per owned one at stages 1 and 2;
+- gradients: one micro-batch's in the parameter dtype, plus fp32 ones: per resident parameter at
+  stage 0 (bf16 runs) and stage 1 (the local fp32 accumulation), per owned one at stage 2, plus
+  the owners' fp32 reduced gradient at stages 1 and 2 and one fp32 reduce bucket (`BUCKET`);
 - optimizer: Muon momentum 4 per Muon parameter, split over data-parallel ranks by whole
-  matrices; AdamW moments 8 per AdamW parameter;
+  matrices; AdamW moments 8 per AdamW parameter, replicated at stage 0 and owned at 1 and 2;
 - routed experts are split over `ep_size` ranks; everything else is replicated. Muon momentum of
   experts is split over the expert-data-parallel group (world / ep ranks holding the same experts);
 - expert-parallel traffic: per token and MoE layer, dispatch sends k copies of the hidden state
@@ -13,13 +17,19 @@ Memory per rank (bytes per parameter, `p` = parameters resident on the rank):
 - frozen models (GRPO's reference policy, distillation's teachers; `frozen_models`): weights
   only, in their own dtype (bf16 2 bytes, fp32 4 per parameter), experts split over `ep_size`
   like the policy's (`load_frozen_model` shards them the same way); no gradients or optimizer.
+Workspace (`workspace_bytes`, transient): the optimizer step's Newton-Schulz buffers, about 7
+fp32 copies of the largest same-shape batch of matrices a rank orthogonalises (capped by
+MuonAdamW's `max_ns_batch_numel`), and at stage 0 in fp32 DeepSpeed's flattened all-reduce
+buffer.
 Activations are an estimate per micro-batch (documented in `activation_bytes`); they are the
 least exact line, within about 2x of what a profiler shows.
 
 Communication per optimizer step (`comm_terms`, bytes a rank sends, and seconds at `Links`):
-dense gradients ring all-reduced over data parallel, expert gradients over the ranks holding
-the same experts, Muon's owner broadcast of updated matrices, and the MoE all-to-all (forward,
-backward, and the checkpointed forward's recompute). A term's time is its bytes over the link it
+dense gradients ring all-reduced over data parallel (stage 0) or reduced to their owners in
+fp32 (once per step at stage 1, once per micro-batch at stage 2), expert gradients the same over
+the ranks holding the same experts, the owners' broadcast of updated matrices (Muon's at stage
+0, every parameter at 1 and 2), and the MoE all-to-all (forward, backward, and the
+checkpointed forward's recompute). A term's time is its bytes over the link it
 crosses: NVLink when its group fits in one node, the inter-node NIC otherwise (a ring is as
 slow as its slowest hop); all-to-all traffic splits by the share of peers on other nodes. No
 overlap with compute is assumed: the figures say which term dominates, not the step time.
@@ -32,6 +42,11 @@ from dataclasses import dataclass
 from model.config import ModelConfig
 from model.summary import build_meta
 from optim.groups import ADAMW, assign
+
+BUCKET = 1 << 26   # elements of one fp32 reduce bucket (MuonAdamW's bucket_numel)
+NS_BATCH = 1 << 26  # MuonAdamW's max_ns_batch_numel
+NS_COPIES = 7       # directions + stacked input + Newton-Schulz iterates, fp32 (measured ~7)
+DS_ALLREDUCE = 500_000_000  # DeepSpeed's elements per flattened all-reduce buffer (stage 0)
 
 
 @dataclass(frozen=True)
@@ -71,6 +86,10 @@ class Plan:
     dispatch_bytes: float = 0.0   # per token per MoE layer, forward (dispatch + combine)
     frozen: tuple = ()            # (name, parameters resident per rank, weight bytes per rank)
     comm: tuple = ()              # CommTerm per communication kind, per optimizer step
+    zero_stage: int = 0
+    checkpointing: str = "off"
+    workspace: float = 0.0        # transient: Newton-Schulz and all-reduce buffers
+    step_grads: float = 0.0       # gradient bytes still held during the optimizer step
 
     @property
     def frozen_bytes(self) -> float:
@@ -78,12 +97,16 @@ class Plan:
 
     @property
     def total(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.activations + self.frozen_bytes
+        """The peak: what persists, plus the larger of the backward's transients (gradients,
+        activations) and the optimizer step's (the gradients it still holds, workspace)."""
+        return (self.weights + self.optimizer + self.frozen_bytes
+                + max(self.grads + self.activations, self.step_grads + self.workspace))
 
     def format(self) -> str:
         gib = 2 ** 30
         rows = [
-            f"world {self.world} = data-parallel {self.dp} (expert-parallel {self.ep})",
+            f"world {self.world} = data-parallel {self.dp} (expert-parallel {self.ep}), "
+            f"zero_stage {self.zero_stage}, activation checkpointing {self.checkpointing}",
             f"parameters: {self.total_params / 1e9:.2f}B total, "
             f"{self.activated_params / 1e9:.2f}B activated per token, "
             f"{self.params_per_rank / 1e9:.2f}B resident per rank",
@@ -95,6 +118,9 @@ class Plan:
             f"  gradients    {self.grads / gib:10.2f} GiB",
             f"  optimizer    {self.optimizer / gib:10.2f} GiB",
             f"  activations  {self.activations / gib:10.2f} GiB (estimate)",
+            f"  workspace    {self.workspace / gib:10.2f} GiB (optimizer step, with "
+            f"{self.step_grads / gib:.2f} GiB of gradients still held; the peak counts the larger "
+            f"of this and gradients + activations)",
             *(f"  {name:<12} {b / gib:10.2f} GiB (frozen: {n / 1e9:.2f}B parameters per "
               f"rank, weights only)" for name, n, b in self.frozen),
             f"  total        {self.total / gib:10.2f} GiB",
@@ -147,10 +173,11 @@ def _ring_seconds(nbytes: float, group: int, stride: int, links: Links) -> tuple
 
 def comm_terms(cfg: ModelConfig, dp: int, ep: int, dense: int, experts: int, muon_dense: int,
                muon_experts: int, tokens_per_rank: int, grad_bytes: int, act_bytes: int,
-               checkpointing: str, links: Links = Links()) -> tuple[CommTerm, ...]:
+               checkpointing: str, links: Links = Links(), zero_stage: int = 0,
+               grad_accum: int = 1) -> tuple[CommTerm, ...]:
     """Per-rank traffic of one optimizer step (module doc). `dense`/`experts`: parameters the
     rank holds outside/inside the routed experts; `muon_*`: those Muon updates (broadcast by
-    their owners); `tokens_per_rank`: micro-batch x seq x accumulation."""
+    their owners at stage 0); `tokens_per_rank`: micro-batch x seq x accumulation."""
     terms = []
 
     def ring(name: str, n_bytes: float, group: int, stride: int, all_reduce: bool):
@@ -160,10 +187,17 @@ def comm_terms(cfg: ModelConfig, dp: int, ep: int, dense: int, experts: int, muo
         terms.append(CommTerm(name, sent, seconds, link))
 
     edp = dp // ep  # ranks holding the same experts, ep apart
-    ring("dense grad all-reduce", dense * grad_bytes, dp, 1, True)
-    ring("expert grad all-reduce", experts * grad_bytes, edp, ep, True)
-    ring("muon broadcast", muon_dense * act_bytes, dp, 1, False)
-    ring("expert muon broadcast", muon_experts * act_bytes, edp, ep, False)
+    if zero_stage == 0:
+        ring("dense grad all-reduce", dense * grad_bytes, dp, 1, True)
+        ring("expert grad all-reduce", experts * grad_bytes, edp, ep, True)
+        ring("muon broadcast", muon_dense * act_bytes, dp, 1, False)
+        ring("expert muon broadcast", muon_experts * act_bytes, edp, ep, False)
+    else:  # fp32 on the wire; stage 2 reduces every micro-batch
+        times = grad_accum if zero_stage == 2 else 1
+        ring("dense grad reduce", dense * 4 * times, dp, 1, False)
+        ring("expert grad reduce", experts * 4 * times, edp, ep, False)
+        ring("weight broadcast", dense * act_bytes, dp, 1, False)
+        ring("expert weight broadcast", experts * act_bytes, edp, ep, False)
     passes = 3 if checkpointing in ("block", "selective") else 2  # fwd, bwd (+ recompute)
     moe_layers = cfg.n_layers + cfg.n_mtp_layers
     a2a = tokens_per_rank * moe_layers * passes * dispatch_bytes_per_token(cfg, ep, act_bytes)
@@ -178,38 +212,46 @@ def comm_terms(cfg: ModelConfig, dp: int, ep: int, dense: int, experts: int, muo
     return tuple(terms)
 
 
-def frozen_weight_bytes(cfg: ModelConfig, ep: int, dtype_bytes: int) -> tuple[int, float]:
-    """(parameters, weight bytes) one rank holds of a frozen model: routed experts split over
-    `ep`, the rest replicated; the fp32-by-design tensors (`model.weights._FP32_NAMES`) at 4."""
-    from model.weights import _FP32_NAMES
-
-    resident, nbytes = 0, 0.0
-    for name, p in build_meta(cfg).named_parameters():
-        local = p.numel() // ep if ".ffn.experts." in name else p.numel()
-        resident += local
-        nbytes += local * (4 if _FP32_NAMES.search(name) else dtype_bytes)
-    return resident, nbytes
+_PARAMETERS: dict[str, list] = {}
 
 
-def make_plan(cfg: ModelConfig, world: int, ep: int, micro_batch: int, seq_len: int,
-              global_batch: int, bf16: bool, checkpointing: str,
-              frozen_models: list | tuple = (), links: Links = Links()) -> Plan:
-    """`frozen_models`: (name, ModelConfig, dtype) per frozen model a stage holds besides the
-    policy, dtype "bf16" | "fp32" (or a torch dtype); planned as weights only. `links`: the
-    bandwidths of the communication estimate."""
-    if ep < 1 or world % ep:
-        raise ValueError(f"parallel.ep_size={ep} must divide the world size {world}")
-    if cfg.n_routed_experts % ep:
-        raise ValueError(f"parallel.ep_size={ep} must divide n_routed_experts="
-                         f"{cfg.n_routed_experts}")
-    dp = world
-    if global_batch % (micro_batch * dp):
-        raise ValueError(f"batch.global_batch={global_batch} must be a multiple of "
-                         f"data.micro_batch={micro_batch} x data-parallel size {dp}")
-    model = build_meta(cfg)
+def workspace_bytes(cfg: ModelConfig, dp: int, ep: int, zero_stage: int, resident: int,
+                    bf16: bool = True) -> float:
+    """Transient bytes of the optimizer step (module doc): Newton-Schulz on the largest batch of
+    same-shape Muon matrices one rank owns (whole matrices, spread evenly over the owners),
+    plus DeepSpeed's flattened all-reduce buffer at stage 0 in fp32 (its bf16 wrapper reduces
+    its own flat fp32 gradient buffer in place)."""
+    per_shape: dict[tuple, float] = {}
+    for name, p in _parameters(cfg):
+        if p.dim() < 2 or assign(name, p.shape)[0] == ADAMW:
+            continue
+        expert = ".ffn.experts." in name
+        owners = dp // ep if expert else dp
+        local = (p.numel() // ep if expert else p.numel()) / owners
+        key = tuple(p.shape[-2:])
+        per_shape[key] = per_shape.get(key, 0.0) + local
+    ns = NS_COPIES * 4 * min(NS_BATCH, max(per_shape.values(), default=0.0))
+    allreduce = 4 * min(DS_ALLREDUCE, resident) if zero_stage == 0 and dp > 1 and not bf16 \
+        else 0.0
+    return ns + allreduce
+
+
+_COUNTS: dict[tuple, tuple] = {}
+
+
+def _counts(cfg: ModelConfig, ep: int) -> tuple[int, ...]:
+    """(total, activated, resident, muon, adamw, expert muon, expert resident) parameters, the
+    last five per rank at `ep`."""
+    key = (repr(cfg), ep)
+    if key not in _COUNTS:
+        _COUNTS[key] = _count(cfg, ep)
+    return _COUNTS[key]
+
+
+def _count(cfg: ModelConfig, ep: int) -> tuple[int, ...]:
     total = activated = resident = muon = adamw = expert_muon = expert_local = 0
     frac = cfg.n_activated_experts / cfg.n_routed_experts
-    for name, p in model.named_parameters():
+    for name, p in _parameters(cfg):
         n = p.numel()
         is_mtp = name.startswith("mtp.")
         is_expert = ".ffn.experts." in name
@@ -227,10 +269,65 @@ def make_plan(cfg: ModelConfig, world: int, ep: int, micro_batch: int, seq_len: 
             expert_muon += local
         else:
             muon += local
+    return total, int(activated), resident, muon, adamw, expert_muon, expert_local
+
+
+def _parameters(cfg: ModelConfig) -> list:
+    """(name, meta tensor) of the model's parameters, built once per config (sizing tables
+    plan hundreds of layouts of the same model)."""
+    key = repr(cfg)
+    if key not in _PARAMETERS:
+        _PARAMETERS[key] = list(build_meta(cfg).named_parameters())
+    return _PARAMETERS[key]
+
+
+def frozen_weight_bytes(cfg: ModelConfig, ep: int, dtype_bytes: int) -> tuple[int, float]:
+    """(parameters, weight bytes) one rank holds of a frozen model: routed experts split over
+    `ep`, the rest replicated; the fp32-by-design tensors (`model.weights._FP32_NAMES`) at 4."""
+    from model.weights import _FP32_NAMES
+
+    resident, nbytes = 0, 0.0
+    for name, p in _parameters(cfg):
+        local = p.numel() // ep if ".ffn.experts." in name else p.numel()
+        resident += local
+        nbytes += local * (4 if _FP32_NAMES.search(name) else dtype_bytes)
+    return resident, nbytes
+
+
+def make_plan(cfg: ModelConfig, world: int, ep: int, micro_batch: int, seq_len: int,
+              global_batch: int, bf16: bool, checkpointing: str,
+              frozen_models: list | tuple = (), links: Links = Links(),
+              zero_stage: int = 0) -> Plan:
+    """`frozen_models`: (name, ModelConfig, dtype) per frozen model a stage holds besides the
+    policy, dtype "bf16" | "fp32" (or a torch dtype); planned as weights only. `links`: the
+    bandwidths of the communication estimate. `zero_stage`: 0, 1 or 2 (`optim.zero`)."""
+    if zero_stage not in (0, 1, 2):
+        raise ValueError(f"parallel.zero_stage={zero_stage}: choose 0, 1 or 2")
+    if ep < 1 or world % ep:
+        raise ValueError(f"parallel.ep_size={ep} must divide the world size {world}")
+    if cfg.n_routed_experts % ep:
+        raise ValueError(f"parallel.ep_size={ep} must divide n_routed_experts="
+                         f"{cfg.n_routed_experts}")
+    dp = world
+    if global_batch % (micro_batch * dp):
+        raise ValueError(f"batch.global_batch={global_batch} must be a multiple of "
+                         f"data.micro_batch={micro_batch} x data-parallel size {dp}")
+    total, activated, resident, muon, adamw, expert_muon, expert_local = _counts(cfg, ep)
     w_bytes = 2 if bf16 else 4
-    weights = resident * (w_bytes + (4 if bf16 else 0))
-    grads = resident * (w_bytes + (4 if bf16 else 0))
-    optimizer = muon * 4 / dp + expert_muon * 4 / (dp // ep) + adamw * 8
+    edp = dp // ep
+    owned = (resident - expert_local) / dp + expert_local / edp
+    master = 4 if bf16 else 0
+    if zero_stage == 0:
+        weights = resident * (w_bytes + master)
+        grads = resident * (w_bytes + (4 if bf16 else 0))
+        step_grads = grads
+        optimizer = muon * 4 / dp + expert_muon * 4 / edp + adamw * 8
+    else:
+        weights = resident * w_bytes + owned * master
+        local = resident if zero_stage == 1 else 0      # stage 1's full fp32 accumulation
+        grads = resident * w_bytes + (local + owned) * 4 + min(BUCKET, owned) * 4
+        step_grads = owned * 4                          # the owners' reduced fp32 gradients
+        optimizer = muon * 4 / dp + expert_muon * 4 / edp + adamw * 8 / dp
     acts = activation_bytes(cfg, micro_batch, seq_len, w_bytes, checkpointing)
     frozen = []
     for name, fcfg, dtype in frozen_models:
@@ -240,10 +337,13 @@ def make_plan(cfg: ModelConfig, world: int, ep: int, micro_batch: int, seq_len: 
         frozen.append((name, *frozen_weight_bytes(fcfg, ep, _dtype_bytes(dtype, name))))
     accum = global_batch // (micro_batch * dp)
     comm = comm_terms(cfg, dp, ep, resident - expert_local, expert_local, muon, expert_muon,
-                      micro_batch * seq_len * accum, w_bytes, w_bytes, checkpointing, links)
+                      micro_batch * seq_len * accum, w_bytes, w_bytes, checkpointing, links,
+                      zero_stage, accum)
     return Plan(world, dp, ep, total, int(activated), resident, weights, grads, optimizer, acts,
                 global_batch * seq_len, micro_batch, seq_len, accum,
-                expert_local, dispatch_bytes_per_token(cfg, ep, w_bytes), tuple(frozen), comm)
+                expert_local, dispatch_bytes_per_token(cfg, ep, w_bytes), tuple(frozen), comm,
+                zero_stage, checkpointing, workspace_bytes(cfg, dp, ep, zero_stage, resident, bf16),
+                step_grads)
 
 
 def _dtype_bytes(dtype, name: str) -> int:
@@ -284,8 +384,65 @@ def ep_table(presets=("flash", "pro"), eps=(8, 16, 32, 64)) -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":  # python -m train.plan: the EP sizing table of train/README.md
+TOKENS_PER_STEP = 4 * 2 ** 20   # the sizing tables' batch: 1024 sequences of 4096
+
+
+def best_layout(cfg: ModelConfig, world: int, zero_stage: int, checkpointing: str = "block",
+                seq_len: int = 4096, micro_batch: int = 1) -> Plan | None:
+    """The smallest-memory plan at `world` ranks, bf16, `TOKENS_PER_STEP` per step: the largest
+    valid `ep_size` (dividing the world and the expert count; a larger EP only moves expert
+    weights off the rank, while the fp32 expert state per rank, E / (ep x dp / ep), stays the
+    same). None if no EP > 0 is valid."""
+    global_batch = max(TOKENS_PER_STEP // seq_len, world * micro_batch)
+    global_batch -= global_batch % (world * micro_batch)
+    eps = [ep for ep in range(1, world + 1) if world % ep == 0 and cfg.n_routed_experts % ep == 0]
+    return make_plan(cfg, world, max(eps), micro_batch, seq_len, global_batch, True,
+                     checkpointing, zero_stage=zero_stage) if eps else None
+
+
+def smallest_world(cfg: ModelConfig, budget_bytes: float, zero_stage: int,
+                   checkpointing: str = "block", gpus_per_node: int = 8,
+                   max_world: int = 4096) -> Plan | None:
+    """The first world size (whole nodes) whose best layout fits `budget_bytes` per rank."""
+    for world in range(gpus_per_node, max_world + 1, gpus_per_node):
+        plan = best_layout(cfg, world, zero_stage, checkpointing)
+        if plan is not None and plan.total <= budget_bytes:
+            return plan
+    return None
+
+
+def fit_table(presets=(("flash", 64, 64), ("pro", 256, 128)), budget_gib: float = 120) -> str:
+    """Markdown: per-rank memory of each preset at its target layout for every zero_stage
+    (bf16, micro-batch 1 x 4096, block checkpointing, 4M tokens per step), the dominant
+    communication term, and the smallest world size that fits `budget_gib` per rank."""
+    from model.config import get_config
+
+    gib = 2 ** 30
+    rows = [f"| preset | world | EP | zero_stage | weights | gradients | optimizer | activations "
+            f"| total / rank | fits {budget_gib:.0f} GiB | dominant traffic / step "
+            f"| smallest world that fits |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, world, ep in presets:
+        cfg = get_config(name)
+        for stage in (0, 1, 2):
+            p = make_plan(cfg, world, ep, 1, 4096, TOKENS_PER_STEP // 4096, True, "block",
+                          zero_stage=stage)
+            top = max(p.comm, key=lambda c: c.seconds)
+            small = smallest_world(cfg, budget_gib * gib, stage)
+            where = (f"{small.world} (EP {small.ep}, {small.total / gib:.0f} GiB)" if small
+                     else "none up to 4096")
+            rows.append(f"| {name} | {world} | {ep} | {stage} | {p.weights / gib:.1f} | "
+                        f"{p.grads / gib:.1f} | {p.optimizer / gib:.1f} | "
+                        f"{p.activations / gib:.1f} | **{p.total / gib:.1f} GiB** | "
+                        f"{'yes' if p.total <= budget_gib * gib else 'no'} | {top.name} "
+                        f"{top.bytes / gib:.0f} GiB, {top.seconds:.1f} s | {where} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m train.plan: the sizing tables of train/README.md
     print(ep_table())
+    print()
+    print(fit_table())
 
 
 def available_memory(device) -> float:

@@ -30,6 +30,8 @@ from model.config import ModelConfig
 from model.summary import count_parameters
 from model.transformer import Transformer
 from optim import MuonAdamW, build_optimizer, check_zero_stage
+from optim.build import split_expert_groups
+from optim.zero import sharded_state
 from optim.schedule import LRSchedule, batch_size_ramp, make_scheduler
 
 from . import checkpoint as ckpt
@@ -56,17 +58,21 @@ class StepStats:
 
 
 def deepspeed_config(cfg: TrainConfig, info: DistInfo, grad_accum: int, bf16: bool) -> dict:
-    check_zero_stage(cfg.parallel.zero_stage)
+    """The engine always runs at DeepSpeed stage 0. Under our stages 1 and 2 (`optim.zero`) the
+    optimizer keeps the fp32 masters, so DeepSpeed's bf16 wrapper is off (the trainer casts the
+    model itself) and the trainer clips on the owners' gradient shards."""
+    sharded = sharded_state(cfg.parallel.zero_stage)
     # With EP in fp32 the trainer clips (DeepSpeed would average per-rank norms of different
     # parameters); bf16 keeps DeepSpeed's wrapper clipping (see train/README.md).
-    clip = 0.0 if cfg.parallel.ep_size > 1 and not bf16 else float(cfg.optim.grad_clip)
+    clip = 0.0 if sharded or (cfg.parallel.ep_size > 1 and not bf16) \
+        else float(cfg.optim.grad_clip)
     return {
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": cfg.data.micro_batch * grad_accum * info.world,
         "gradient_clipping": clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        "bf16": {"enabled": bf16},
+        "zero_optimization": {"stage": 0},
+        "bf16": {"enabled": bf16 and not sharded},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -91,6 +97,7 @@ class Trainer:
         validate_config(cfg, info.world, model_cfg)
         self.run_dir = Path(cfg.run_dir)
         self.bf16 = (cfg.dtype == "bf16" or (cfg.dtype == "auto" and info.device.type == "cuda"))
+        self.sharded = sharded_state(cfg.parallel.zero_stage)
         if cfg.dtype not in ("auto", "bf16", "fp32"):
             raise ValueError(f"dtype={cfg.dtype!r}: choose auto, bf16 or fp32")
         self.schedule = build_lr_schedule(cfg)
@@ -128,14 +135,14 @@ class Trainer:
         plan = make_plan(self.model_cfg, self.info.world, cfg.parallel.ep_size,
                          cfg.data.micro_batch, cfg.data.seq_len, cfg.batch.global_batch,
                          self.bf16, cfg.activation_checkpointing,
-                         frozen_models=self.frozen_models)
+                         frozen_models=self.frozen_models, zero_stage=cfg.parallel.zero_stage)
         limit = available_memory(self.info.device)
         if plan.total > 0.9 * limit:
             raise SystemExit(
                 f"{plan.format()}\n\nconf={cfg.run_name} needs ~{plan.total / 2**30:.1f} GiB per "
                 f"rank but this {self.info.device.type} rank has {limit / 2**30:.1f} GiB. Use more "
-                f"ranks or expert parallelism (parallel.ep_size), activation_checkpointing, a "
-                f"smaller data.micro_batch, or a smaller preset. `dry_run=true` prints this plan.")
+                f"ranks or expert parallelism (parallel.ep_size), parallel.zero_stage=2, "
+                f"activation_checkpointing, a smaller data.micro_batch, or a smaller preset. `dry_run=true` prints this plan.")
 
     def build(self) -> None:
         cfg, info = self.cfg, self.info
@@ -158,6 +165,8 @@ class Trainer:
         init.apply_init_from(self.init_source, self.model, info, self.run_dir,
                              getattr(self, "task", None))
         apply_activation_checkpointing(self.model, cfg.activation_checkpointing)
+        if self.sharded and self.bf16:  # what DeepSpeed's bf16 mode does, without its wrapper
+            self.model.bfloat16()
         if cfg.compile and info.device.type == "cuda":
             for block in [*self.model.layers, *self.model.mtp]:
                 block.compile()
@@ -168,16 +177,21 @@ class Trainer:
                 ns_coefficients=cfg.optim.ns_coefficients,
                 adamw_betas=tuple(cfg.optim.adamw_betas), adamw_eps=cfg.optim.adamw_eps,
                 model_config=self.model_cfg,
-                expert_process_group=ep.optimizer_shard_group(self.ep) if self.ep else None)
+                expert_process_group=ep.optimizer_shard_group(self.ep) if self.ep else None,
+                zero_stage=cfg.parallel.zero_stage)
         elif cfg.optim.name == "adamw":
             # our optimizer with every parameter in one AdamW group (the same update as
             # torch.optim.AdamW), so a non-finite step is skipped as under Muon
             named = list(self.model.named_parameters())
+            groups = [{"params": [p for _, p in named], "param_names": [n for n, _ in named],
+                       "use_muon": False}]
+            if self.ep is not None:  # experts' state is owned within their expert-DP group
+                groups = split_expert_groups(groups, ep.optimizer_shard_group(self.ep),
+                                             include_adamw=True)
             self.optimizer = MuonAdamW(
-                [{"params": [p for _, p in named], "param_names": [n for n, _ in named],
-                  "use_muon": False}],
-                lr=cfg.optim.lr, betas=tuple(cfg.optim.adamw_betas), eps=cfg.optim.adamw_eps,
-                weight_decay=cfg.optim.weight_decay)
+                groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.adamw_betas),
+                eps=cfg.optim.adamw_eps, weight_decay=cfg.optim.weight_decay,
+                zero_stage=cfg.parallel.zero_stage)
         else:
             raise ValueError(f"optim.name={cfg.optim.name!r}: choose muon or adamw")
         self.scheduler = make_scheduler(self.optimizer, self.schedule)
@@ -188,6 +202,8 @@ class Trainer:
             model=self.model, optimizer=self.optimizer,
             config=deepspeed_config(cfg, info, self.gas, self.bf16))
         release_shm_workspace()  # when deepspeed.initialize set up the process group itself
+        if self.sharded:  # the optimizer reduces each gradient to its owner instead
+            self.engine.enable_backward_allreduce = False
         if self.ep is not None:
             ep.attach_engine(self.engine)
         counts = count_parameters(self.model_cfg)
@@ -233,6 +249,10 @@ class Trainer:
         skip = any_rank(bool(self.bad) or not math.isfinite(grad_norm), info.device)
         if skip:
             self.optimizer_core().skip_next_step()
+        elif self.sharded:
+            coef = ep.clip_coefficient(self.cfg.optim.grad_clip, grad_norm)
+            if coef < 1.0:
+                self.optimizer.scale_gradients(coef)
         elif self.ep is not None and not self.bf16:
             ep.clip_grads_(self.model, self.cfg.optim.grad_clip, grad_norm)
         engine.step()  # the boundary: DeepSpeed calls our optimizer (which may skip)
@@ -273,6 +293,8 @@ class Trainer:
             faults.maybe_raise(info.rank)
             self.bad |= ~torch.isfinite(total.detach())  # stays on the device: no sync here
             engine.backward(total * scale)
+            if self.sharded:  # into fp32, on the owners (stage 2) or locally (stage 1)
+                self.optimizer.accumulate_gradients()
             names = sorted(out.metrics)
             if self.metric_names is None:
                 self.metric_names = names
@@ -286,6 +308,8 @@ class Trainer:
                 self.last_counts = c if self.last_counts is None else self.last_counts + c
             if not last:
                 engine.step()
+        if self.sharded:
+            self.optimizer.finish_gradients()
         self.sums = torch.stack(sums).sum(0)
         if self.last_counts is None:
             self.last_counts = torch.zeros(0, 0, device=info.device)
@@ -300,6 +324,8 @@ class Trainer:
 
     def grad_norm(self) -> float:
         """Global L2 norm of the reduced gradient (each expert counted once under EP)."""
+        if self.sharded:
+            return self.optimizer.grad_norm()
         return ep.global_grad_norm(self.model, self.ep)
 
     # ------------------------------------------------------------------ evaluation
@@ -342,8 +368,11 @@ class Trainer:
         in place with the checkpoint's, so `steps=` or `schedule.*` changed for a resumed run
         were silently ignored (and the phases, which read the same object, moved with it)."""
         saved = state.get("lr_lambdas")
-        # None entries: LambdaLR leaves those lambdas as they are
-        self.scheduler.load_state_dict({**state, "lr_lambdas": [None] * len(saved or [None])})
+        # None entries: LambdaLR leaves those lambdas as they are. The base LRs are this
+        # config's too, one per parameter group of this layout (expert parallelism splits the
+        # experts into groups of their own, so a resharded resume may have more or fewer)
+        self.scheduler.load_state_dict({**state, "lr_lambdas": [None] * len(saved or [None]),
+                                        "base_lrs": list(self.scheduler.base_lrs)})
         if saved and saved[0] != vars(self.schedule) and self.info.is_main:
             print(f"LR schedule differs from the checkpoint's {saved[0]}; using this config's "
                   f"{vars(self.schedule)}", flush=True)

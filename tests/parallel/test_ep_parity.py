@@ -86,3 +86,13 @@ def test_rank_with_starved_experts_neither_hangs_nor_differs(starved_reference):
         if ".ffn.experts." in k:
             assert not np.any(g[4:]), k                   # experts 4..7 really got nothing
             assert np.any(g[:4]), k
+
+
+@pytest.mark.parametrize("world, ep_size", [(2, 1), (4, 2)])
+def test_zero2_matches_single_process(reference, world, ep_size):
+    """Whole-matrix ZeRO-2 (gradients reduced to their owners, fp32 state on the owner only):
+    the same loss, norm, reduced gradients (gathered from the owners' shards) and weights as one
+    process, within the tolerances above (only the summation order changes)."""
+    out = run_distributed(train, world, ep_size, 3, None, 2, timeout=150)
+    for r, got in enumerate(out):
+        _compare(reference, got, f"ZeRO-2 world {world} EP {ep_size} rank {r}")
