@@ -387,17 +387,18 @@ class MuonAdamW(torch.optim.Optimizer):
         """Owned parameters: Muon or AdamW update of the fp32 master (or the fp32 parameter),
         written back into the parameter; then every owner broadcasts."""
         self._muon_step(broadcast=False)
-        for (group, _, p, _), mine in zip(self._all_params(), self.owns()):
-            if group["use_muon"] or not mine or self._grad(p) is None:
-                continue
-            adamw_step(self._target(p), self._grad(p), self.state[p], lr=group["lr"],
-                       betas=group["betas"], eps=group["eps"],
-                       weight_decay=group["weight_decay"])
-        for (_, _, p, _), mine in zip(self._all_params(), self.owns()):
-            if mine and "master" in self.state.get(p, {}) and id(p) in self._acc:
+        items = list(self._all_params())
+        stepped = [(group, p) for (group, _, p, _), mine in zip(items, self.owns())
+                   if mine and id(p) in self._acc]
+        for group, p in stepped:
+            if not group["use_muon"]:
+                adamw_step(self._target(p), self._acc[id(p)], self.state[p], lr=group["lr"],
+                           betas=group["betas"], eps=group["eps"],
+                           weight_decay=group["weight_decay"])
+        for _, p in stepped:
+            if "master" in self.state[p]:
                 p.copy_(self.state[p]["master"])
         self._acc.clear()
-        items = list(self._all_params())
         owners = self.all_owners()
         for pg, ix in self._all_domains(items):
             broadcast_from_owners([items[n][2] for n in ix], [owners[n] for n in ix], pg,

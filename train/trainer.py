@@ -142,7 +142,8 @@ class Trainer:
                 f"{plan.format()}\n\nconf={cfg.run_name} needs ~{plan.total / 2**30:.1f} GiB per "
                 f"rank but this {self.info.device.type} rank has {limit / 2**30:.1f} GiB. Use more "
                 f"ranks or expert parallelism (parallel.ep_size), parallel.zero_stage=2, "
-                f"activation_checkpointing, a smaller data.micro_batch, or a smaller preset. `dry_run=true` prints this plan.")
+                f"activation_checkpointing, a smaller data.micro_batch, or a smaller preset. "
+                f"`dry_run=true` prints this plan.")
 
     def build(self) -> None:
         cfg, info = self.cfg, self.info
