@@ -1,15 +1,16 @@
-"""Benchmark: step time and peak memory per rank for each `parallel.zero_stage` (0, 1, 2), on 2
+"""Benchmark: step time and peak memory per rank for each `parallel.zero_stage` (0 to 3), on 2
 and 4 CPU processes (gloo), as ratios against stage 0 in the same invocation.
 
     python bench/sharding.py                         # bf16, dim 256, EP 1, 2 and 4 processes
     python bench/sharding.py --worlds 2 --ep 2 --dtype fp32
 
 Each rank runs the trainer's step wiring (`tests/parallel/harness.py`: DeepSpeed engine at stage
-0, MuonAdamW, gradient accumulation of 2 micro-batches, ZeRO 1/2 accumulation into owners, EP
-clipping). Memory is counted from tensors, as CUDA's `max_memory_allocated` would on a GPU:
-the bytes of every live tensor storage when the measured steps begin (weights, optimizer state,
-DeepSpeed's fp32 copies) plus the peak of what the steps allocate above that (`SectionPeak`:
-gradients, fp32 buffers, activations, Newton-Schulz and reduce workspaces). Allocator rounding
+0, MuonAdamW, gradient accumulation of 2 micro-batches, ZeRO 1/2/3 accumulation into owners,
+stage 3's per-block weight gathers, EP clipping). Memory is counted from tensors, as CUDA's
+`max_memory_allocated` would on a GPU: the bytes of every live tensor storage when the measured
+steps begin (weights, optimizer state, DeepSpeed's fp32 copies) plus the peak of what the steps
+allocate above that (`SectionPeak`: gradients, fp32 buffers, activations, Newton-Schulz and
+reduce workspaces). Allocator rounding
 and Python's own memory are not included. `plan` is `train.plan.make_plan`'s total for the same
 layout (with its workspace and activation estimates).
 """
@@ -40,7 +41,7 @@ def main() -> None:
     mib = 2 ** 20
     for world in a["worlds"]:
         res = {}
-        for stage in (0, 1, 2):
+        for stage in (0, 1, 2, 3):
             ranks = run_distributed(harness.measure_step_memory, world, a["ep"], stage,
                                     a["dim"], a["seq"], a["steps"], a["dtype"] == "bf16",
                                     timeout=900)
@@ -54,7 +55,7 @@ def main() -> None:
                   f"{step_s * 1e3:.0f} ms, peak {peak / mib:.1f} MiB per rank (max over ranks; "
                   f"state at step start {max(r['base'] for r in ranks) / mib:.1f} MiB), plan "
                   f"{planned / mib:.1f} MiB, measured / plan {peak / planned:.2f}", flush=True)
-        for stage in (1, 2):
+        for stage in (1, 2, 3):
             print(f"world {world} zero_stage {stage} vs 0: peak memory ratio "
                   f"{res[stage][0] / res[0][0]:.2f}, step time ratio "
                   f"{res[stage][1] / res[0][1]:.2f}")

@@ -119,7 +119,8 @@ def _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, e
             raise ValueError("speculative=True: the model has no MTP block to draft with "
                              "(n_mtp_layers=0)")
         if speculative and peer.collective:
-            raise ValueError("speculative=True: not supported under expert parallelism yet")
+            raise ValueError("speculative=True: not supported under expert parallelism or "
+                             "zero_stage=3 yet (forwards are collectives)")
         pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
         if not 0 <= pad < cfg.vocab_size:  # padding is embedded like any token
             raise ValueError(f"{'pad_id' if pad_id is not None else 'eos_id'}={pad}: outside "
@@ -276,7 +277,13 @@ def token_dispatcher(model) -> TokenDispatcher:
     """The MoE token dispatcher: it knows whether forwards are collectives and over which ranks
     (the model never sees a process group itself). All MoE layers share one EP group. A loop
     around `generate` whose iterations differ between ranks (rollout rounds and chunks) asks
-    its `any_active` too. Anything without modules (a test's stand-in) dispatches locally."""
+    its `any_active` too. Anything without modules (a test's stand-in) dispatches locally. A
+    model whose forwards are collectives for another reason (ZeRO-3's per-block weight gathers
+    over all data-parallel ranks) carries a `forward_peer` with the same two members, asked
+    first."""
+    peer = getattr(model, "forward_peer", None)
+    if peer is not None:
+        return peer
     for m in getattr(model, "modules", lambda: [])():
         d = getattr(m, "dispatcher", None)
         if isinstance(d, TokenDispatcher):

@@ -27,8 +27,14 @@ the fp32 reduced gradient. Call `accumulate_gradients` after every backward and
   everywhere (fp32 gradients exist only on owners; one reduce per micro-batch);
 - stage 1: each rank adds it into a local fp32 buffer of the full size, reduced to the owners
   once at the boundary (one reduce per step; full fp32 gradients on every rank until then).
+- stage 3: as stage 2, but `optim.weight_sharding.BlockWeightSharding` (attached with
+  `attach_weight_sharding`) also frees the blocks' weights on non-owners and reduces each
+  block's gradients (`reduce_gradients_of`) as soon as its backward is complete;
+  `accumulate_gradients` then completes the last block and reduces the parameters outside
+  the blocks.
 `step` updates the owned masters, writes them into the (bf16) parameters and the owners
-broadcast them. The gradient norm (`grad_norm`) and clipping (`scale_gradients`) work on the
+broadcast them (at stage 3 only those outside the blocks: the others are gathered at their
+next forward). The gradient norm (`grad_norm`) and clipping (`scale_gradients`) work on the
 owners' shards. A reduce plus a broadcast per matrix is the volume of the all-reduce it replaces.
 
 Checkpoints (`optim.checkpoint`): `state_dict` is consolidated (a collective; restores at any
@@ -93,13 +99,14 @@ class MuonAdamW(torch.optim.Optimizer):
         self._skip_next = False
         self._plan_key: Any = None
         self._owners: list[int] = []
-        if zero_stage not in (0, 1, 2):
-            raise ValueError(f"zero_stage={zero_stage}: choose 0 (replicated), 1 or 2")
+        if zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage={zero_stage}: choose 0 (replicated), 1, 2 or 3")
         self.zero_stage = int(zero_stage)
         self._local: dict[int, torch.Tensor] = {}  # id(param) → local fp32 gradient (stage 1)
         self._all_key: Any = None
         self._all_owners: list[int] = []
         self._acc: dict[int, torch.Tensor] = {}   # id(param) → owned fp32 gradient (sharded)
+        self._weights = None  # stage 3: the BlockWeightSharding that reduces block gradients
         super().__init__(list(params), dict(lr=lr, weight_decay=weight_decay))
 
     @property
@@ -279,8 +286,11 @@ class MuonAdamW(torch.optim.Optimizer):
         onto its owner (stage 2, a collective over each shard domain) or into this rank's
         local buffer (stage 1); `p.grad` is freed on every rank."""
         if not self.sharded:
-            raise RuntimeError("accumulate_gradients needs MuonAdamW(zero_stage=1 or 2)")
-        if self.zero_stage == 2:
+            raise RuntimeError("accumulate_gradients needs MuonAdamW(zero_stage=1, 2 or 3)")
+        if self.zero_stage == 3:
+            self._stage3().finish_backward()  # the blocks' gradients, as their backward ended
+            self._reduce(lambda p: p.grad, skip=self._weights.unit_param_ids)
+        elif self.zero_stage == 2:
             self._reduce(lambda p: p.grad)
         else:
             for _, _, p, _ in self._all_params():
@@ -300,16 +310,42 @@ class MuonAdamW(torch.optim.Optimizer):
             self._reduce(lambda p: self._local.get(id(p)))
             self._local.clear()
 
-    def _reduce(self, grad_of) -> None:
+    def attach_weight_sharding(self, sharding) -> None:
+        """Stage 3: `optim.weight_sharding.BlockWeightSharding` frees the blocks' weights on
+        non-owners and calls `reduce_gradients_of` as each block's backward completes."""
+        if self.zero_stage != 3:
+            raise ValueError("weight sharding needs MuonAdamW(zero_stage=3)")
+        self._weights = sharding
+
+    def _stage3(self):
+        if self._weights is None:
+            raise RuntimeError("zero_stage=3: attach optim.weight_sharding.BlockWeightSharding("
+                               "model, optimizer) before the first backward")
+        return self._weights
+
+    @torch.no_grad()
+    def reduce_gradients_of(self, params: list[torch.Tensor]) -> None:
+        """Stage 3, one block: its gradients summed onto their owners now and freed."""
+        ids = {id(p) for p in params}
+        self._reduce(lambda p: p.grad, only=ids)
+        for p in params:
+            p.grad = None
+
+    def _reduce(self, grad_of, only: set[int] | None = None, skip: set[int] = frozenset()
+                ) -> None:
         """Every gradient summed onto its owner in fp32 and divided by the data-parallel size
         (DeepSpeed's averaging), added to the owner's accumulated gradient. A parameter that
         requires grad but has none here (an expert no token reached) contributes zeros, so
-        every rank issues the same collectives."""
+        every rank issues the same collectives. `only` / `skip`: ids of the parameters to
+        reduce or to leave out (stage 3 reduces block by block)."""
         items = list(self._all_params())
         owners = self.all_owners()
         _, dp = group_rank_size(self.process_group)
         for pg, ix in self._all_domains(items):
-            ix = [n for n in ix if items[n][2].requires_grad]
+            ix = [n for n in ix if items[n][2].requires_grad and id(items[n][2]) not in skip
+                  and (only is None or id(items[n][2]) in only)]
+            if not ix:
+                continue
             grads = [grad_of(items[n][2]) for n in ix]
             grads = [g if g is not None else torch.zeros_like(items[n][2])
                      for g, n in zip(grads, ix)]
@@ -400,7 +436,9 @@ class MuonAdamW(torch.optim.Optimizer):
                 p.copy_(self.state[p]["master"])
         self._acc.clear()
         owners = self.all_owners()
-        for pg, ix in self._all_domains(items):
+        gathered_later = self._weights.unit_param_ids if self._weights is not None else ()
+        for pg, ix in self._all_domains(items):  # stage 3: block weights wait for their gather
+            ix = [n for n in ix if id(items[n][2]) not in gathered_later]
             broadcast_from_owners([items[n][2] for n in ix], [owners[n] for n in ix], pg,
                                   self.bucket_numel)
 

@@ -22,15 +22,15 @@ boundaries. Muon cannot orthogonalise a slice, and DeepSpeed 0.19's Muon support
 recognises only its own `MuonWithAuxAdam` (`stage_1_and_2.py`: a matrix cut by a partition
 boundary is all-reduced to every rank holding a slice and updated there, repeating
 Newton-Schulz on each), so our optimizer would get flat shards (`MuonAdamW.step` then raises
-instead of silently degrading). Stage 3 (sharded bf16 weights, gathered per layer) is not
-implemented.
+instead of silently degrading). DeepSpeed's stage 3 gathers flat partitions per module, with
+the same slicing.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
-SUPPORTED_ZERO_STAGES = (0, 1, 2)
+SUPPORTED_ZERO_STAGES = (0, 1, 2, 3)
 
 
 def check_zero_stage(stage: int) -> None:
@@ -39,12 +39,12 @@ def check_zero_stage(stage: int) -> None:
         raise ValueError(
             f"ZeRO stage {stage} is not supported with v4lab's Muon optimizer: choose 0 "
             f"(replicated fp32 state), 1 (fp32 master weights and optimizer state sharded by "
-            f"whole matrices) or 2 (fp32 gradients sharded too). Sharded bf16 weights (stage 3) "
-            f"are not implemented.")
+            f"whole matrices), 2 (fp32 gradients sharded too) or 3 (the blocks' bf16 weights "
+            f"too, gathered per block).")
 
 
 def sharded_state(stage: int) -> bool:
-    """Whether the optimizer keeps master weights and state on owners only (stages 1, 2)."""
+    """Whether the optimizer keeps master weights and state on owners only (stages 1-3)."""
     check_zero_stage(stage)
     return int(stage) > 0
 
@@ -56,7 +56,7 @@ def check_deepspeed_config(config: Mapping[str, Any]) -> None:
     stage = zero.get("stage", 0) if isinstance(zero, Mapping) else 0
     if int(stage) != 0:
         raise ValueError(f"DeepSpeed zero_optimization.stage={stage}: run the engine at stage 0; "
-                         f"v4lab's own whole-matrix sharding is parallel.zero_stage=1 or 2")
+                         f"v4lab's own whole-matrix sharding is parallel.zero_stage=1, 2 or 3")
     if config.get("optimizer"):
         raise ValueError("the DeepSpeed config names an 'optimizer'; pass MuonAdamW to "
                          "deepspeed.initialize(optimizer=...) instead, and drop that section")

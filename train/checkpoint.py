@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from model.weights import save_pretrained
+from optim.weight_sharding import weights_gathered
 
 from . import expert_parallel as ep
 from .dist import DistInfo, barrier
@@ -361,9 +362,12 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, info: DistInfo, model
                 "zero_stage": stage}, tmp / f"trainer_rank{info.rank}.pt")
     for name in (f"optimizer_rank{info.rank}.pt", f"trainer_rank{info.rank}.pt"):
         _fsync(tmp / name)
-    full = ep.full_state_dict(model, ep_groups) if ep_size > 1 else None  # collective
+    with weights_gathered(model):  # zero_stage=3: whole blocks for the consolidated file
+        full = ep.full_state_dict(model, ep_groups) if ep_size > 1 else None  # collective
+        if info.is_main:
+            save_pretrained(model, tmp / "model", tokenizer_file=tokenizer_file,
+                            state_dict=full)
     if info.is_main:
-        save_pretrained(model, tmp / "model", tokenizer_file=tokenizer_file, state_dict=full)
         (tmp / "config.yaml").write_text(config_yaml)
     barrier()
     if info.is_main:
@@ -417,7 +421,8 @@ def load_checkpoint(path: Path, info: DistInfo, model: torch.nn.Module,
     change = reshard.describe(saved, (info.world, ep_size, getattr(optimizer, "zero_stage", 0)))
     if not change:
         trainer_state = _load_pt(path / f"trainer_rank{info.rank}.pt", "cpu")
-        load_weights(path / "model", model, info.device)
+        with weights_gathered(model):  # zero_stage=3: owners keep what they load
+            load_weights(path / "model", model, info.device)
         optimizer.load_state_dict(_load_pt(path / f"optimizer_rank{info.rank}.pt", info.device))
         set_rng_state(trainer_state["rng"])
         return trainer_state
@@ -430,7 +435,8 @@ def load_checkpoint(path: Path, info: DistInfo, model: torch.nn.Module,
     if info.is_main:
         print(f"resharding {path}: {change}", flush=True)
     trainer_state = _load_pt(path / f"trainer_rank{info.rank % saved_world}.pt", "cpu")
-    load_weights(path / "model", model, info.device)
+    with weights_gathered(model):
+        load_weights(path / "model", model, info.device)
     optimizer.load_state_dict(reshard.resharded_state_dict(optimizer, path, saved_world,
                                                            saved_ep, ep_rank, ep_size))
     set_rng_state(trainer_state["rng"])

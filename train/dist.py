@@ -199,3 +199,11 @@ def barrier() -> None:
 def main_print(info: DistInfo | None, *args) -> None:
     if info is None or info.is_main:
         print(*args, file=sys.stdout, flush=True)
+
+
+def forwards_are_collective(cfg) -> bool:
+    """Whether every forward of the trained model is a collective, so that all ranks must run
+    the same forwards (evaluation and sampling included): under expert parallelism each MoE
+    layer is an all-to-all over the EP group, and at `parallel.zero_stage=3` each block gathers
+    its weights over the data-parallel group (`optim.weight_sharding`)."""
+    return cfg.parallel.ep_size > 1 or cfg.parallel.zero_stage == 3

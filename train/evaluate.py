@@ -135,12 +135,13 @@ def stage_evaluation(model, tokenizer, domains: Sequence[Domain], n: int, max_ne
                      cfg, info, step: int):
     """A training stage's domain evaluation (SFT, GRPO, distillation): greedy pass@1,
     format-valid rate and response length on `n` test items per domain, as an `EvalResult`.
-    Items are sharded over data-parallel ranks; under expert parallelism every rank evaluates
-    every item (each forward is collective, and identical weights decode the same greedy
-    tokens, so all ranks run the same number of generation rounds)."""
+    Items are sharded over data-parallel ranks; under expert parallelism or ZeRO-3 every rank
+    evaluates every item (each forward is collective, and identical weights decode the same
+    greedy tokens, so all ranks run the same number of generation rounds)."""
+    from .dist import forwards_are_collective
     from .task import EvalResult
 
-    sharded = cfg.parallel.ep_size == 1
+    sharded = not forwards_are_collective(cfg)
     result = evaluate_domains(model, tokenizer, list(domains), n, seed=cfg.seed,
                               max_new_tokens=max_new_tokens,
                               batch_size=max(1, cfg.data.micro_batch * 8),

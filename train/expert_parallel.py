@@ -62,9 +62,9 @@ def validate(model_cfg: ModelConfig, world: int, ep_size: int, zero_stage: int =
     if world % ep_size:
         raise ValueError(f"parallel.ep_size={ep_size} must divide the world size {world} "
                          f"(EP ranks are carved out of the data-parallel ranks)")
-    if ep_size > 1 and zero_stage not in (0, 1, 2):
+    if ep_size > 1 and zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"parallel.ep_size={ep_size} with parallel.zero_stage={zero_stage}: "
-                         f"expert parallelism is supported with ZeRO stages 0, 1 and 2")
+                         f"expert parallelism is supported with ZeRO stages 0 to 3")
 
 
 def is_expert_param(name: str) -> bool:

@@ -14,6 +14,11 @@ rank's share under whole-matrix ownership, dense / dp + experts / (dp / ep)):
 - expert-parallel traffic: per token and MoE layer, dispatch sends k copies of the hidden state
   (activation dtype) plus a fp32 routing weight, combine returns k hidden states; under uniform
   routing a fraction (ep-1)/ep of them leaves the rank (`dispatch_bytes_per_token`).
+- stage 3 (`optim.weight_sharding`): the blocks' parameters (`_block_counts`: the layers and
+  the MTP blocks' inner block; routed experts only when their expert-data-parallel group has
+  more than one rank) are held 1/dp (experts 1/(dp/ep)) plus one gathered block; gradients are
+  the replicated parameters' bf16 ones plus one block's, the owners' fp32 reduced gradient and
+  one reduce bucket;
 - frozen models (GRPO's reference policy, distillation's teachers; `frozen_models`): weights
   only, in their own dtype (bf16 2 bytes, fp32 4 per parameter), experts split over `ep_size`
   like the policy's (`load_frozen_model` shards them the same way); no gradients or optimizer.
@@ -26,13 +31,15 @@ least exact line, within about 2x of what a profiler shows.
 
 Communication per optimizer step (`comm_terms`, bytes a rank sends, and seconds at `Links`):
 dense gradients ring all-reduced over data parallel (stage 0) or reduced to their owners in
-fp32 (once per step at stage 1, once per micro-batch at stage 2), expert gradients the same over
-the ranks holding the same experts, the owners' broadcast of updated matrices (Muon's at stage
-0, every parameter at 1 and 2), and the MoE all-to-all (forward, backward, and the
-checkpointed forward's recompute). A term's time is its bytes over the link it
-crosses: NVLink when its group fits in one node, the inter-node NIC otherwise (a ring is as
-slow as its slowest hop); all-to-all traffic splits by the share of peers on other nodes. No
-overlap with compute is assumed: the figures say which term dominates, not the step time.
+fp32 (once per step at stage 1, once per micro-batch at stages 2 and 3), expert gradients the
+same over the ranks holding the same experts, the owners' broadcast of updated matrices (Muon's
+at stage 0, every parameter at 1 and 2, the parameters outside the blocks at 3), stage 3's
+per-block weight gathers (forward and backward of every micro-batch), and the MoE all-to-all
+(forward, backward, and the checkpointed forward's recompute). A term's time is its bytes over
+the link it crosses: NVLink when its group fits in one node, the inter-node NIC otherwise (a
+ring is as slow as its slowest hop); all-to-all traffic splits by the share of peers on other
+nodes. No overlap with compute is assumed: the figures say which term dominates, not the step
+time.
 """
 
 from __future__ import annotations
@@ -174,10 +181,12 @@ def _ring_seconds(nbytes: float, group: int, stride: int, links: Links) -> tuple
 def comm_terms(cfg: ModelConfig, dp: int, ep: int, dense: int, experts: int, muon_dense: int,
                muon_experts: int, tokens_per_rank: int, grad_bytes: int, act_bytes: int,
                checkpointing: str, links: Links = Links(), zero_stage: int = 0,
-               grad_accum: int = 1) -> tuple[CommTerm, ...]:
+               grad_accum: int = 1, block_dense: int = 0, block_experts: int = 0
+               ) -> tuple[CommTerm, ...]:
     """Per-rank traffic of one optimizer step (module doc). `dense`/`experts`: parameters the
     rank holds outside/inside the routed experts; `muon_*`: those Muon updates (broadcast by
-    their owners at stage 0); `tokens_per_rank`: micro-batch x seq x accumulation."""
+    their owners at stage 0); `tokens_per_rank`: micro-batch x seq x accumulation;
+    `block_*`: of those, the parameters stage 3 gathers per block."""
     terms = []
 
     def ring(name: str, n_bytes: float, group: int, stride: int, all_reduce: bool):
@@ -192,12 +201,16 @@ def comm_terms(cfg: ModelConfig, dp: int, ep: int, dense: int, experts: int, muo
         ring("expert grad all-reduce", experts * grad_bytes, edp, ep, True)
         ring("muon broadcast", muon_dense * act_bytes, dp, 1, False)
         ring("expert muon broadcast", muon_experts * act_bytes, edp, ep, False)
-    else:  # fp32 on the wire; stage 2 reduces every micro-batch
-        times = grad_accum if zero_stage == 2 else 1
+    else:  # fp32 on the wire; stages 2 and 3 reduce every micro-batch
+        times = grad_accum if zero_stage >= 2 else 1
         ring("dense grad reduce", dense * 4 * times, dp, 1, False)
         ring("expert grad reduce", experts * 4 * times, edp, ep, False)
-        ring("weight broadcast", dense * act_bytes, dp, 1, False)
-        ring("expert weight broadcast", experts * act_bytes, edp, ep, False)
+        gathered_d, gathered_e = (block_dense, block_experts) if zero_stage == 3 else (0, 0)
+        ring("weight broadcast", (dense - gathered_d) * act_bytes, dp, 1, False)
+        ring("expert weight broadcast", (experts - gathered_e) * act_bytes, edp, ep, False)
+        if zero_stage == 3:  # every block gathered in forward and again in backward
+            ring("block weight gather", 2 * grad_accum * gathered_d * act_bytes, dp, 1, False)
+            ring("expert block gather", 2 * grad_accum * gathered_e * act_bytes, edp, ep, False)
     passes = 3 if checkpointing in ("block", "selective") else 2  # fwd, bwd (+ recompute)
     moe_layers = cfg.n_layers + cfg.n_mtp_layers
     a2a = tokens_per_rank * moe_layers * passes * dispatch_bytes_per_token(cfg, ep, act_bytes)
@@ -272,6 +285,31 @@ def _count(cfg: ModelConfig, ep: int) -> tuple[int, ...]:
     return total, int(activated), resident, muon, adamw, expert_muon, expert_local
 
 
+def _block_counts(cfg: ModelConfig, ep: int) -> tuple[int, int, int, int]:
+    """(dense, routed-expert, largest block, largest block without its experts) parameters
+    per rank at `ep` that stage 3 gathers per block
+    (`optim.weight_sharding.sharded_block_params`)."""
+    from optim.weight_sharding import sharded_block_params
+
+    dense = experts = 0
+    blocks: dict[str, int] = {}
+    dense_blocks: dict[str, int] = {}
+    for name, p in _parameters(cfg):
+        parts = name.split(".")
+        if parts[0] not in ("layers", "mtp") or not sharded_block_params(
+                ".".join(parts[2:]), parts[0] == "mtp"):
+            continue
+        is_expert = ".ffn.experts." in name
+        local = p.numel() // ep if is_expert else p.numel()
+        experts += local if is_expert else 0
+        dense += 0 if is_expert else local
+        block = ".".join(parts[:2])
+        blocks[block] = blocks.get(block, 0) + local
+        dense_blocks[block] = dense_blocks.get(block, 0) + (0 if is_expert else local)
+    return (dense, experts, max(blocks.values(), default=0),
+            max(dense_blocks.values(), default=0))
+
+
 def _parameters(cfg: ModelConfig) -> list:
     """(name, meta tensor) of the model's parameters, built once per config (sizing tables
     plan hundreds of layouts of the same model)."""
@@ -300,9 +338,9 @@ def make_plan(cfg: ModelConfig, world: int, ep: int, micro_batch: int, seq_len: 
               zero_stage: int = 0) -> Plan:
     """`frozen_models`: (name, ModelConfig, dtype) per frozen model a stage holds besides the
     policy, dtype "bf16" | "fp32" (or a torch dtype); planned as weights only. `links`: the
-    bandwidths of the communication estimate. `zero_stage`: 0, 1 or 2 (`optim.zero`)."""
-    if zero_stage not in (0, 1, 2):
-        raise ValueError(f"parallel.zero_stage={zero_stage}: choose 0, 1 or 2")
+    bandwidths of the communication estimate. `zero_stage`: 0 to 3 (`optim.zero`)."""
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"parallel.zero_stage={zero_stage}: choose 0, 1, 2 or 3")
     if ep < 1 or world % ep:
         raise ValueError(f"parallel.ep_size={ep} must divide the world size {world}")
     if cfg.n_routed_experts % ep:
@@ -322,7 +360,22 @@ def make_plan(cfg: ModelConfig, world: int, ep: int, micro_batch: int, seq_len: 
         grads = resident * (w_bytes + (4 if bf16 else 0))
         step_grads = grads
         optimizer = muon * 4 / dp + expert_muon * 4 / edp + adamw * 8
-    else:
+    block_dense = block_experts = 0
+    if zero_stage == 3:
+        block_dense, expert_blocks, largest, largest_dense = _block_counts(cfg, ep)
+        if edp == 1:  # a local expert domain stays whole: only the dense part is gathered
+            expert_blocks, largest = 0, largest_dense
+        block_experts = expert_blocks
+        replicated = resident - block_dense - block_experts
+        gathered = (largest_dense * (1 - 1 / dp)                 # one block, less its owned
+                    + (largest - largest_dense) * (1 - 1 / edp))  # share (counted just before)
+        held = replicated + block_dense / dp + block_experts / edp + gathered
+        weights = held * w_bytes + owned * master
+        grads = ((replicated + largest) * w_bytes + owned * 4
+                 + min(BUCKET, max(largest, replicated)) * 4)
+        step_grads = owned * 4
+        optimizer = muon * 4 / dp + expert_muon * 4 / edp + adamw * 8 / dp
+    elif zero_stage in (1, 2):
         weights = resident * w_bytes + owned * master
         local = resident if zero_stage == 1 else 0      # stage 1's full fp32 accumulation
         grads = resident * w_bytes + (local + owned) * 4 + min(BUCKET, owned) * 4
@@ -338,7 +391,7 @@ def make_plan(cfg: ModelConfig, world: int, ep: int, micro_batch: int, seq_len: 
     accum = global_batch // (micro_batch * dp)
     comm = comm_terms(cfg, dp, ep, resident - expert_local, expert_local, muon, expert_muon,
                       micro_batch * seq_len * accum, w_bytes, w_bytes, checkpointing, links,
-                      zero_stage, accum)
+                      zero_stage, accum, block_dense, block_experts)
     return Plan(world, dp, ep, total, int(activated), resident, weights, grads, optimizer, acts,
                 global_batch * seq_len, micro_batch, seq_len, accum,
                 expert_local, dispatch_bytes_per_token(cfg, ep, w_bytes), tuple(frozen), comm,
@@ -424,7 +477,7 @@ def fit_table(presets=(("flash", 64, 64), ("pro", 256, 128)), budget_gib: float 
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, world, ep in presets:
         cfg = get_config(name)
-        for stage in (0, 1, 2):
+        for stage in (0, 1, 2, 3):
             p = make_plan(cfg, world, ep, 1, 4096, TOKENS_PER_STEP // 4096, True, "block",
                           zero_stage=stage)
             top = max(p.comm, key=lambda c: c.seconds)

@@ -10,7 +10,7 @@ from typing import Any
 from model.config import ModelConfig
 
 from .config import TrainConfig
-from .dist import DistInfo
+from .dist import DistInfo, forwards_are_collective
 from .recipe import Phase
 from .task import EvalResult, LossOutput, held_out_loss, labelled_tokens, lm_objective
 
@@ -117,9 +117,10 @@ class PretrainTask:
         if metrics:
             messages.append(f"step {step}: held-out loss {metrics['val_loss']:.4f}, "
                             f"{metrics['val_bpb']:.4f} bits/byte")
-        # Under EP every rank must run the forward (each MoE layer is an all-to-all over the
-        # EP group); greedy decoding gives the same text everywhere and only rank 0 prints it.
-        if self.info.is_main or self.cfg.parallel.ep_size > 1:
+        # Under EP or ZeRO-3 every rank must run the forward (each MoE layer is an all-to-all,
+        # each block a weight gather); greedy decoding gives the same text everywhere and only
+        # rank 0 prints it.
+        if self.info.is_main or forwards_are_collective(self.cfg):
             sample = self.sample(model, step)
             messages.append(f"step {step} sample: {sample!r}")
         return EvalResult(metrics, messages)

@@ -36,7 +36,7 @@ from data.domains.base import draw_rng
 from model.config import ModelConfig
 from model.sampling import SamplingParams, logprobs_over_kept, restricts
 
-from .dist import DistInfo, all_reduce_sum, any_rank
+from .dist import DistInfo, all_reduce_sum, any_rank, forwards_are_collective
 from .recipe import Phase
 from .rollout import RolloutParams, rollout
 from .rollout_batch import kept_sets
@@ -72,10 +72,11 @@ def rollout_batch_problems(s: Any, prefix: str, cfg: Any, world: int,
         problems.append(f"{prefix.rstrip('.')}: prompts_per_step x group_size / updates = "
                         f"{samples // s.updates} samples per step must be a multiple of "
                         f"data.micro_batch={cfg.data.micro_batch} x world size {world}")
-    if getattr(s, "speculative", False) and cfg.parallel.ep_size > 1:
+    if getattr(s, "speculative", False) and forwards_are_collective(cfg):
         problems.append(f"{prefix}speculative=true: MTP speculative decoding does not run "
-                        f"under expert parallelism yet (parallel.ep_size="
-                        f"{cfg.parallel.ep_size}); drop one of them")
+                        f"with collective forwards yet (parallel.ep_size="
+                        f"{cfg.parallel.ep_size}, parallel.zero_stage="
+                        f"{cfg.parallel.zero_stage}); drop one of them")
     return problems
 
 

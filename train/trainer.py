@@ -31,6 +31,7 @@ from model.summary import count_parameters
 from model.transformer import Transformer
 from optim import MuonAdamW, build_optimizer, check_zero_stage
 from optim.build import split_expert_groups
+from optim.weight_sharding import BlockWeightSharding, weights_gathered
 from optim.zero import sharded_state
 from optim.schedule import LRSchedule, batch_size_ramp, make_scheduler
 
@@ -168,7 +169,8 @@ class Trainer:
         apply_activation_checkpointing(self.model, cfg.activation_checkpointing)
         if self.sharded and self.bf16:  # what DeepSpeed's bf16 mode does, without its wrapper
             self.model.bfloat16()
-        if cfg.compile and info.device.type == "cuda":
+        if cfg.compile and info.device.type == "cuda" and cfg.parallel.zero_stage < 3:
+            # (stage 3's gather/release hooks change storages under the compiled block)
             for block in [*self.model.layers, *self.model.mtp]:
                 block.compile()
         if cfg.optim.name == "muon":
@@ -205,6 +207,8 @@ class Trainer:
         release_shm_workspace()  # when deepspeed.initialize set up the process group itself
         if self.sharded:  # the optimizer reduces each gradient to its owner instead
             self.engine.enable_backward_allreduce = False
+        if cfg.parallel.zero_stage == 3:  # after the engine's start-up broadcast of whole weights
+            BlockWeightSharding(self.model, self.optimizer)
         if self.ep is not None:
             ep.attach_engine(self.engine)
         counts = count_parameters(self.model_cfg)
@@ -396,8 +400,8 @@ class Trainer:
         if path is None:
             where = (f"loaded from init_from={self.cfg.init_from}" if self.init_source else
                      f"after initialisation (seed={self.cfg.seed})")
-            guards.check_finite_weights(self.model, where,
-                                        self.info.device)
+            with weights_gathered(self.model):
+                guards.check_finite_weights(self.model, where, self.info.device)
             return
         state = ckpt.load_checkpoint(path, self.info, self.model, self.optimizer)  # EP-aware
         refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
@@ -412,7 +416,8 @@ class Trainer:
         # checkpoints written before the task seam kept the pre-training loader at top level
         self.task.load_state_dict(state["task"] if "task" in state else
                                   {"loader": state["loader"], "loader_key": state["loader_key"]})
-        guards.check_finite_weights(self.model, f"in checkpoint {path}", self.info.device)
+        with weights_gathered(self.model):
+            guards.check_finite_weights(self.model, f"in checkpoint {path}", self.info.device)
         if self.info.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
 

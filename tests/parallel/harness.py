@@ -149,6 +149,9 @@ def build(ep_size: int, cfg=None, starve_keep: int | None = None, gas: int = 1,
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
     if sharded:
         engine.enable_backward_allreduce = False
+    if zero_stage == 3:
+        from optim.weight_sharding import BlockWeightSharding
+        BlockWeightSharding(model, opt)
     if groups is not None:
         ep.attach_engine(engine)
     return model, opt, engine, groups
@@ -225,7 +228,16 @@ def train(rank: int, world: int, ep_size: int, steps: int = 3, starve_keep: int 
         if save_after == step + 1:
             ckpt.save_checkpoint(checkpoint_dir, step + 1, info, model, opt, {"step": step + 1},
                                  "", None, 0, ep_groups=groups)
-    result["weights"] = {k: v.numpy().copy() for k, v in ep.full_state_dict(model, groups).items()}
+    from optim.weight_sharding import weights_gathered
+    sharding = getattr(model, "_weight_sharding", None)
+    if sharding is not None:  # between steps: (held, owned, all) bytes of sharded block weights
+        shared = [s for u in sharding.units for s in u.params]
+        result["block_bytes"] = (sharding.resident_bytes(),
+                                 sum(s.nbytes for s in shared if s.mine),
+                                 sum(s.nbytes for s in shared))
+    with weights_gathered(model):
+        result["weights"] = {k: v.numpy().copy()
+                             for k, v in ep.full_state_dict(model, groups).items()}
     result["ns_matrices"] = opt.ns_matrices
     return result
 

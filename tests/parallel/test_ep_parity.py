@@ -96,3 +96,16 @@ def test_zero2_matches_single_process(reference, world, ep_size):
     out = run_distributed(train, world, ep_size, 3, None, 2, timeout=150)
     for r, got in enumerate(out):
         _compare(reference, got, f"ZeRO-2 world {world} EP {ep_size} rank {r}")
+
+
+@pytest.mark.parametrize("world, ep_size", [(2, 1), (4, 2)])
+def test_zero3_matches_single_process(reference, world, ep_size):
+    """Stage 3 (blocks' weights on their owners only, gathered per block in forward and
+    backward, each block's gradients reduced as its backward completes): the same loss, norm,
+    reduced gradients and weights as one process, within the tolerances above. Between steps a
+    rank holds exactly the block weights it owns, a fraction of them all."""
+    out = run_distributed(train, world, ep_size, 3, None, 3, timeout=150)
+    for r, got in enumerate(out):
+        _compare(reference, got, f"ZeRO-3 world {world} EP {ep_size} rank {r}")
+        held, owned, total = got["block_bytes"]
+        assert held == owned and 0 < owned < 0.8 * total, (r, held, owned, total)

@@ -19,10 +19,10 @@ def test_validate_names_the_field(world, size, message):
         ep.validate(small_config(), world, size)
 
 
-def test_ep_with_zero_stage_3_is_refused():
-    with pytest.raises(ValueError, match="ZeRO stages 0, 1 and 2"):
-        ep.validate(small_config(), 4, 2, zero_stage=3)
-    ep.validate(small_config(), 4, 2, zero_stage=2)
+def test_ep_with_an_unknown_zero_stage_is_refused():
+    with pytest.raises(ValueError, match="ZeRO stages 0 to 3"):
+        ep.validate(small_config(), 4, 2, zero_stage=4)
+    ep.validate(small_config(), 4, 2, zero_stage=3)
 
 
 def test_plan_expert_memory_and_dispatch_bytes():

@@ -21,7 +21,7 @@ from train.plan import make_plan
 
 pytest.importorskip("deepspeed")
 
-LAYOUTS = [(1, 1, 0), (2, 2, 1), (4, 2, 2)]   # (world, ep_size, zero_stage)
+LAYOUTS = [(1, 1, 0), (2, 2, 1), (4, 2, 2), (2, 1, 3), (4, 2, 3)]  # (world, ep_size, zero_stage)
 
 
 @pytest.mark.parametrize("world, ep_size, stage", LAYOUTS)

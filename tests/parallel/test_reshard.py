@@ -29,3 +29,23 @@ def test_world_2_ep2_zero2_resumes_at_world_4_ep1_zero0(tmp_path):
     for r, got in enumerate(resumed):
         assert len(got["loss"]) == 1                     # only step 3 ran
         _compare(ref, got, f"resumed at world 4, EP 1, ZeRO 0: rank {r}")
+
+
+def test_zero3_resumes_bitwise_and_at_another_world_size(tmp_path):
+    """Stage 3 (block weights on their owners only): the checkpoint written at world 2, EP 2
+    after step 2 (gathered into the consolidated weights file) resumes in the same layout with
+    step 3 bitwise equal to the run that went on, and at world 4 (EP 2, so the experts are
+    sharded over their expert-data-parallel pairs too) within the parity tolerances."""
+    import numpy as np
+
+    ckpt_dir = str(tmp_path)
+    straight = run_distributed(train, 2, 2, 3, None, 3, ckpt_dir, 2, False, 2, timeout=150)
+    same = run_distributed(train, 2, 2, 3, None, 3, ckpt_dir, None, True, timeout=150)
+    for r, (a, b) in enumerate(zip(straight, same)):
+        assert b["loss"] == a["loss"][2:] and b["norm"] == a["norm"][2:], r
+        for k, w in a["weights"].items():
+            assert np.array_equal(w, b["weights"][k]), (r, k)
+    wider = run_distributed(train, 4, 2, 3, None, 3, ckpt_dir, None, True, timeout=150)
+    ref = dict(straight[0], loss=straight[0]["loss"][2:], norm=straight[0]["norm"][2:])
+    for r, got in enumerate(wider):
+        _compare(ref, got, f"ZeRO-3 resumed at world 4: rank {r}")

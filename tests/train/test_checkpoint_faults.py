@@ -286,18 +286,19 @@ def test_launcher_skips_truncated_newest_checkpoint(six_steps, tmp_path, cache_d
 
 def test_launcher_resumes_at_another_layout(six_steps, tmp_path, cache_dir):
     """The 1-process run's step-3 checkpoint (ZeRO 0, EP 1) resumed by 2 processes with EP 2
-    and whole-matrix ZeRO-2 (`train.reshard`): weights, AdamW state, scheduler and data cursor
-    carry over, so steps 4-6 see the same global batches and weights as the uninterrupted run.
+    and whole-matrix ZeRO-3 (`train.reshard`; the blocks' dense weights then live on their
+    owners only, gathered per block): weights, AdamW state, scheduler and data cursor carry
+    over, so steps 4-6 see the same global batches and weights as the uninterrupted run.
     Their losses agree to 1e-4 relative: only the order of fp32 sums changed (measured: ~1e-6);
     a lost optimizer state (fresh moments) or a shifted data cursor moves them by > 1e-2."""
     d = tmp_path / "run"
     shutil.copytree(six_steps, d)
     (d / "metrics.jsonl").unlink()
     older = ckpt.checkpoint_root(d) / "step_00000003"
-    out = run(["steps=6", "checkpoint.every=3", "parallel.ep_size=2", "parallel.zero_stage=2",
+    out = run(["steps=6", "checkpoint.every=3", "parallel.ep_size=2", "parallel.zero_stage=3",
                f"checkpoint.resume={older}"], d, cache_dir, "deepspeed2", timeout=300)
     log = out.stdout + out.stderr
-    assert "world size 1 -> 2, parallel.ep_size 1 -> 2, parallel.zero_stage 0 -> 2" in log
+    assert "world size 1 -> 2, parallel.ep_size 1 -> 2, parallel.zero_stage 0 -> 3" in log
     full = {r["step"]: r["loss"] for r in map(json.loads, (six_steps / "metrics.jsonl")
                                                   .read_text().splitlines()) if "loss" in r}
     resumed = {r["step"]: r["loss"] for r in map(json.loads, (d / "metrics.jsonl")

@@ -143,7 +143,6 @@ def test_seq_len_stage_fields_are_checked_per_element():
     ({"activation_checkpointing": "all"}, None, "activation_checkpointing='all'"),
     ({"optim.ns_coefficients": "nope"}, None, "optim.ns_coefficients='nope'"),
     ({"logging.wandb.mode": "cloud"}, None, "logging.wandb.mode='cloud'"),
-    ({"parallel.zero_stage": 3}, None, "parallel.zero_stage=3: ZeRO stage 3 is not supported"),
     ({"data.seq_len": 8192}, None, "data.seq_len=8192: must be <= the model's max_seq_len=4096"),
     ({"data.vocab_size": 9000}, None, "data.vocab_size=9000: must be <= the model's vocab_size"),
 ])

@@ -149,6 +149,24 @@ def test_torchrun_launcher_two_nodes(tmp_path, cache_dir):
     assert len(outs) == 2
 
 
+def test_zero3_two_processes_evaluate_sample_and_save(tmp_path, cache_dir):
+    """ZeRO-3 at EP 1 (`optim.weight_sharding`): every forward gathers each block's weights over
+    both ranks, so the held-out loss, the greedy sample (printed by rank 0, run by both) and the
+    consolidated checkpoint need both ranks in step; a rank skipping one of them would leave the
+    other waiting in a gather until the timeout. The run finishes, evaluates, samples, and its
+    checkpoint holds whole weights that a single process resumes from."""
+    a = tmp_path / "a"
+    out = run(["steps=2", "checkpoint.every=2", "logging.eval_every=2", "parallel.zero_stage=3"],
+              a, cache_dir, "torchrun2", timeout=400)
+    assert "sample:" in out.stdout + out.stderr
+    metrics = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_bpb" in m for m in metrics)
+    weights = load_file(str(a / "checkpoints" / "step_00000002" / "model" / "model.safetensors"))
+    assert all(w.abs().sum() > 0 for k, w in weights.items() if k.endswith("attn.wq_a.weight"))
+    run(["steps=3", "checkpoint.every=3", "logging.eval_every=0"], a, cache_dir)  # 1 process
+    assert sorted(losses(a)) == [1, 2, 3]
+
+
 def test_router_bias_update_same_for_one_and_four_micro_batches(tmp_path, cache_dir):
     biases = []
     for micro in (8, 2):
