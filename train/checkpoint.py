@@ -3,7 +3,9 @@
 Layout of `run_dir/checkpoints/step_00000050/`:
 
     model/               consolidated weights: config.json + model.safetensors (+ tokenizer.json),
-                         loadable without DeepSpeed (`model.weights.load_pretrained`)
+                         loadable without DeepSpeed (`model.weights.load_pretrained`); from
+                         several ranks, each rank's model-rank{R}-{i}.safetensors and the index
+                         (`train.weights_io`: every rank writes and reads only its share)
     optimizer_rank{r}.pt each rank's optimizer state (Muon momentum lives on its owner rank)
     trainer_rank{r}.pt   scheduler, data-loader state, RNG states, counters of rank r
     config.yaml          the resolved training config
@@ -27,10 +29,10 @@ Nothing is ever lost or half-visible:
 
 Router biases and the hash tables are buffers, so they travel in the weights.
 
-Expert parallelism: `model/` always holds full `[n_routed_experts, ...]` expert stacks (gathered
-over the expert-parallel group before rank 0 writes), so its layout does not depend on
-`parallel.ep_size`; loading slices each rank's experts for the ep_size it runs with
-(`load_weights`), e.g. a run saved at EP=2 serves at EP=1 or EP=4. Optimizer shards are per rank;
+Expert parallelism: `model/` always holds full `[n_routed_experts, ...]` expert stacks (each
+gathered from the expert-parallel ranks onto the one rank that writes it), so its layout does
+not depend on `parallel.ep_size`; loading reads each rank's experts for the ep_size it runs with
+(`load_weights`, a slice of each stack), e.g. a run saved at EP=2 serves at EP=1 or EP=4. Optimizer shards are per rank;
 resuming with the saved layout loads each rank's own file (bitwise), and resuming at another
 world size, `parallel.ep_size` or `parallel.zero_stage` reshards them (`train.reshard`).
 """
@@ -50,11 +52,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from model.weights import save_pretrained
-from optim.weight_sharding import weights_gathered
+from model.weights import save_pretrained, tensor_files
 
 from . import expert_parallel as ep
 from .dist import DistInfo, barrier
+from .weights_io import read_headers, read_into, save_weights
 
 _STEP_DIR = re.compile(r"step_(\d+)$")
 MANIFEST = "manifest.json"
@@ -362,11 +364,13 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, info: DistInfo, model
                 "zero_stage": stage}, tmp / f"trainer_rank{info.rank}.pt")
     for name in (f"optimizer_rank{info.rank}.pt", f"trainer_rank{info.rank}.pt"):
         _fsync(tmp / name)
-    with weights_gathered(model):  # zero_stage=3: whole blocks for the consolidated file
-        full = ep.full_state_dict(model, ep_groups) if ep_size > 1 else None  # collective
+    if info.world > 1 and torch.distributed.is_initialized():  # each rank writes its share
         if info.is_main:
-            save_pretrained(model, tmp / "model", tokenizer_file=tokenizer_file,
-                            state_dict=full)
+            (tmp / "model").mkdir()
+        barrier()
+        save_weights(model, tmp / "model", info, optimizer, ep_groups, tokenizer_file)
+    elif info.is_main:
+        save_pretrained(model, tmp / "model", tokenizer_file=tokenizer_file)
     if info.is_main:
         (tmp / "config.yaml").write_text(config_yaml)
     barrier()
@@ -421,8 +425,7 @@ def load_checkpoint(path: Path, info: DistInfo, model: torch.nn.Module,
     change = reshard.describe(saved, (info.world, ep_size, getattr(optimizer, "zero_stage", 0)))
     if not change:
         trainer_state = _load_pt(path / f"trainer_rank{info.rank}.pt", "cpu")
-        with weights_gathered(model):  # zero_stage=3: owners keep what they load
-            load_weights(path / "model", model, info.device)
+        load_weights(path / "model", model, info.device)
         optimizer.load_state_dict(_load_pt(path / f"optimizer_rank{info.rank}.pt", info.device))
         set_rng_state(trainer_state["rng"])
         return trainer_state
@@ -435,24 +438,12 @@ def load_checkpoint(path: Path, info: DistInfo, model: torch.nn.Module,
     if info.is_main:
         print(f"resharding {path}: {change}", flush=True)
     trainer_state = _load_pt(path / f"trainer_rank{info.rank % saved_world}.pt", "cpu")
-    with weights_gathered(model):
-        load_weights(path / "model", model, info.device)
+    load_weights(path / "model", model, info.device)
     optimizer.load_state_dict(reshard.resharded_state_dict(optimizer, path, saved_world,
                                                            saved_ep, ep_rank, ep_size))
     set_rng_state(trainer_state["rng"])
     reshard.reseed(info.rank, trainer_state["step"])
     return trainer_state
-
-
-def _load_safetensors(file: Path, device: torch.device | str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    if problem := _safetensors_problem(file):
-        raise CheckpointError(problem)
-    try:
-        return load_file(file, device=str(device))
-    except Exception as e:  # SafetensorError names no file
-        raise CheckpointError(f"{file}: unreadable ({type(e).__name__}: {e})") from None
 
 
 def _config_diff(model_dir: Path, model_cfg: Any) -> list[str]:
@@ -500,27 +491,32 @@ def _fit_problems(model_dir: Path, shapes: dict[str, Any], expected: dict[str, A
 
 
 def load_weights(model_dir: Path, model: torch.nn.Module, device: torch.device | str) -> None:
-    """Loads consolidated weights into `model`, slicing the expert stacks to the experts this
-    rank holds (`model.expert_parallel` = (ep_rank, ep_size); any ep_size dividing E). Shapes
-    are compared first, on the full stacks, so a checkpoint of another model gives one message
-    naming the directory and the first few tensors."""
+    """Loads consolidated weights into `model`, each tensor alone and only what this rank holds
+    (`weights_io.read_into`: its experts' slice of each stack when `model.expert_parallel` =
+    (ep_rank, ep_size), any ep_size dividing E; nothing of a zero_stage=3 block weight another
+    rank owns). Shapes are compared first, from the headers, on the full stacks, so a checkpoint
+    of another model gives one message naming the directory and the first few tensors."""
     model_dir = Path(model_dir)
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{model_dir}: no *.safetensors weights")
-    weights = {}
-    for f in files:
-        weights.update(_load_safetensors(f, device))
-    ep_rank, ep_size = getattr(model, "expert_parallel", (0, 1))
+    try:
+        files, _ = tensor_files(model_dir)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{model_dir}: no *.safetensors weights ({e})") from None
+    for file in files:
+        if problem := _safetensors_problem(file):
+            raise CheckpointError(problem)
+    headers = read_headers(files)
+    _, ep_size = getattr(model, "expert_parallel", (0, 1))
     expected = {k: (t.shape[0] * ep_size, *t.shape[1:])
                 if ep_size > 1 and ep.is_expert_param(k) else t.shape
                 for k, t in model.state_dict().items()}
-    shapes = {k: t.shape for k, t in weights.items()}
+    shapes = {k: shape for k, (_, shape) in headers.items()}
     if problem := _fit_problems(model_dir, shapes, expected, getattr(model, "cfg", None)):
         raise CheckpointError(problem)
-    if ep_size > 1:
-        weights = ep.local_state_dict(weights, ep_rank, ep_size)
-    model.load_state_dict(weights, strict=True)
+    try:
+        read_into(model, headers)
+    except Exception as e:  # noqa: BLE001 - safetensors' own errors name no file
+        raise CheckpointError(f"{model_dir}: unreadable weights ({type(e).__name__}: {e})"
+                              ) from None
 
 
 def clean_partial(run_dir: str | os.PathLike, info: DistInfo) -> None:

@@ -23,9 +23,10 @@ class NonFiniteError(RuntimeError):
 
 def non_finite_tensors(model: torch.nn.Module) -> list[str]:
     """Names of this rank's parameters and buffers holding NaN or ±inf (router biases are
-    buffers and steer every token, so they count)."""
+    buffers and steer every token, so they count). A ZeRO-3 block weight another rank owns has
+    no storage here and is checked by its owner."""
     tensors = [(name, t) for name, t in [*model.named_parameters(), *model.named_buffers()]
-               if t.is_floating_point() and t.numel()]
+               if t.is_floating_point() and t.numel() and t.untyped_storage().nbytes()]
     if not tensors:
         return []
     # one flag per tensor, fetched at once: a single device sync, not one per tensor

@@ -31,7 +31,7 @@ from model.summary import count_parameters
 from model.transformer import Transformer
 from optim import MuonAdamW, build_optimizer, check_zero_stage
 from optim.build import split_expert_groups
-from optim.weight_sharding import BlockWeightSharding, weights_gathered
+from optim.weight_sharding import BlockWeightSharding
 from optim.zero import sharded_state
 from optim.schedule import LRSchedule, batch_size_ramp, make_scheduler
 
@@ -400,8 +400,7 @@ class Trainer:
         if path is None:
             where = (f"loaded from init_from={self.cfg.init_from}" if self.init_source else
                      f"after initialisation (seed={self.cfg.seed})")
-            with weights_gathered(self.model):
-                guards.check_finite_weights(self.model, where, self.info.device)
+            guards.check_finite_weights(self.model, where, self.info.device)
             return
         state = ckpt.load_checkpoint(path, self.info, self.model, self.optimizer)  # EP-aware
         refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
@@ -416,8 +415,7 @@ class Trainer:
         # checkpoints written before the task seam kept the pre-training loader at top level
         self.task.load_state_dict(state["task"] if "task" in state else
                                   {"loader": state["loader"], "loader_key": state["loader_key"]})
-        with weights_gathered(self.model):
-            guards.check_finite_weights(self.model, f"in checkpoint {path}", self.info.device)
+        guards.check_finite_weights(self.model, f"in checkpoint {path}", self.info.device)
         if self.info.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
 

@@ -15,6 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers.weights import read_weights
+
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
        "PYTHONUNBUFFERED": "1"}
@@ -128,7 +130,7 @@ def test_two_processes_deepspeed_launcher_learn_and_resume(tmp_path, cache_dir):
     owned = [set(s["state"]) for s in shards]    # every parameter's state on one rank only
     assert owned[0] and owned[1] and not owned[0] & owned[1]
     assert len(owned[0] | owned[1]) == sum(len(g["params"]) for g in shards[0]["param_groups"])
-    weights = load_file(str(ckpt / "model" / "model.safetensors"))
+    weights = read_weights(ckpt / "model")
     assert "layers.1.ffn.gate.bias" in weights and weights["layers.1.ffn.gate.bias"].abs().sum() > 0
     shutil.rmtree(a / "checkpoints" / "step_00000016")
     (a / "metrics.jsonl").unlink()
@@ -161,7 +163,7 @@ def test_zero3_two_processes_evaluate_sample_and_save(tmp_path, cache_dir):
     assert "sample:" in out.stdout + out.stderr
     metrics = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
     assert any("val_bpb" in m for m in metrics)
-    weights = load_file(str(a / "checkpoints" / "step_00000002" / "model" / "model.safetensors"))
+    weights = read_weights(a / "checkpoints" / "step_00000002" / "model")
     assert all(w.abs().sum() > 0 for k, w in weights.items() if k.endswith("attn.wq_a.weight"))
     run(["steps=3", "checkpoint.every=3", "logging.eval_every=0"], a, cache_dir)  # 1 process
     assert sorted(losses(a)) == [1, 2, 3]
