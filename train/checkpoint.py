@@ -368,7 +368,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, info: DistInfo, model
         if info.is_main:
             (tmp / "model").mkdir()
         barrier()
-        save_weights(model, tmp / "model", info, optimizer, ep_groups, tokenizer_file)
+        save_weights(model, tmp / "model", info, ep_groups, tokenizer_file)
     elif info.is_main:
         save_pretrained(model, tmp / "model", tokenizer_file=tokenizer_file)
     if info.is_main:

@@ -31,6 +31,7 @@ not own (no storage) is not read at all; its owner reads it.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -43,7 +44,7 @@ from . import expert_parallel as ep
 from .dist import DistInfo
 
 
-def _holders(model, optimizer, ep_groups) -> dict[str, list[int]]:
+def _holders(model, ep_groups) -> dict[str, list[int]]:
     """Full state-dict name -> the global rank holding each piece (one piece, or one per EP
     rank for a sharded expert stack), the same on every rank."""
     sharding = getattr(model, "_weight_sharding", None)
@@ -91,21 +92,21 @@ def _writers(model, holders: dict[str, list[int]], world: int) -> dict[str, int]
 
 
 @torch.no_grad()
-def save_weights(model, directory: Path, info: DistInfo, optimizer=None, ep_groups=None,
+def save_weights(model, directory: Path, info: DistInfo, ep_groups=None,
                  tokenizer_file: str | None = None,
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
     """Writes the full model into `directory` (which must exist), each rank its share (module
     doc). A collective: every rank calls it."""
     me, world = info.rank, info.world
-    holders = _holders(model, optimizer, ep_groups)
+    holders = _holders(model, ep_groups)
     writers = _writers(model, holders, world)
     state = model.state_dict()
     buffer: dict[str, torch.Tensor] = {}
     written: dict[str, str] = {}
-    files = 0
+    files = buffered = 0
 
     def flush() -> None:
-        nonlocal files
+        nonlocal files, buffered
         from safetensors.torch import save_file
 
         if not buffer:
@@ -114,7 +115,7 @@ def save_weights(model, directory: Path, info: DistInfo, optimizer=None, ep_grou
         save_file(buffer, str(directory / file), metadata={"format": "pt"})
         written.update({k: file for k in buffer})
         buffer.clear()
-        files += 1
+        files, buffered = files + 1, 0
 
     for name, local in state.items():
         writer, pieces = writers[name], holders[name]
@@ -134,7 +135,8 @@ def save_weights(model, directory: Path, info: DistInfo, optimizer=None, ep_grou
         if me != writer:
             continue
         buffer[name] = (parts[0] if len(parts) == 1 else torch.cat(parts)).contiguous()
-        if sum(t.numel() * t.element_size() for t in buffer.values()) >= max_shard_bytes:
+        buffered += buffer[name].numel() * buffer[name].element_size()
+        if buffered >= max_shard_bytes:
             flush()
     flush()
     maps: list[dict[str, str]] = [{} for _ in range(world)]
@@ -152,8 +154,6 @@ def save_weights(model, directory: Path, info: DistInfo, optimizer=None, ep_grou
         config["v4lab"]["csa_mode"] = model.csa_mode
         write_config(directory, config)
         if tokenizer_file is not None:
-            import shutil
-
             shutil.copyfile(tokenizer_file, directory / "tokenizer.json")
 
 

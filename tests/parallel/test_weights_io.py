@@ -45,7 +45,7 @@ def _save(rank: int, world: int, directory: str) -> dict:
         Path(directory).mkdir()
     dist.barrier()
     info = DistInfo(rank, world, rank, __import__("torch").device("cpu"))
-    save_weights(model, Path(directory), info, opt, groups, max_shard_bytes=1 << 16)
+    save_weights(model, Path(directory), info, groups, max_shard_bytes=1 << 16)
     return _full_state(model, groups)
 
 
