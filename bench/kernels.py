@@ -1,4 +1,4 @@
-"""GPU benchmark of `kernels/`: every kernel against its reference, sparse attention against
+"""GPU benchmark of `v4kernels/`: every kernel against its reference, sparse attention against
 dense SDPA, and a bf16 correctness pass against the fp32 references.
 
     python bench/kernels.py            # full: V4-Flash shapes, attention at 8K/32K/64K tokens
@@ -242,7 +242,7 @@ def _counts(n_exp, rows):
 
 def bench_grouped(K):
     print("MoE grouped GEMM / experts / permute")
-    import kernels.grouped_gemm as gg
+    import v4kernels.grouped_gemm as gg
     n_exp, rows, dim, inter = ARGS.experts, ARGS.rows_per_expert, ARGS.dim, ARGS.inter
     counts = _counts(n_exp, rows)
     n = int(counts.sum())
@@ -286,7 +286,7 @@ def bench_grouped(K):
 
     def roundtrip(ref):
         if ref:
-            from kernels.moe_permute import (moe_permute_ref, moe_unpermute_ref,
+            from v4kernels.moe_permute import (moe_permute_ref, moe_unpermute_ref,
                                              sort_by_expert)
             order, inverse, _ = sort_by_expert(ids, n_exp)
             y = moe_permute_ref(xt, order, k)
@@ -365,7 +365,7 @@ def main(argv=None) -> int:
               "Use --smoke to check the script on the CPU.", file=sys.stderr)
         return 2
     os.environ["V4_KERNELS"] = "triton"  # kernel path even if the caller set ref
-    import kernels as K
+    import v4kernels as K
     torch.manual_seed(0)
     if not ARGS.smoke:
         print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")

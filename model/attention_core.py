@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import kernels
+import v4kernels
 
 from .norm import fp32_region
 
@@ -67,7 +67,7 @@ def hybrid_attention(q: torch.Tensor, kv: torch.Tensor, doc_ids: torch.Tensor, w
     """
     batch, seq, heads, c = q.shape
     scale = c ** -0.5
-    if kernels.use_triton(q, kv, sink, comp):
+    if v4kernels.use_triton(q, kv, sink, comp):
         return _index_list_attention(q, kv, doc_ids, window, sink, scale, comp, comp_mask,
                                      comp_idx)
     qf, kvf = q.float(), kv.float()
@@ -111,9 +111,9 @@ def _index_list_attention(q, kv, doc_ids, window, sink, scale, comp, comp_mask, 
     seq = q.shape[1]
     has_comp = comp is not None and comp.shape[1] > 0
     table = torch.cat((kv, comp.to(kv.dtype)), dim=1) if has_comp else kv
-    idx = kernels.hybrid_indices(doc_ids, window, seq, comp_idx=comp_idx if has_comp else None,
+    idx = v4kernels.hybrid_indices(doc_ids, window, seq, comp_idx=comp_idx if has_comp else None,
                                  comp_mask=comp_mask if has_comp else None)
-    out, lse = kernels.sparse_attention(q, table, idx, sink, scale, return_lse=True)
+    out, lse = v4kernels.sparse_attention(q, table, idx, sink, scale, return_lse=True)
     if not has_comp:
         return out, None
     lse = lse.permute(0, 2, 1)[..., None]  # [batch, heads, seq, 1]

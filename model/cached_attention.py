@@ -8,7 +8,7 @@ cached tail plus the new tokens, laid out as a `BlockLayout` by `tail_layout`), 
 window ∪ compressed entries ∪ sink:
 - chunks of at most `window_size` tokens (decode) use `attend_lists` below: per-query index
   lists over the ring's `window` keys, the chunk and the entries, for the shared
-  `kernels.sparse_attention` (the kernel training's `hybrid_attention` uses on GPU);
+  `v4kernels.sparse_attention` (the kernel training's `hybrid_attention` uses on GPU);
 - longer chunks (prefill) go through the training kernel `hybrid_attention`, with the last
   `window − 1` cached tokens prepended as key-only rows, so memory stays linear in the chunk.
 """
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-import kernels
+import v4kernels
 
 from .attention_core import hybrid_attention
 from .cache import CacheStep, CompressorState, LayerCache
@@ -165,7 +165,7 @@ def attend_lists(attn: "Attention", q: torch.Tensor, keys: torch.Tensor, key_mas
         else:
             entries = torch.arange(n_keys, n_keys + comp.shape[1], device=q.device)
             lists.append(torch.where(comp_mask, entries, -1))
-    return kernels.sparse_attention(q, table, torch.cat(lists, dim=-1), attn.attn_sink,
+    return v4kernels.sparse_attention(q, table, torch.cat(lists, dim=-1), attn.attn_sink,
                                     q.shape[-1] ** -0.5)
 
 

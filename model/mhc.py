@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-import kernels
+import v4kernels
 
 from .norm import fp32_region, rms_normalize
 
@@ -59,8 +59,8 @@ def hc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.T
     hc = x.shape[-2]
     m = hc_mixes(x, fn, norm_eps)  # [batch, seq, (2+hc)*hc]
     # pre = sigmoid(α0·m + b) + eps, post = 2·sigmoid(α1·m + b), comb = Sinkhorn(α2·m + b):
-    # one Triton launch per site on GPU; `kernels.hc_split_sinkhorn_ref` (= `sinkhorn` here)
-    pre, post, comb = kernels.hc_split_sinkhorn(m, scale.float(), base.float(), hc, iters, hc_eps)
+    # one Triton launch per site on GPU; `v4kernels.hc_split_sinkhorn_ref` (= `sinkhorn` here)
+    pre, post, comb = v4kernels.hc_split_sinkhorn(m, scale.float(), base.float(), hc, iters, hc_eps)
     x_in = torch.einsum("bsj,bsjd->bsd", pre, x.float()).to(x.dtype)
     return x_in, post, comb
 

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-import kernels
+import v4kernels
 from model.config import ModelConfig
 from model.norm import fp32_island
 from model.dispatcher import LocalDispatcher, TokenDispatcher
@@ -51,7 +51,7 @@ def swiglu(gate: Tensor, up: Tensor, limit: float) -> Tensor:
     """V4's clamped SwiGLU in fp32 (spec §5.3): the clamp bounds activation outliers so the
     FP8/FP4 quantisation of h stays accurate; the gate is clamped from above only because
     silu is already bounded below. `limit <= 0` disables the clamp (as the reference does)."""
-    return kernels.swiglu(gate, up, limit)  # Triton on GPU, else the fp32 reference
+    return v4kernels.swiglu(gate, up, limit)  # Triton on GPU, else the fp32 reference
 
 
 def route_scores(logits: Tensor, score_func: str) -> Tensor:
@@ -304,8 +304,8 @@ class Experts(nn.Module):
                        or (self.impl == "auto" and grouped_mm_usable(x, w1)))
         if use_grouped:
             fn = experts_grouped_mm
-        elif kernels.use_triton(x, w1):
-            fn = kernels.grouped_swiglu_experts  # Triton grouped GEMMs, same contract
+        elif v4kernels.use_triton(x, w1):
+            fn = v4kernels.grouped_swiglu_experts  # Triton grouped GEMMs, same contract
         else:
             fn = experts_padded
         return fn(x, counts, weights, w1, w3, w2, self.swiglu_limit)

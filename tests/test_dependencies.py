@@ -31,9 +31,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LIBRARY = ["model", "optim", "kernels", "data", "encoding", "train", "rl", "distill", "pipeline",
+LIBRARY = ["model", "optim", "v4kernels", "data", "encoding", "train", "rl", "distill", "pipeline",
            "bench", "generate.py"]
-OWN = {"model", "optim", "kernels", "data", "encoding", "train", "rl", "distill", "pipeline",
+OWN = {"model", "optim", "v4kernels", "data", "encoding", "train", "rl", "distill", "pipeline",
        "bench", "generate", "tests", "conftest"}
 
 

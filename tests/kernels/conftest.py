@@ -6,7 +6,7 @@ with the compiled kernels (same tests, same tolerances).
 Scoping: `TRITON_INTERPRET=1` (CPU only) and `V4_KERNELS=triton` are set per test through
 monkeypatch and undone afterwards, so nothing outside tests/kernels sees them. That works however
 and whenever triton was imported (e.g. by an earlier test directory importing the model),
-because `kernels.dispatch` decorates our kernels at launch time and lends the interpreter
+because `v4kernels.dispatch` decorates our kernels at launch time and lends the interpreter
 interpreted twins of triton's standard library during an interpreted launch.
 """
 
@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from kernels.dispatch import HAS_TRITON
+from v4kernels.dispatch import HAS_TRITON
 
 ON_GPU = torch.cuda.is_available()
 CALLER_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET")

@@ -36,15 +36,15 @@ def test_bench_smoke_subset_runs_and_prints_tables(capsys):
 
 @pytest.mark.reference_only
 def test_package_works_without_triton():
-    """With triton unimportable, `kernels` imports and every dispatcher uses the reference."""
+    """With triton unimportable, `v4kernels` imports and every dispatcher uses the reference."""
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch, kernels\n"
-        "assert not kernels.HAS_TRITON\n"
+        "assert not v4kernels.HAS_TRITON\n"
         "x = torch.randn(4, 8)\n"
-        "y = kernels.rms_norm(x, torch.ones(8), 1e-6)\n"
-        "assert torch.equal(y, kernels.rms_norm_ref(x, torch.ones(8), 1e-6))\n"
-        "q, s = kernels.fp8_block_quant(x, 8)\n"
+        "y = v4kernels.rms_norm(x, torch.ones(8), 1e-6)\n"
+        "assert torch.equal(y, v4kernels.rms_norm_ref(x, torch.ones(8), 1e-6))\n"
+        "q, s = v4kernels.fp8_block_quant(x, 8)\n"
         "print('ok')\n")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)

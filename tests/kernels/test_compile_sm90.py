@@ -9,8 +9,8 @@ numerics or speed on a GPU.
 
 import pytest
 
-from kernels import dispatch
-from kernels.dispatch import DOT_BF16, DOT_FP32
+from v4kernels import dispatch
+from v4kernels.dispatch import DOT_BF16, DOT_FP32
 
 pytestmark = pytest.mark.skipif(not dispatch.HAS_TRITON, reason="needs triton")
 
@@ -56,8 +56,8 @@ def _types(**kw):
 
 
 def test_rms_norm_and_swiglu():
-    from kernels.rms_norm import _rms_bwd_kernel, _rms_fwd_kernel
-    from kernels.swiglu import _swiglu_bwd_kernel, _swiglu_fwd_kernel
+    from v4kernels.rms_norm import _rms_bwd_kernel, _rms_fwd_kernel
+    from v4kernels.swiglu import _swiglu_bwd_kernel, _swiglu_fwd_kernel
     _compile(_rms_fwd_kernel, _types(x_ptr="*bf16", w_ptr="*fp32", y_ptr="*bf16",
                                      rstd_ptr="*fp32", n_cols="i32", eps="fp32"),
              dict(HAS_W=True, BLOCK=8192), num_warps=16, div16=("n_cols",))
@@ -72,7 +72,7 @@ def test_rms_norm_and_swiglu():
 
 
 def test_mhc():
-    from kernels.mhc import BLOCK_T, _mhc_bwd_kernel, _mhc_fwd_kernel
+    from v4kernels.mhc import BLOCK_T, _mhc_bwd_kernel, _mhc_fwd_kernel
     base = _types(m_ptr="*fp32", scale_ptr="*fp32", base_ptr="*fp32", n_tok="i32",
                   iters="i32", eps="fp32")
     consts = dict(HC=4, HCP=4, BLOCK_T=BLOCK_T)
@@ -84,7 +84,7 @@ def test_mhc():
 
 @pytest.mark.parametrize("dot, dtype, block_c", [(DOT_BF16, "bf16", 512), (DOT_FP32, "fp32", 64)])
 def test_sparse_attention(dot, dtype, block_c):
-    from kernels.sparse_attention import BLOCK_K, _sparse_attn_bwd_kernel, _sparse_attn_fwd_kernel
+    from v4kernels.sparse_attention import BLOCK_K, _sparse_attn_bwd_kernel, _sparse_attn_fwd_kernel
     dims = _types(S="i32", H="i32", N="i32", C="i32", K="i32", scale="fp32")
     consts = dict(DOT=dot, BLOCK_H=16, BLOCK_K=BLOCK_K, BLOCK_C=block_c)
     warps = 8 if block_c >= 256 else 4
@@ -98,11 +98,11 @@ def test_sparse_attention(dot, dtype, block_c):
 
 
 def test_grouped_gemm_permute_gram_fp8():
-    from kernels.fp8_quant import _fp8_quant_kernel
-    from kernels.grouped_gemm import GPU_CFG, _gmm_dw_kernel, _gmm_fwd_kernel
-    from kernels.moe_permute import _gather_rows_kernel, _sum_copies_kernel
-    from kernels.newton_schulz import GPU_CFG as GRAM_CFG
-    from kernels.newton_schulz import _gram_kernel
+    from v4kernels.fp8_quant import _fp8_quant_kernel
+    from v4kernels.grouped_gemm import GPU_CFG, _gmm_dw_kernel, _gmm_fwd_kernel
+    from v4kernels.moe_permute import _gather_rows_kernel, _sum_copies_kernel
+    from v4kernels.newton_schulz import GPU_CFG as GRAM_CFG
+    from v4kernels.newton_schulz import _gram_kernel
     cfg = {k: v for k, v in GPU_CFG.items() if k != "num_warps"}
     strides = {s: "i32" for s in ("sxn", "sxk", "swe", "swk", "swm", "syn", "sym")}
     _compile(_gmm_fwd_kernel, dict(strides, x_ptr="*bf16", w_ptr="*bf16", y_ptr="*bf16",
@@ -132,10 +132,10 @@ def test_grouped_gemm_permute_gram_fp8():
 
 def test_compiles_after_an_interpreted_launch(monkeypatch):
     """Interpreted launches must not leave triton.language patched for the interpreter: a
-    compile in the same process afterwards still works (kernels.dispatch scopes the patches)."""
+    compile in the same process afterwards still works (v4kernels.dispatch scopes the patches)."""
     import torch
 
-    from kernels.rms_norm import _rms_fwd_kernel, rms_norm_fwd
+    from v4kernels.rms_norm import _rms_fwd_kernel, rms_norm_fwd
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     y, _ = rms_norm_fwd(torch.randn(3, 40), torch.ones(40), 1e-6)
     assert torch.isfinite(y).all()

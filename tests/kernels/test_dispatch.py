@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from kernels import dispatch, rms_norm
+import v4kernels
+from v4kernels import dispatch, rms_norm
 from tests.kernels._util import DEVICE
 
-KERNELS_DIR = Path(kernels.__file__).parent
+KERNELS_DIR = Path(v4kernels.__file__).parent
 
 
 def _path_of(y):
@@ -48,7 +48,7 @@ def test_unknown_mode_raises_and_none_is_ignored(monkeypatch):
 def test_lazy_kernel_is_decorated_for_the_current_mode():
     from triton.runtime.interpreter import InterpretedFunction
 
-    from kernels.rms_norm import _rms_fwd_kernel as kernel
+    from v4kernels.rms_norm import _rms_fwd_kernel as kernel
     assert isinstance(kernel, dispatch.LazyKernel)
     assert isinstance(kernel.resolve(), InterpretedFunction)
 
@@ -63,7 +63,7 @@ def test_env_is_not_leaked_outside_kernel_tests():
 
 @pytest.mark.reference_only
 def test_kernels_is_a_leaf_package():
-    """kernels/ must not import model/ or optim/ (the model imports kernels)."""
+    """v4kernels/ must not import model/ or optim/ (the model imports kernels)."""
     for path in KERNELS_DIR.glob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):

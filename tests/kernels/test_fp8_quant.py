@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import fp8_block_dequant, fp8_block_quant, fp8_block_quant_ref
+from v4kernels import fp8_block_dequant, fp8_block_quant, fp8_block_quant_ref
 from tests.kernels._util import DEVICE, randn
 
 pytestmark = pytest.mark.skipif(not hasattr(torch, "float8_e4m3fn"), reason="no float8 in torch")

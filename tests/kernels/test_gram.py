@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import gram, gram_ref
+from v4kernels import gram, gram_ref
 from tests.kernels._util import close, grads, randn
 
 

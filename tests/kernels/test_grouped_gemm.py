@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import grouped_mm, grouped_mm_ref, grouped_swiglu_experts
+from v4kernels import grouped_mm, grouped_mm_ref, grouped_swiglu_experts
 from model.moe import experts_padded
 from tests.kernels._util import DEVICE, close, grads, randn
 

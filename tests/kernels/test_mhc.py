@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import hc_split_sinkhorn, hc_split_sinkhorn_ref, sinkhorn_gemm, sinkhorn_ref
+from v4kernels import hc_split_sinkhorn, hc_split_sinkhorn_ref, sinkhorn_gemm, sinkhorn_ref
 from model.mhc import HyperConnectionSite, hc_mixes, hc_pre, n_mix, sinkhorn
 from tests.kernels._util import DEVICE, close, grads, randn
 

@@ -2,8 +2,8 @@
 
 import torch
 
-from kernels import moe_permute, moe_unpermute
-from kernels.moe_permute import moe_permute_ref, moe_unpermute_ref
+from v4kernels import moe_permute, moe_unpermute
+from v4kernels.moe_permute import moe_permute_ref, moe_unpermute_ref
 from model.dispatcher import LocalDispatcher
 from tests.kernels._util import DEVICE, close, grads, randn
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import rms_norm, rms_norm_ref
+from v4kernels import rms_norm, rms_norm_ref
 from model.norm import RMSNorm, rms_normalize
 from tests.kernels._util import close, grads, randn
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import hybrid_indices, sparse_attention, sparse_attention_ref, window_indices
+from v4kernels import hybrid_indices, sparse_attention, sparse_attention_ref, window_indices
 from model.attention_core import hybrid_attention
 from tests.kernels._util import DEVICE, close, grads, randn
 

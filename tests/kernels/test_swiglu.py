@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import swiglu, swiglu_ref
+from v4kernels import swiglu, swiglu_ref
 from model.moe import swiglu as model_swiglu
 from tests.kernels._util import close, grads, randn
 

@@ -2,12 +2,12 @@
 
 Model and optimizer call only the dispatchers exported here; each picks the Triton kernel for
 CUDA tensors (Triton importable, `V4_KERNELS` != "ref") and the reference otherwise, so training
-and inference share the same kernels. See kernels/README.md for the list, dispatch rule and test
+and inference share the same kernels. See v4kernels/README.md for the list, dispatch rule and test
 tolerances. This package is a leaf: it never imports `model` or `optim`.
 
-Note: `kernels.rms_norm`, `kernels.swiglu`, `kernels.sparse_attention` and `kernels.moe_permute`
+Note: `v4kernels.rms_norm`, `v4kernels.swiglu`, `v4kernels.sparse_attention` and `v4kernels.moe_permute`
 are the dispatcher *functions*, which shadow their submodules as package attributes; reach module
-internals with `from kernels.<module> import <name>`.
+internals with `from v4kernels.<module> import <name>`.
 """
 
 from .dispatch import HAS_TRITON, interpreting, kernel_mode, use_triton
