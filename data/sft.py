@@ -30,7 +30,7 @@ from data.packing import BinPackedStream
 from data.sampler import DistributedSampler
 from data.shards import (SHARD_VERSION, ShardWriter, TokenShard, doc_hash, open_cached,
                          shard_dir, token_dtype)
-from data.sources import resolve_source
+from data.sources import decode_line, resolve_source
 from data.tokenizer_train import (check_model_compat, resolve_tokenizer, special_ids,
                                   tokenizer_fingerprint)
 
@@ -117,8 +117,9 @@ def tokenize_sft_source(src: SourceConfig, tokenizer, cfg: SFTConfig,
         try:
             bar = tqdm(desc=f"tokenising {src.path}", unit="conv", disable=not cfg.progress)
             for path in files:
-                with open(path, encoding="utf-8") as f:
-                    for lineno, line in enumerate(f, 1):
+                with open(path, "rb") as f:
+                    for lineno, raw_line in enumerate(f, 1):
+                        line = decode_line(path, lineno, raw_line)
                         if not line.strip():
                             continue
                         rec = _parse_line(path, lineno, line, cfg)

@@ -168,6 +168,28 @@ def _open_text(path: str):
     return open(path, encoding="utf-8", errors="replace")
 
 
+def decode_line(path: str, lineno: int, raw: bytes) -> str:
+    """One line of a UTF-8 file as text, or a DataError naming the file, line, column and byte
+    (a corpus with one stray Latin-1 byte should say where it is, not `position 5290`)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                        f"{e.start + 1}); re-encode the file as UTF-8") from None
+
+
+def first_undecodable_line(path: str) -> str | None:
+    """`decode_line`'s message for the first line of `path` that is not UTF-8, or None."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                decode_line(path, lineno, raw)
+            except DataError as e:
+                return str(e)
+    return None
+
+
 def _is_json_array(path: str) -> bool:
     with _open_text(path) as f:
         head = f.read(4096).lstrip()
@@ -175,13 +197,18 @@ def _is_json_array(path: str) -> bool:
 
 
 def find_malformed_record(rs: ResolvedSource) -> str | None:
-    """'file:line: malformed JSON ...' for the first unparsable record of a local JSON(L) source,
-    or None if every record parses (or the source is not local JSON)."""
-    if rs.format != "json":
+    """'file:line: ...' for the first line of a local text or JSON(L) source that is not UTF-8,
+    or the first unparsable JSON record; None if there is none (or the source is not local)."""
+    if rs.format not in ("json", "text"):
         return None
     for path in rs.files:
         if path.endswith(_COMPRESSION) and not path.endswith(".gz"):
             return None
+        undecodable = first_undecodable_line(path)
+        if undecodable is not None:
+            return undecodable
+        if rs.format != "json":
+            continue
         if _is_json_array(path):
             try:
                 with _open_text(path) as f:

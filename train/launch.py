@@ -91,20 +91,31 @@ def launch(cfg: TrainConfig, make_task: Callable, pre_checks: Callable | None = 
             print(f"dry run: conf={cfg.run_name} ({cfg.model.preset})\n{plan.format()}")
         return
 
+    from data.config import DataError
+
     from .checkpoint import CheckpointError
     from .dist import init_distributed
+    from .init import adopt_tokenizer
+    from .run_lock import RunDirLocked, RunLock
     from .trainer import Trainer
 
-    from .init import adopt_tokenizer
-
+    try:  # one writer per run directory (global rank 0 holds it for the job)
+        lock = RunLock(cfg.run_dir).acquire() if int(os.environ.get("RANK", "0")) == 0 else None
+    except RunDirLocked as e:
+        raise _fail(f"error: {e}") from None
     adopt_tokenizer(cfg)  # init_from without data.tokenizer: the checkpoint's tokenizer
     info = init_distributed(cfg.device)
     if info.is_main:
         os.makedirs(cfg.run_dir, exist_ok=True)
         with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
             f.write(OmegaConf.to_yaml(cfg, resolve=True))
-    try:  # fit and resume checks before any data work
+    try:  # fit and resume checks before any data work; data-file mistakes as one line
         trainer = Trainer(cfg, info, model_cfg, frozen_models=frozen)
-    except CheckpointError as e:
-        raise SystemExit(f"{e}" if info.is_main else 1) from None
-    trainer.run(make_task(cfg, info, model_cfg))
+        trainer.run(make_task(cfg, info, model_cfg))
+    except (CheckpointError, DataError) as e:
+        raise SystemExit(f"error: {e}" if info.is_main else 1) from None
+    finally:
+        if lock is not None:
+            lock.release()
+    if trainer.exit_code:  # stopped by a signal, checkpoint written: not a finished run
+        raise SystemExit(trainer.exit_code)

@@ -126,6 +126,7 @@ class RolloutResult:
     samples: list[Sample]
     skipped: list[Skipped]
     stats: dict[str, float]  # generated/prefill tokens, generate calls, seconds
+    stopped: bool = False    # `should_stop` cut it short: samples unfinished and unscored
 
 
 @dataclass
@@ -153,11 +154,14 @@ def _round_seed(seed: int | None, round_: int, chunk: int) -> int | None:
 
 
 def rollout(model, tokenizer, requests: Sequence[tuple[Domain, Item]], params: RolloutParams,
-            *, generate_fn: Callable = generate,
-            verify_fn: Callable = safe_verify) -> RolloutResult:
+            *, generate_fn: Callable = generate, verify_fn: Callable = safe_verify,
+            should_stop: Callable[[], bool] = lambda: False) -> RolloutResult:
     """Samples `params.n` completions per (domain, item) and scores them (module docstring).
 
-    `generate_fn` has `model.generation.generate`'s signature (tests pass a scripted one)."""
+    `generate_fn` has `model.generation.generate`'s signature (tests pass a scripted one).
+    `should_stop` is polled before each generate chunk: once it says so, this rank generates
+    no more rows (under EP it still joins the chunks other ranks run, with no prompts), and the
+    result comes back `stopped`, unscored, as soon as every rank is done."""
     params.validate()
     start = time.perf_counter()
     max_len = model.cfg.max_seq_len
@@ -185,14 +189,17 @@ def rollout(model, tokenizer, requests: Sequence[tuple[Domain, Item]], params: R
     peer = token_dispatcher(model)
     device = _device(model)
     round_ = 0
+    stopped = False
     while True:
-        active = [x for x in live if not x.out.finish]
+        stopped = stopped or should_stop()
+        active = [] if stopped else [x for x in live if not x.out.finish]
         if not peer.any_active(bool(active), device):
             break
         stats["rounds"] += bool(active)
         c = 0
-        while peer.any_active(c < len(active), device):
-            chunk = active[c:c + params.batch_size]
+        while peer.any_active(c < len(active) and not (stopped := stopped or should_stop()),
+                              device):
+            chunk = [] if stopped else active[c:c + params.batch_size]
             c += params.batch_size
             t0 = time.perf_counter()
             out = generate_fn(model, [x.out.prompt_ids + x.out.response_ids for x in chunk],
@@ -215,6 +222,9 @@ def rollout(model, tokenizer, requests: Sequence[tuple[Domain, Item]], params: R
                 _append_generated(x, tokens, out, i)
                 x.out.finish = _after_turn(x, out.finish_reasons[i], tokenizer, max_len, stats)
         round_ += 1
+    if stopped:
+        stats["seconds"] = time.perf_counter() - start
+        return RolloutResult([x.out for x in live], skipped, stats, stopped=True)
     t0 = time.perf_counter()
     samples = [_finalise(x, tokenizer, verify_fn) for x in live]
     stats["verify_seconds"] = time.perf_counter() - t0

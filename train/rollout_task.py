@@ -40,7 +40,7 @@ from .dist import DistInfo, all_reduce_sum, any_rank, forwards_are_collective
 from .recipe import Phase
 from .rollout import RolloutParams, rollout
 from .rollout_batch import kept_sets
-from .task import EvalResult
+from .task import EvalResult, StopRequested
 from .verify import timed_verify
 
 
@@ -155,6 +155,7 @@ class RolloutTask:
         self.rollouts = 0
         self.buffer: list[list[dict[str, Any]]] = []  # mini-batches left of this rollout
         self.pending_metrics: dict[str, float] = {}
+        self.stop_check = lambda: False  # the trainer's: a stop signal arrived (`Task`)
 
     # ------------------------------------------------------------------ stage hooks
     def label(self, sample) -> None:
@@ -208,10 +209,14 @@ class RolloutTask:
         stats = {"generate": 0.0, "score": 0.0, "tokens": 0.0}
         kept, spare, first_round = [], [], None
         skipped = rounds = 0
+        before = {"cursor": self.cursor, "rollouts": self.rollouts}
         try:
             with torch.no_grad():
                 for round_ in range(1 + self.refill_rounds + 2):
                     groups, n_skipped = self.roll_round(model, stats)
+                    if any_rank(groups is None, info.device):  # a stop signal, on any rank
+                        self.cursor, self.rollouts = before["cursor"], before["rollouts"]
+                        raise StopRequested(f"{self.stage}: stopped during a rollout")
                     skipped += n_skipped
                     rounds += 1
                     if first_round is None:
@@ -243,13 +248,17 @@ class RolloutTask:
         return batches
 
     def roll_round(self, model, stats: dict[str, float]):
-        """One round of this rank's prompts: groups of G scored, labelled samples."""
+        """One round of this rank's prompts: groups of G scored, labelled samples (None when
+        a stop signal cut it short)."""
         requests = self.draw_round()
         seed = (self.cfg.seed * 7919 + self.rollouts * 104_729 + self.cursor
                 + self.info.rank * 15_485_863) % 2**62
         params = RolloutParams(**{**vars(self.params), "seed": seed})
         extra = {"generate_fn": self.generate_fn} if self.generate_fn is not None else {}
-        result = rollout(model, self.tokenizer, requests, params, verify_fn=self.score, **extra)
+        result = rollout(model, self.tokenizer, requests, params, verify_fn=self.score,
+                         should_stop=self.stop_check, **extra)
+        if result.stopped:
+            return None, 0
         stats["generate"] += result.stats["seconds"]
         stats["score"] += result.stats.get("verify_seconds", 0.0)
         stats["tokens"] += result.stats["generated_tokens"]

@@ -24,7 +24,10 @@ A task owns what is particular to its stage:
   the step (GRPO's rollout rewards, lengths and time split); optional `derive_metrics(metrics)`:
   metrics computed from the logged ones (distillation's KL per domain, a ratio of two sums);
   optional `attach_frozen(ep_groups)`: called once the policy is built, to load the stage's
-  frozen models sharded over the same expert-parallel groups (GRPO's reference, the teachers).
+  frozen models sharded over the same expert-parallel groups (GRPO's reference, the teachers);
+  optional `stop_check`: the trainer sets it to a callable that says a stop signal arrived, so
+  long batch work (a rollout) can end early: the task restores its state to before the step
+  and raises `StopRequested`, every rank together, and the trainer checkpoints the last step.
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ from model.loss import LossWeights, compute_loss
 from .config import RecipeSection
 from .dist import all_reduce_sum
 from .recipe import Phase
+
+
+class StopRequested(Exception):
+    """Raised by `Task.batches` when a stop signal cut this step's batch work short (on every
+    rank); the task's state is as before the step."""
 
 
 @dataclass

@@ -46,7 +46,7 @@ from .dist import DistInfo, all_reduce_sum, any_rank, barrier, release_shm_works
 from .metrics import MetricsLogger, detect_peak_tflops, flops_per_token, memory_bytes
 from .plan import available_memory, make_plan
 from .recipe import Phase, phase_at
-from .task import EvalResult, Task
+from .task import EvalResult, StopRequested, Task
 
 
 @dataclass
@@ -103,6 +103,8 @@ class Trainer:
             raise ValueError(f"dtype={cfg.dtype!r}: choose auto, bf16 or fp32")
         self.schedule = build_lr_schedule(cfg)
         self.stop_requested = False
+        self.stop_signal: int | None = None  # the signal this process got, if any
+        self.exit_code = 0  # 128 + signal after a signal stop (a preempted job is not a success)
         self.step = 0
         self.skipped_steps = 0
         self.bad_in_a_row = 0
@@ -422,10 +424,18 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def _on_signal(self, signum, frame) -> None:
         self.stop_requested = True
+        self.stop_signal = signum
+
+    def should_stop(self) -> bool:
+        """This process was asked to stop (a task polls it inside long batch work, e.g. between
+        rollout chunks, and raises `StopRequested`)."""
+        return self.stop_requested
 
     def run(self, task: Task) -> None:
         cfg, info = self.cfg, self.info
         self.task = task
+        if hasattr(task, "stop_check"):
+            task.stop_check = self.should_stop
         self.build()
         attach = getattr(task, "attach_frozen", None)  # frozen models, sharded like the policy
         if attach is not None:
@@ -448,7 +458,11 @@ class Trainer:
                     self.gas = new_gas
                     self.engine.set_train_batch_size(cfg.data.micro_batch * new_gas * info.world)
                 t0 = time.perf_counter()
-                stats = self.train_step()
+                try:
+                    stats = self.train_step()
+                except StopRequested:  # mid-batch (a rollout): its state was rolled back
+                    self.stop_now()
+                    break
                 dt = time.perf_counter() - t0
                 self.tokens_seen += stats.tokens
                 self.step += 1
@@ -480,8 +494,7 @@ class Trainer:
                                                or self.step == cfg.steps):
                     self.save()
                 if stop:
-                    self.logger.message(f"stopped by signal at step {self.step}; resume with "
-                                        f"checkpoint.resume=auto")
+                    self.stopped_message()
                     break
         except BaseException as e:
             error = e
@@ -491,6 +504,18 @@ class Trainer:
             guards.finish([("closing the task's data", self.task.close),
                            ("closing the metrics logger", self.logger.close)], error)
         barrier()
+
+    def stop_now(self) -> None:
+        """A stop agreed by every rank before this step's update: checkpoint the last
+        completed step (unless inside a streak of skipped steps) and say so."""
+        if self.bad_in_a_row == 0:
+            self.save()
+        self.stopped_message()
+
+    def stopped_message(self) -> None:
+        self.exit_code = 128 + (self.stop_signal or signal.SIGTERM)
+        self.logger.message(f"stopped by signal at step {self.step}; resume with "
+                            f"checkpoint.resume=auto (exit status {self.exit_code})")
 
     def due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
