@@ -29,21 +29,37 @@ def run(cfg) -> int:
 
     from pipeline.average import weight_average
     from pipeline.config import pipeline_problems
-    from pipeline.report import write_report
-    from pipeline.runner import Runner, StageFailed, log
     from pipeline.stages import build_stages
+    from train.run_lock import RunDirLocked, RunLock
 
     problems = pipeline_problems(cfg)
     if problems:
         sys.stderr.write("error: bad pipeline config:\n" + "".join(f"  {p}\n" for p in problems))
         return 2
-    stages = build_stages(cfg, weight_average)
     out = Path(cfg.out_dir)
+    try:  # one pipeline per folder; each stage's trainer locks its own run directory too
+        lock = RunLock(out, "pipeline folder").acquire()
+    except RunDirLocked as error:
+        sys.stderr.write(f"error: {error}\n")
+        return 2
+    try:
+        return run_locked(cfg, out, build_stages(cfg, weight_average))
+    finally:
+        lock.release()
+
+
+def run_locked(cfg, out, stages) -> int:
+    from pipeline.report import write_report
+    from pipeline.runner import PipelineStopped, Runner, StageFailed, log
+
     todo = [s.name for s in stages if not s.done()]
     log(f"pipeline {cfg.name}: {len(stages)} stages, {len(todo)} to run, {cfg.jobs} at a time; "
         f"output {out}")
     try:
         Runner(out, cfg.launcher, cfg.nproc, cfg.jobs, cfg.stage_timeout).run(stages)
+    except PipelineStopped as stop:
+        sys.stderr.write(f"stopped: {stop}\n")
+        return 128 + stop.signum
     except (StageFailed, ValueError, FileNotFoundError) as error:
         sys.stderr.write(f"error: {error}\n")
         return 1

@@ -5,6 +5,11 @@ and one when it ends. What each stage cost is kept in `<out_dir>/stages.json` (w
 atomically after every stage), so a re-run that skips finished stages still reports their time.
 When a stage fails, the running ones get SIGTERM (the trainer saves a checkpoint and stops, so
 nothing is lost), and the error names the stage, its exit status, its log and the log's tail.
+
+Signals: SIGTERM or SIGINT (Ctrl-C) to the pipeline is forwarded to every running stage's
+process group (stages run in sessions of their own, so a terminal's Ctrl-C reaches only the
+pipeline); no new stage starts, the runner waits for the stages to write their checkpoints and
+raises `PipelineStopped` naming them. A second signal kills the stages at once.
 """
 
 from __future__ import annotations
@@ -29,6 +34,15 @@ class StageFailed(RuntimeError):
     pass
 
 
+class PipelineStopped(RuntimeError):
+    def __init__(self, signum: int, stopped: list[str]):
+        self.signum, self.stopped = signum, stopped
+        name = signal.Signals(signum).name
+        what = (f"stages {', '.join(stopped)} stopped with a checkpoint" if stopped else
+                "no stage was running")
+        super().__init__(f"{name}: {what}; run the same command again to resume")
+
+
 def stage_env(jobs: int) -> dict[str, str]:
     """The stages' environment: unbuffered output, and (unless the user chose) the CPU's
     threads shared among the stages that run at once instead of each taking them all."""
@@ -44,8 +58,9 @@ class Runner:
         self.record_path = self.out_dir / "stages.json"
         self.record: dict[str, Any] = (json.loads(self.record_path.read_text())
                                        if self.record_path.is_file() else {})
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # re-entrant: the signal handler runs on the main thread
         self.procs: dict[str, subprocess.Popen] = {}
+        self.stopping: int | None = None  # the signal that stops the run
         self.env = stage_env(jobs)
 
     def run(self, stages: list[Stage]) -> None:
@@ -57,28 +72,58 @@ class Runner:
         finished: set[str] = set()
         pending = list(stages)
         running: dict[Future, Stage] = {}
-        with ThreadPoolExecutor(self.jobs) as pool:
-            while pending or running:
-                self.skip_complete(pending, finished)
-                for s in [s for s in pending if all(n in finished for n in s.needs)]:
-                    if len(running) < self.jobs:
-                        pending.remove(s)
-                        running[pool.submit(self.run_one, s)] = s
-                if not running:
-                    if pending:  # cannot happen with build_stages' order; say so if it does
-                        raise StageFailed(f"stages {[s.name for s in pending]} wait on stages "
-                                          f"that never finish")
-                    break
-                done, _ = wait(list(running), return_when=FIRST_COMPLETED)
-                for future in done:
-                    stage = running.pop(future)
-                    try:
-                        future.result()
-                    except BaseException:
-                        self.stop_all()
-                        wait(list(running))
-                        raise
-                    finished.add(stage.name)
+        stopped: list[str] = []
+        handlers = {sig: signal.signal(sig, self.on_signal)
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            with ThreadPoolExecutor(self.jobs) as pool:
+                while pending or running:
+                    if not self.stopping:
+                        self.start_ready(pool, pending, finished, running)
+                    if not running:
+                        if pending and not self.stopping:  # build_stages' order prevents it
+                            raise StageFailed(f"stages {[s.name for s in pending]} wait on "
+                                              f"stages that never finish")
+                        break
+                    done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                    for future in done:
+                        stage = running.pop(future)
+                        try:
+                            future.result()
+                        except BaseException:
+                            if self.stopping:  # stopped by our forwarded signal
+                                stopped.append(stage.name)
+                                continue
+                            self.stop_all()
+                            wait(list(running))
+                            raise
+                        finished.add(stage.name)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        if self.stopping:
+            raise PipelineStopped(self.stopping, stopped)
+
+    def start_ready(self, pool: ThreadPoolExecutor, pending: list[Stage], finished: set[str],
+                    running: dict[Future, Stage]) -> None:
+        self.skip_complete(pending, finished)
+        for s in [s for s in pending if all(n in finished for n in s.needs)]:
+            if len(running) < self.jobs:
+                pending.remove(s)
+                running[pool.submit(self.run_one, s)] = s
+
+    def on_signal(self, signum: int, frame) -> None:
+        first = self.stopping is None
+        self.stopping = self.stopping or signum
+        with self.lock:
+            names = ", ".join(self.procs) or "none"
+        if first:
+            log(f"{signal.Signals(signum).name}: stopping the running stages ({names}); each "
+                f"saves a checkpoint (signal again to kill them)")
+            self.stop_all()
+        else:
+            log(f"{signal.Signals(signum).name} again: killing the running stages ({names})")
+            self.stop_all(signal.SIGKILL)
 
     def skip_complete(self, pending: list[Stage], finished: set[str]) -> None:
         """Marks finished every ready stage whose output exists, until none is left (a skipped
@@ -131,10 +176,10 @@ class Runner:
             raise StageFailed(f"stage {stage.name} failed (exit status {code}); log {path}; "
                               f"its end:\n{tail}")
 
-    def stop_all(self) -> None:
+    def stop_all(self, sig: int = signal.SIGTERM) -> None:
         with self.lock:
             for proc in self.procs.values():
-                _signal(proc, signal.SIGTERM)
+                _signal(proc, sig)
 
     def log_path(self, stage: Stage) -> Path:
         return self.out_dir / "logs" / f"{stage.name.replace('/', '_')}.log"
@@ -156,7 +201,7 @@ def _signal(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-_PRINT = threading.Lock()
+_PRINT = threading.RLock()  # re-entrant: a signal handler may log while the main thread does
 
 
 def log(message: str) -> None:

@@ -267,3 +267,32 @@ def test_score_type_is_the_domains(tmp_path):
     assert shaped_reward(good, 56, False, 64, overlong="penalty",
                          overlong_buffer=16) == pytest.approx(0.5)
     assert shaped_reward(bad, 64, True, 64, overlong="penalty", overlong_buffer=16) == -1.0
+
+
+def test_a_stop_signal_ends_the_rollout_between_chunks(tmp_path, policy,
+                                                     domain_tokenizer_file):  # noqa: F811
+    """A stop flag raised during generation ends the rollout after the chunk in flight (not
+    after the whole rollout) with `StopRequested`, and the task's state is as before the step,
+    so the checkpoint the trainer then writes resumes into the same prompts."""
+    from train.task import StopRequested
+
+    model_cfg, model = policy
+    cfg = grpo_cfg(tmp_path, **{"grpo.rollout_batch_size": 2})  # 8 rows: 4 chunks
+    calls = []
+
+    def counting_generate(*args, **kwargs):
+        from model.generation import generate
+
+        calls.append(len(args[1]))
+        return generate(*args, **kwargs)
+
+    task = make_task(cfg, domain_tokenizer_file, model_cfg, generate_fn=counting_generate)
+    task.stop_check = lambda: len(calls) >= 1       # the signal arrives during chunk 1
+    before = task.state_dict()
+    with pytest.raises(StopRequested):
+        task.batches(0, n_micro(cfg), PHASE, model)
+    assert calls == [2]                             # one chunk of 2 rows, not 4
+    assert task.state_dict() == before
+    task.stop_check = lambda: False                 # resumed: the same prompts are drawn
+    task.batches(0, n_micro(cfg), PHASE, model)
+    assert task.cursor == cfg.grpo.prompts_per_step and len(calls) == 5

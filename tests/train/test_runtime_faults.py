@@ -34,8 +34,9 @@ def test_resume_with_batch_ramp_and_seq_stage_is_the_same_run(tmp_path, cache_di
     batch = {r["step"]: r["global_batch"] for r in rows(full)}
     assert batch == {1: 2, 2: 2, 3: 2, 4: 2, 5: 4, 6: 4}, batch  # the ramp happens
     cut = tmp_path / "cut"
-    out = run(RAMP, cut, cache_dir, env={**ENV, "V4LAB_FAULT_SIGTERM_STEP": "3"})
+    out = run(RAMP, cut, cache_dir, env={**ENV, "V4LAB_FAULT_SIGTERM_STEP": "3"}, check=False)
     assert "stopped by signal at step 3" in out.stdout + out.stderr
+    assert out.returncode == 128 + signal.SIGTERM  # a preempted job is not a finished one
     assert [p.name for p in (cut / "checkpoints").iterdir()] == ["step_00000003"]
     out = run(RAMP, cut, cache_dir)
     assert "resumed from" in out.stdout
