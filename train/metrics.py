@@ -48,6 +48,40 @@ def detect_peak_tflops(device: torch.device) -> float | None:
     return None
 
 
+def set_aside_rows_past(path: Path, step: int) -> int:
+    """A run resumed at `step` after a crash (kill -9, a lost node) replays the steps after its
+    last checkpoint; the crashed run's rows for them would appear twice in `metrics.jsonl`,
+    unmarked. They move to `metrics.superseded.jsonl` (kept, not deleted), each marked with the
+    step it was superseded at. Atomic: the file is rewritten beside itself and renamed.
+    -> how many rows moved."""
+    if not path.is_file():
+        return 0
+    keep, past = [], []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by the crash
+            row = None
+        if not isinstance(row, dict):
+            row = {"unreadable": line}
+        row_step = row.get("step")
+        if "unreadable" in row or (isinstance(row_step, int) and row_step > step):
+            past.append(row)
+        else:
+            keep.append(line + "\n")
+    if not past:
+        return 0
+    with open(path.with_name("metrics.superseded.jsonl"), "a", encoding="utf-8") as f:
+        for row in past:
+            f.write(json.dumps({**row, "superseded_at_resume": step}) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep), encoding="utf-8")
+    os.replace(tmp, path)
+    return len(past)
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int,
                  wandb_cfg: Any, config: dict, progress: bool = True):
@@ -60,6 +94,7 @@ class MetricsLogger:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir = run_dir
+        set_aside_rows_past(run_dir / "metrics.jsonl", start_step)
         self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         if progress:
             from tqdm import tqdm

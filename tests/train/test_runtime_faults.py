@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -142,3 +143,32 @@ def test_disk_full_during_save_surfaces_with_free_space(tmp_path, cache_dir):
     assert all(p.stat().st_size > 0 for p in pngs) and not any(
         p.name.endswith(".tmp") for p in pngs), pngs
     assert os.path.getsize(tmp_path / "metrics.jsonl") > 0  # the metrics still closed cleanly
+
+
+def test_kill9_then_resume_leaves_each_step_once_in_the_metrics(tmp_path, cache_dir):
+    """kill -9 after the step-2 checkpoint, then resume: the killed run's rows past step 2 move
+    to metrics.superseded.jsonl (marked), so metrics.jsonl holds every step once, in order."""
+    cmd = [sys.executable, "train/pretrain.py", *FAST, "steps=1000", "checkpoint.every=2",
+           f"run_dir={tmp_path}", f"data.cache_dir={cache_dir}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (
+                (tmp_path / "metrics.jsonl").exists() and len(rows(tmp_path)) >= 3
+                and (tmp_path / "checkpoints" / "step_00000002").is_dir()):
+            assert proc.poll() is None
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+    killed_at = max(r["step"] for r in rows(tmp_path))
+    saved = max(int(p.name.split("_")[1]) for p in (tmp_path / "checkpoints").glob("step_*")
+                if not p.name.endswith(".tmp"))
+    assert killed_at > saved  # rows past the checkpoint exist: the case under test
+    run(["steps=5", "checkpoint.every=2"], tmp_path, cache_dir)
+    assert [r["step"] for r in rows(tmp_path)] == [1, 2, 3, 4, 5]
+    superseded = [json.loads(x) for x in
+                  (tmp_path / "metrics.superseded.jsonl").read_text().splitlines()]
+    assert {r["superseded_at_resume"] for r in superseded} == {saved}
+    assert {r["step"] for r in superseded if "loss" in r} == set(range(saved + 1, killed_at + 1))
