@@ -18,6 +18,10 @@ to evaluate a disjoint shard (item i goes to rank i % world); the counts are the
 the default process group when torch.distributed is initialised, so every rank returns the
 global numbers. Every rank must call it (and, under EP, `generate`) the same number of times.
 
+Items are distinct problems (`Domain.distinct`): when a split holds fewer than `n` (arith at
+level 1 has 23 test problems), all of them are scored, the table's `n` says how many, and a
+note says the request was capped; repeats would only re-weight the same problems.
+
 Per domain: `pass@1` (greedy correct / evaluated), `pass@k` (mean over items of the unbiased
 estimator 1 - C(s-c, k) / C(s, k) from s samples with c correct; Chen et al. 2021),
 `format_valid` (greedy answers readable in the domain's format), `mean_response_tokens` (greedy
@@ -97,9 +101,11 @@ def evaluate_domains(model, tokenizer, domains: Sequence[Domain | str], n: int, 
     counts: dict[str, dict[str, float]] = {}
     stats = {"generated_tokens": 0.0, "generate_seconds": 0.0, "seconds": 0.0}
     shown: dict[str, list[dict[str, Any]]] = {}
+    capped: dict[str, int] = {}  # distinct items per domain (< n: the split has no more)
     for domain in built:
-        items = [item for i, item in enumerate(domain.generate(split, n, seed))
-                 if i % world == rank]
+        unique = domain.distinct(split, n, seed)  # never the same problem twice
+        capped[domain.name] = len(unique)
+        items = [item for i, item in enumerate(unique) if i % world == rank]
         requests = [(domain, item) for item in items]
         c = dict.fromkeys(_COUNTS, 0.0)
         c["items"] = len(items)
@@ -119,7 +125,7 @@ def evaluate_domains(model, tokenizer, domains: Sequence[Domain | str], n: int, 
                          "temperature": temperature, "top_p": top_p, "top_k": top_k,
                          "max_new_tokens": max_new_tokens, "max_tool_turns": max_tool_turns,
                          "difficulty": {d.name: d.difficulty for d in built},
-                         "world": world},
+                         "world": world, "distinct_items": capped},
             "stats": stats, "examples": shown}
 
 
@@ -147,7 +153,8 @@ def stage_evaluation(model, tokenizer, domains: Sequence[Domain], n: int, max_ne
                               batch_size=max(1, cfg.data.micro_batch * 8),
                               rank=info.rank if sharded else 0, world=info.world if sharded else 1)
     return EvalResult(flat_metrics(result), [f"step {step}: domain evaluation (test split, "
-                                             f"greedy)\n" + format_table(result)])
+                                             f"greedy)\n" + format_table(result),
+                                             *capped_notes(result)])
 
 
 def _count_greedy(c: dict[str, float], result: RolloutResult) -> None:
@@ -207,6 +214,14 @@ def _rates(c: dict[str, float], k: int) -> dict[str, Any]:
         out["sampled_accuracy"] = rate("sampled_correct", "sampled")
         out["sampled_format_valid"] = rate("sampled_format_valid", "sampled")
     return out
+
+
+def capped_notes(result: dict[str, Any]) -> list[str]:
+    """One line per domain whose split has fewer distinct items than the `n` asked for."""
+    st = result["settings"]
+    return [f"note: {name} (difficulty {st['difficulty'][name]}) has {have} distinct "
+            f"{st['split']} items; all {have} are scored, not n={st['n']}"
+            for name, have in st["distinct_items"].items() if have < st["n"]]
 
 
 def pass_k_key(k: int) -> str:
@@ -331,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"error: {e}\n")
         return 2
     result["settings"]["ckpt"] = cfg.ckpt
+    for note in capped_notes(result):
+        sys.stderr.write(note + "\n")
     print(format_table(result))
     s = result["stats"]
     print(f"generated {s['generated_tokens']:.0f} tokens in {s['seconds']:.1f}s "

@@ -179,6 +179,26 @@ class Domain(ABC):
             raise ValueError(f"{self.name}: n={n!r}: expected an int >= 0")
         return [self.sample(split, i, seed) for i in range(n)]
 
+    def distinct(self, split: str, n: int, seed: int = 0) -> list[Item]:
+        """Up to `n` items of `split` with distinct problems (keys), in index order: what an
+        evaluation should score, since `generate` repeats problems when the space is small
+        (arith level 1 has 23 test problems; n=500 would count each ~22 times). Stops early
+        when `patience` draws in a row bring nothing new (the space is exhausted, up to the
+        chance of a problem rarer than 1/patience): fewer than `n` items then means that is
+        all this split has."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"{self.name}: n={n!r}: expected an int >= 0")
+        patience = max(1000, 4 * n)
+        found: dict[str, Item] = {}
+        index = last_new = 0
+        while len(found) < n and index - last_new < patience:
+            item = self.sample(split, index, seed)
+            if item.key not in found:
+                found[item.key] = item
+                last_new = index
+            index += 1
+        return list(found.values())
+
     def make_item(self, problem: dict[str, Any], key: str, split: str, index: int,
                   seed: int) -> Item:
         prompt, continuation, answer = self.render(problem)

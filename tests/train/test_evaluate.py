@@ -18,7 +18,8 @@ from data.domains.strings import StringsDomain
 from model.weights import save_pretrained
 from tests.helpers.distributed import run_distributed
 from tests.inference.conftest import build_model, micro_config
-from train.evaluate import evaluate_domains, flat_metrics, format_table, main, pass_at_k
+from train.evaluate import (capped_notes, evaluate_domains, flat_metrics, format_table, main,
+                            pass_at_k)
 
 from ._rollout_support import (Oracle, domain_tokenizer, domain_tokenizer_file,  # noqa: F401
                                stub_model)
@@ -53,7 +54,7 @@ def _domains():
 def test_perfect_policy_scores_one_everywhere(domain_tokenizer):
     tok = domain_tokenizer
     domains = _domains()
-    items = [it for d in domains for it in d.generate("test", 6, seed=2)]
+    items = [it for d in domains for it in d.distinct("test", 6, seed=2)]
     oracle = Oracle(tok, items)
     result = evaluate_domains(stub_model(), tok, domains, 6, seed=2, k=2, samples=3,
                               max_new_tokens=200, examples=2, generate_fn=oracle)
@@ -85,10 +86,32 @@ class BrokenStrings(StringsDomain):
         raise RuntimeError("verifier bug")
 
 
+def test_items_are_distinct_and_a_small_split_caps_n_with_a_note(domain_tokenizer):
+    """arith at level 1 has 23 test problems: n=500 scores each once (generate would score
+    each ~22 times), the row's n says 23, and a note says the request was capped."""
+    tok = domain_tokenizer
+    arith = get_domain("arith", difficulty=1)
+    assert len({it.key for it in arith.generate("test", 500)}) == 23  # what repeats would do
+    items = arith.distinct("test", 500)
+    oracle = Oracle(tok, items)
+    result = evaluate_domains(stub_model(), tok, [arith], 500, max_new_tokens=200,
+                              generate_fn=oracle)
+    assert len(items) == 23 and len({it.key for it in items}) == 23
+    assert oracle.calls[0]["rows"] == 23
+    row = result["domains"]["arith"]
+    assert (row["n"], row["evaluated"], row["pass@1"]) == (23, 23, 1.0)
+    assert capped_notes(result) == ["note: arith (difficulty 1) has 23 distinct test items; "
+                                    "all 23 are scored, not n=500"]
+    strings = evaluate_domains(stub_model(), tok, [get_domain("strings")], 5,
+                               max_new_tokens=200, generate_fn=Oracle(
+                                   tok, get_domain("strings").distinct("test", 5)))
+    assert strings["domains"]["strings"]["n"] == 5 and not capped_notes(strings)
+
+
 def test_verifier_errors_and_unparsable_answers_are_counted(domain_tokenizer):
     tok = domain_tokenizer
     broken, strings = BrokenStrings(), get_domain("strings")
-    items = broken.generate("test", 4) + strings.generate("test", 4)
+    items = broken.distinct("test", 4) + strings.distinct("test", 4)
     result = evaluate_domains(stub_model(), tok, [broken, strings], 4,
                               max_new_tokens=2, generate_fn=Oracle(tok, items))
     row = result["domains"]["broken"]
@@ -100,7 +123,7 @@ def test_verifier_errors_and_unparsable_answers_are_counted(domain_tokenizer):
 def test_too_long_prompts_are_skipped_and_counted(domain_tokenizer):
     tok = domain_tokenizer
     full, strings = get_domain("calculator"), get_domain("strings")
-    items = full.generate("test", 3) + strings.generate("test", 3)
+    items = full.distinct("test", 3) + strings.distinct("test", 3)
     limit = max(len(tok.encode(it.prompt_text(), add_special_tokens=False)) for it in items[3:])
     result = evaluate_domains(stub_model(limit + 30), tok, [full, strings], 3, k=1,
                               max_new_tokens=200, generate_fn=Oracle(tok, items))
@@ -130,7 +153,7 @@ def _sharded(rank, world, tok_file):
 
     tok = load_tokenizer(tok_file)
     domain = get_domain("strings")
-    items = domain.generate("test", 5)
+    items = domain.distinct("test", 5)
     oracle = Oracle(tok, items)
     kept = 2  # every rank answers its first `kept` items right, the rest wrong (cut short)
 
