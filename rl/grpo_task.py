@@ -39,12 +39,13 @@ the policy is built, sharded over the same EP groups (`attach_frozen`).
 from __future__ import annotations
 
 import random
+import sys
 from typing import Any
 
 import torch
 
 from model.config import ModelConfig
-from train.dist import DistInfo
+from train.dist import DistInfo, all_reduce_sum
 from train.recipe import Phase
 from train.rollout_batch import collate, route_list
 from train.rollout_task import RolloutTask, route_agreement, token_logprobs
@@ -85,6 +86,25 @@ class GRPOTask(RolloutTask):
         sample.reward = shaped_reward(sample.score, sample.generated_tokens, sample.truncated,
                                       g.max_new_tokens, g.length_penalty, g.overlong,
                                       g.overlong_buffer, g.overlong_penalty)
+
+    def extra_rollout_metrics(self, samples: list) -> dict[str, float]:
+        """Warns when no sample of the rollout (all ranks) can carry a learning signal: every
+        one's verifier failed or timed out, or it was truncated and masked (overlong=mask).
+        The step's loss is then 0 by construction, which a curve would show as learning."""
+        masking = self.g.overlong == "mask"
+        failed = sum(1 for s in samples if s.score.error)
+        masked = sum(1 for s in samples if masking and s.truncated and not s.score.error)
+        n, failed, masked = all_reduce_sum(torch.tensor(
+            [len(samples), failed, masked], dtype=torch.float64,
+            device=self.info.device)).cpu().tolist()
+        dead = n > 0 and failed + masked == n
+        if dead and self.info.is_main:
+            hint = "; raise grpo.max_new_tokens" if masked else ""
+            print(f"warning: grpo rollout {self.rollouts}: no sample carries a learning signal "
+                  f"({failed:.0f} of {n:.0f} verifier errors or timeouts, {masked:.0f} truncated "
+                  f"and masked by grpo.overlong=mask{hint}): the loss of its steps is 0 by "
+                  f"construction", file=sys.stderr, flush=True)
+        return {"rollout/no_signal": float(dead)}
 
     def accept(self, group: list) -> bool:
         """Dynamic sampling (DAPO) keeps only groups whose rewards vary."""

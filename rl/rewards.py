@@ -1,7 +1,9 @@
 """GRPO rewards: format-gated correctness from the domain verifiers, with a time limit, plus the
 optional length and overlong shaping.
 
-    reward = 1 if the verifier accepts the answer else 0        (an unreadable answer is 0)
+    reward = Score.reward from the domain verifier              (1/0 for right/wrong; partial
+                                                                 credit in [0, 1] where the
+                                                                 domain gives it; unreadable 0)
              - length_penalty x generated / max_new_tokens       (optional, V3.2's length term)
              - DAPO's soft overlong penalty                      (grpo.overlong=penalty)
 
@@ -28,9 +30,12 @@ def shaped_reward(score: Score, generated: int, truncated: bool, max_new_tokens:
     its last turn budget sense (all generated tokens of the sample); `truncated`: it hit the
     length limit. DAPO's soft penalty ramps linearly from 0 at `max_new_tokens - buffer`
     generated tokens to `-overlong_penalty` at the limit."""
-    reward = 1.0 if score.correct else 0.0
+    # `safe_verify` has checked the reward is finite and in [0, 1]; a Score built elsewhere
+    # that is not is refused here rather than trained on
+    reward = float(score.reward)
     if not math.isfinite(reward):
-        reward = 0.0
+        raise ValueError(f"Score.reward={score.reward!r} for a sample ({score.reason!r}): "
+                         f"rewards must be finite")
     if length_penalty:
         reward -= length_penalty * generated / max_new_tokens
     if overlong == "penalty":

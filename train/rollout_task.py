@@ -27,6 +27,7 @@ max_tool_turns, rollout_batch_size, reward_timeout, keep_routing, eval_n, eval_m
 from __future__ import annotations
 
 import math
+import sys
 import time
 from typing import Any
 
@@ -156,6 +157,7 @@ class RolloutTask:
         self.buffer: list[list[dict[str, Any]]] = []  # mini-batches left of this rollout
         self.pending_metrics: dict[str, float] = {}
         self.stop_check = lambda: False  # the trainer's: a stop signal arrived (`Task`)
+        self.errors_shown: set[str] = set()  # kinds of verifier/tool errors printed so far
 
     # ------------------------------------------------------------------ stage hooks
     def label(self, sample) -> None:
@@ -259,6 +261,7 @@ class RolloutTask:
                          should_stop=self.stop_check, **extra)
         if result.stopped:
             return None, 0
+        self.show_first_errors(result.samples)
         stats["generate"] += result.stats["seconds"]
         stats["score"] += result.stats.get("verify_seconds", 0.0)
         stats["tokens"] += result.stats["generated_tokens"]
@@ -268,6 +271,19 @@ class RolloutTask:
             self.label(sample)
             groups.setdefault(sample.request, []).append(sample)
         return list(groups.values()), len(result.skipped)
+
+    def show_first_errors(self, samples: list) -> None:
+        """Prints the first verifier or tool error of each kind (exception type, or timeout)
+        with its domain and item, once per run: a count in the metrics says that something
+        fails, this says what."""
+        for s in samples:
+            for what, error in (("verifier", s.score.error), ("tool", s.error)):
+                kind = f"{what} {error.split(':')[0]}" if error else None
+                if kind and kind not in self.errors_shown:
+                    self.errors_shown.add(kind)
+                    rank = f"rank {self.info.rank}: " if self.info.world > 1 else ""
+                    print(f"{rank}warning: {self.stage}: first {kind} ({s.domain} item "
+                          f"{s.item_id}): {error}", file=sys.stderr, flush=True)
 
     def split_updates(self, batches: list[dict], n_micro: int) -> list[list[dict]]:
         """One rollout's micro-batches (in training order) → μ mini-batches of n_micro."""

@@ -16,10 +16,13 @@ turn, and between them the tool-result turns the environment inserted (see `Tool
 Splits: a problem's split is a function of the problem itself (a hash of its canonical `key`
 and the domain name), so train and test are disjoint by construction at every difficulty and
 seed; `sample` redraws until the problem falls in the requested split. Items within a split are
-drawn with replacement (a small problem space repeats).
+drawn with replacement (a small problem space repeats); `distinct` gives each problem once, for
+evaluation.
 
-Scores are format-gated: `reward` is 1.0 only when the answer is well formed AND correct, never
-a format bonus (an additive format reward favours long wrong answers; open-instruct #659).
+Scores are format-gated: `reward` is 1.0 when the answer is well formed AND correct, 0 for an
+unreadable answer, never a format bonus (an additive format reward favours long wrong answers;
+open-instruct #659). Between 0 and 1 is partial credit (`Score.partial`, e.g. reasoning-gym's
+graded scores): GRPO trains on `reward`, pass@1 counts `correct`.
 `verify` must not raise on any string; `safe_verify` is the caller-side guard that turns a bug
 into a scored 0 with the error recorded, and `summarize` counts what happened.
 
@@ -32,6 +35,7 @@ and reads the answer after it. Chat mode (the default) answers right after `</th
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -48,7 +52,7 @@ MAX_DRAWS = 10_000  # redraws before concluding a split is (nearly) empty at thi
 
 @dataclass(frozen=True)
 class Score:
-    reward: float  # 1.0 iff format_valid and correct
+    reward: float  # in [0, 1]: 1.0 when format_valid and correct, 0 when not format_valid
     correct: bool
     format_valid: bool
     reason: str  # short, human-readable: why it scored as it did
@@ -58,6 +62,12 @@ class Score:
     def graded(cls, correct: bool, reason: str) -> "Score":
         """A readable answer, right or wrong."""
         return cls(1.0 if correct else 0.0, bool(correct), True, reason)
+
+    @classmethod
+    def partial(cls, credit: float, reason: str) -> "Score":
+        """A readable answer worth `credit` in [0, 1] (clamped); correct only at 1."""
+        credit = min(max(float(credit), 0.0), 1.0)
+        return cls(credit, credit >= 1.0, True, reason)
 
     @classmethod
     def invalid(cls, reason: str) -> "Score":
@@ -280,14 +290,28 @@ class AnswerDomain(Domain):
 
 
 def safe_verify(domain: Domain, item: Item, completion_text: Any) -> Score:
-    """`domain.verify`, except that a verifier bug scores 0 with the error recorded."""
+    """`domain.verify`, except that a verifier bug scores 0 with the error recorded: an
+    exception, a `sys.exit` inside the verifier (which would otherwise end a training run
+    without a checkpoint), a result that is not a `Score`, or a `Score.reward` that is not a
+    finite number in [0, 1]. `reward` is the sample's reward (partial credit allowed, e.g. 0.5
+    for half the test cases); `correct` is what pass@1 counts."""
     try:
         score = domain.verify(item, completion_text)
         if not isinstance(score, Score):
             raise TypeError(f"verify returned {type(score).__name__}, not Score")
+        reward = score.reward
+        if isinstance(reward, bool) or not isinstance(reward, (int, float)) or \
+                not (math.isfinite(reward) and 0.0 <= reward <= 1.0):
+            raise ValueError(f"Score.reward={reward!r} is not a finite number in [0, 1]")
+        if reward and not score.format_valid:
+            raise ValueError(f"Score.reward={reward!r} for an unreadable answer "
+                             f"(format_valid=False): rewards are format-gated, use 0")
         return score
     except Exception as error:  # noqa: BLE001 - the point is to never crash a rollout
         return Score(0.0, False, False, "verifier error", error=f"{type(error).__name__}: {error}")
+    except SystemExit as exit_:
+        return Score(0.0, False, False, "verifier error",
+                     error=f"SystemExit: the verifier called sys.exit({exit_.code!r})")
 
 
 @dataclass

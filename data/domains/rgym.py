@@ -14,11 +14,12 @@ Mapping onto the contract:
 - the prompt is the question as the user turn; the reference assistant content is the answer;
 - `verify` applies the same format gate as our single-turn domains, takes the content (or the
   last `<answer>...</answer>` inside it, reasoning-gym's convention) and calls the task's
-  `score_answer`; `correct` means a score of 1 (partial credit is shown in `reason`).
+  `score_answer`; `correct` means a score of 1, and the score is the reward (partial credit).
 """
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any, Mapping
 
@@ -124,5 +125,6 @@ class ReasoningGymDomain(AnswerDomain):
             credit = float(self._dataset(item.seed).score_answer(answer, item.problem["entry"]))
         except Exception as error:  # noqa: BLE001
             return Score.invalid(f"reasoning-gym scorer failed: {type(error).__name__}")
-        ok = credit >= 1.0
-        return Score.graded(ok, "correct" if ok else f"score {credit:.3f}")
+        if not math.isfinite(credit):
+            return Score.invalid(f"reasoning-gym scorer returned {credit}")
+        return Score.partial(credit, "correct" if credit >= 1.0 else f"score {credit:.3f}")

@@ -296,3 +296,69 @@ def test_a_stop_signal_ends_the_rollout_between_chunks(tmp_path, policy,
     task.stop_check = lambda: False                 # resumed: the same prompts are drawn
     task.batches(0, n_micro(cfg), PHASE, model)
     assert task.cursor == cfg.grpo.prompts_per_step and len(calls) == 5
+
+
+class ScoringStrings(StringsDomain):
+    """Returns a fixed Score, or exits, whatever the completion."""
+
+    def __init__(self, score=None, exit_code=None):
+        super().__init__()
+        self.score, self.exit_code = score, exit_code
+
+    def verify(self, item, completion_text):
+        if self.exit_code is not None:
+            import sys
+            sys.exit(self.exit_code)
+        return self.score
+
+
+@pytest.mark.parametrize("score,reward,error", [
+    (Score(0.5, False, True, "half the cases"), 0.5, None),           # partial credit is used
+    (Score(1.0, True, True, "right"), 1.0, None),
+    (Score(float("nan"), True, True, "nan"), 0.0, "Score.reward=nan is not a finite"),
+    (Score(2.0, True, True, "big"), 0.0, "Score.reward=2.0 is not a finite number in [0, 1]"),
+    (Score(0.5, False, False, "bonus"), 0.0, "for an unreadable answer"),
+])
+def test_score_reward_is_used_or_refused(score, reward, error):
+    from data.domains.base import safe_verify
+    from rl.rewards import shaped_reward
+
+    item = StringsDomain().sample("train", 0)
+    got = safe_verify(ScoringStrings(score), item, "x")
+    assert (got.error is None) == (error is None) and (error is None or error in got.error)
+    assert shaped_reward(got, 3, False, 8) == reward
+
+
+def test_a_verifier_calling_sys_exit_scores_zero_instead_of_ending_the_run():
+    from train.verify import timed_verify
+
+    item = StringsDomain().sample("train", 0)
+    got = timed_verify(ScoringStrings(exit_code=3), item, "x", 1.0)
+    assert got.reward == 0 and got.error == "SystemExit: the verifier called sys.exit(3)"
+
+
+def test_first_error_of_each_kind_is_shown_and_a_dead_rollout_warns(tmp_path, policy, capsys,
+                                                                  domain_tokenizer_file):  # noqa: F811
+    """Every sample's verifier raises: the first RuntimeError is printed (once, with its item),
+    and the rollout warns that no sample carries a learning signal."""
+    model_cfg, model = policy
+    cfg = grpo_cfg(tmp_path)
+    task = make_task(cfg, domain_tokenizer_file, model_cfg, [(RaisingStrings(), 1.0)])
+    task.batches(0, n_micro(cfg), PHASE, model)
+    err = capsys.readouterr().err
+    assert err.count("first verifier RuntimeError") == 1, err
+    assert "RuntimeError: verifier bug" in err and "item strings/" in err
+    assert "no sample carries a learning signal (8 of 8 verifier errors" in err
+    assert task.step_metrics(1.0)["rollout/no_signal"] == 1.0
+    task.batches(1, n_micro(cfg), PHASE, model)                  # the next rollout
+    assert "first verifier" not in capsys.readouterr().err        # shown once per run
+
+
+def test_all_truncated_under_overlong_mask_warns(tmp_path, policy, capsys,
+                                                domain_tokenizer_file):  # noqa: F811
+    model_cfg, model = policy  # a random model never ends within 2 tokens
+    cfg = grpo_cfg(tmp_path, **{"grpo.max_new_tokens": 2, "grpo.overlong": "mask"})
+    task = make_task(cfg, domain_tokenizer_file, model_cfg)
+    task.batches(0, n_micro(cfg), PHASE, model)
+    assert ("0 of 8 verifier errors or timeouts, 8 truncated and masked by grpo.overlong=mask; "
+            "raise grpo.max_new_tokens") in capsys.readouterr().err
