@@ -67,10 +67,11 @@ def check_teacher(name: str, path: str, model_cfg, tokenizer: str | None):
 def pre_checks(cfg, model_cfg) -> None:
     from train.config import raise_problems
     from train.init import inspect, stage_tokenizer
+    from train.rollout_task import reply_budget_warnings
 
     world = (cfg.world_size if cfg.dry_run else None) or int(os.environ.get("WORLD_SIZE", "1"))
     raise_problems(stage_problems(cfg, world))
-    build_domains(cfg)  # unknown domains, bad options
+    domains = build_domains(cfg)  # unknown domains, bad options
     if cfg.dry_run:  # a plan needs no weights or tokenizer
         return
     if cfg.init_from:
@@ -78,6 +79,9 @@ def pre_checks(cfg, model_cfg) -> None:
     else:
         print("warning: no init_from: the student starts from random weights", file=sys.stderr)
     tokenizer = stage_tokenizer(cfg, "distillation")
+    for warning in reply_budget_warnings("distill", cfg.distill.max_new_tokens, cfg.data.seq_len,
+                                         model_cfg.max_seq_len, tokenizer, domains):
+        print(f"warning: {warning}", file=sys.stderr)
     for name, path in cfg.distill.teachers.items():
         check_teacher(name, path, model_cfg, tokenizer)
 

@@ -36,11 +36,12 @@ def stage_problems(cfg, world: int) -> list[str]:
 def pre_checks(cfg, model_cfg) -> None:
     from train.config import raise_problems
     from train.init import check_fits, check_tokenizer, inspect, stage_tokenizer
+    from train.rollout_task import reply_budget_warnings
     from train.sft_task import build_domains
 
     world = (cfg.world_size if cfg.dry_run else None) or int(os.environ.get("WORLD_SIZE", "1"))
     raise_problems(stage_problems(cfg, world))
-    build_domains(cfg.grpo, "grpo")  # unknown domains, bad options
+    domains = build_domains(cfg.grpo, "grpo")  # unknown domains, bad options
     g = cfg.grpo
     if cfg.dry_run:  # a plan needs no weights or tokenizer
         return
@@ -49,6 +50,9 @@ def pre_checks(cfg, model_cfg) -> None:
     else:
         print("warning: no init_from: GRPO starts from random weights", file=sys.stderr)
     tokenizer = stage_tokenizer(cfg, "GRPO")
+    for warning in reply_budget_warnings("grpo", g.max_new_tokens, cfg.data.seq_len,
+                                         model_cfg.max_seq_len, tokenizer, domains):
+        print(f"warning: {warning}", file=sys.stderr)
     ref = reference_path(cfg)
     if ref is not None:  # a reference that does not match the policy: named, before any work
         src = inspect(ref, "grpo.ref")

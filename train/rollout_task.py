@@ -81,6 +81,33 @@ def rollout_batch_problems(s: Any, prefix: str, cfg: Any, world: int,
     return problems
 
 
+def reply_budget_warnings(prefix: str, max_new_tokens: int, seq_len: int, max_seq_len: int,
+                          tokenizer_file: str, domains, probe: int = 16) -> list[str]:
+    """Start-up warnings when `<prefix>.max_new_tokens` does not fit: generation stops at the
+    model's context (`max_seq_len`), so a prompt of P tokens leaves max_seq_len - P for the
+    reply whatever max_new_tokens says; and `data.seq_len` is the sequence length the memory
+    plan assumes, which a prompt plus a full reply should not exceed. P is the longest of the
+    first `probe` train prompts of each domain (tokenised, as the rollout does)."""
+    from encoding.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_file)
+    prompt = max(len(tokenizer.encode(domain.sample("train", i).prompt_text(),
+                                      add_special_tokens=False))
+                 for domain, _ in domains for i in range(probe))
+    out = []
+    if prompt + max_new_tokens > max_seq_len:
+        out.append(f"{prefix}.max_new_tokens={max_new_tokens}: prompts of up to {prompt} tokens "
+                   f"leave {max(max_seq_len - prompt, 0)} for a reply in the model's context "
+                   f"(max_seq_len={max_seq_len}); longer replies are cut there (finish "
+                   f"'length')")
+    if prompt + max_new_tokens > seq_len:
+        out.append(f"{prefix}.max_new_tokens={max_new_tokens}: a prompt ({prompt} tokens) and a "
+                   f"full reply exceed data.seq_len={seq_len}, the length the memory plan "
+                   f"assumes; set data.seq_len >= {prompt + max_new_tokens} or lower "
+                   f"{prefix}.max_new_tokens")
+    return out
+
+
 def token_logprobs(model, batch: dict[str, Any], temperature: float, routes=None,
                    entropy: bool = False):
     """(log π [b, L-1] fp32 at the generated positions (0 elsewhere), renormalised over the kept

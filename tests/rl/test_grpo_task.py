@@ -362,3 +362,16 @@ def test_all_truncated_under_overlong_mask_warns(tmp_path, policy, capsys,
     task.batches(0, n_micro(cfg), PHASE, model)
     assert ("0 of 8 verifier errors or timeouts, 8 truncated and masked by grpo.overlong=mask; "
             "raise grpo.max_new_tokens") in capsys.readouterr().err
+
+
+def test_max_new_tokens_beyond_the_context_or_seq_len_is_warned(domain_tokenizer_file):  # noqa: F811
+    from train.rollout_task import reply_budget_warnings
+
+    domains = [(StringsDomain(), 1.0)]
+    assert reply_budget_warnings("grpo", 8, 256, 256, domain_tokenizer_file, domains) == []
+    over = reply_budget_warnings("grpo", 300, 256, 256, domain_tokenizer_file, domains)
+    assert len(over) == 2
+    assert "in the model's context (max_seq_len=256); longer replies are cut" in over[0]
+    assert "exceed data.seq_len=256" in over[1] and "set data.seq_len >= " in over[1]
+    short = reply_budget_warnings("grpo", 8, 16, 256, domain_tokenizer_file, domains)
+    assert len(short) == 1 and "data.seq_len=16" in short[0]
