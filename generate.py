@@ -68,9 +68,12 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
                              ) from None
     if opts["ckpt"] is None:
         raise ValueError("ckpt=PATH is required")
-    modes = sum(bool(opts[k]) for k in ("prompt", "input_file", "interactive"))
+    modes = (opts["prompt"] is not None) + bool(opts["input_file"]) + bool(opts["interactive"])
     if modes != 1:
         raise ValueError("give exactly one of prompt=..., input_file=PATH, interactive=true")
+    if opts["prompt"] is not None and not opts["prompt"].strip():
+        raise ValueError(f"prompt={opts['prompt']!r} is empty: give the text to continue, e.g. "
+                         f"prompt=\"Once upon a time\"")
     if opts["mode"] not in ("chat", "thinking"):
         raise ValueError(f"mode={opts['mode']!r}: choose chat or thinking")
     return opts

@@ -18,10 +18,24 @@ from typing import Any
 
 def checkpoint_dir(path: str) -> str:
     """The weights directory of `ckpt=` (`model.weights.resolve_weights_dir`: the path itself,
-    or a training checkpoint step_N's `model/`), shared with training's `init_from=`."""
+    or a training checkpoint step_N's `model/`), shared with training's `init_from=`. A training
+    checkpoint must be finished: not a `step_N.tmp` folder (a save in progress, or one a crash
+    cut short) and with its `manifest.json`, which the trainer writes last."""
+    import re
+    from pathlib import Path
+
     from model.weights import resolve_weights_dir
 
-    return str(resolve_weights_dir(path))
+    p = Path(path)
+    if re.fullmatch(r"step_\d+\.tmp", p.name):
+        raise ValueError(f"{p}: an unfinished save (step_N.tmp becomes step_N only once "
+                         f"complete); give a finished checkpoint from {p.parent}")
+    weights = resolve_weights_dir(path)
+    if weights != p and not (p / "manifest.json").is_file():
+        raise ValueError(f"{p}: no manifest.json, so this training checkpoint may be incomplete "
+                         f"(the trainer writes it last); give a finished checkpoint, or "
+                         f"ckpt={weights} to read these weights as they are")
+    return str(weights)
 
 
 def check_vocab(tokenizer: Any, vocab_size: int, source: str) -> None:

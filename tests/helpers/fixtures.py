@@ -32,3 +32,15 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path) -> str:
     tok.train_from_iterator(texts, trainer)
     tok.save(str(path))
     return str(path)
+
+
+def finish_step_dir(step) -> None:
+    """Writes the `manifest.json` a trainer writes last into a hand-made training checkpoint
+    `step_N/` (weights under `model/`), so inference tools take it as finished."""
+    import json
+    from pathlib import Path
+
+    step = Path(step)
+    files = {str(p.relative_to(step)): p.stat().st_size for p in sorted(step.rglob("*"))
+             if p.is_file()}
+    (step / "manifest.json").write_text(json.dumps({"step": 0, "files": files}))

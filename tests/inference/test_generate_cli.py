@@ -10,6 +10,7 @@ import pytest
 
 import generate as cli
 from model.weights import save_pretrained
+from tests.helpers.fixtures import finish_step_dir
 
 from .conftest import build_model, micro_config
 
@@ -71,6 +72,8 @@ def test_interactive_chat_with_clear_and_exit(ckpt):
     (["ckpt={ckpt}", "prompt=x", "temperature=hot"], "temperature='hot'"),
     (["ckpt={ckpt}", "prompt=x", "colour=red"], "unknown option 'colour'"),
     (["ckpt={ckpt}", "prompt=x", "interactive=true"], "exactly one of"),
+    (["ckpt={ckpt}", "prompt="], "prompt='' is empty: give the text to continue"),
+    (["ckpt={ckpt}", "prompt=  "], "prompt='  ' is empty"),
     (["ckpt={ckpt}", "input_file=/nonexistent.txt"], "input_file not found"),
     (["ckpt={ckpt}", "prompt=" + "the cat " * 600], "longer than the model context"),
 ])
@@ -114,6 +117,11 @@ def test_ckpt_may_be_a_training_step_directory(micro_model, tokenizer_file, tmp_
     step = tmp_path / "run" / "checkpoints" / "step_00000003"
     save_pretrained(micro_model, step / "model", tokenizer_file)
     (step / "trainer_rank0.pt").write_bytes(b"")
+    code, _, err = run([f"ckpt={step}", "prompt=x"])  # no manifest.json: maybe incomplete
+    assert code == 2 and f"{step}: no manifest.json" in err and f"ckpt={step / 'model'}" in err
+    code, _, err = run([f"ckpt={step.with_name(step.name + '.tmp')}", "prompt=x"])
+    assert code == 2 and "an unfinished save" in err, err
+    finish_step_dir(step)
     code, out, err = run([f"ckpt={step}", "prompt=the cat", "max_new_tokens=2",
                           "temperature=0", "device=cpu"])
     assert code == 0, err

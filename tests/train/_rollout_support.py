@@ -17,7 +17,7 @@ import torch
 from data.domains import get_domain
 from encoding.tokenizer import load_tokenizer
 from model.generation import GenerationOutput
-from tests.helpers.fixtures import train_bpe
+from tests.helpers.fixtures import finish_step_dir, train_bpe
 
 TEXT_DOMAINS = [("strings", {}), ("arith", {}), ("countdown", {}),
                 ("calculator", {"schema": "brief"}), ("calculator", {})]
@@ -53,6 +53,7 @@ def micro_checkpoint(root, tokenizer_file, seed: int = 0):
     step = root / "checkpoints" / "step_00000001"
     save_pretrained(build_model(micro_config(vocab_size=512, max_seq_len=256), seed), step / "model",
                     tokenizer_file)
+    finish_step_dir(step)
     return step
 
 

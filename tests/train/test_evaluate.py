@@ -5,6 +5,7 @@ command line end to end on a random tiny checkpoint plus its errors for bad inpu
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from fractions import Fraction
@@ -17,6 +18,7 @@ from data.domains import get_domain
 from data.domains.strings import StringsDomain
 from model.weights import save_pretrained
 from tests.helpers.distributed import run_distributed
+from tests.helpers.fixtures import finish_step_dir
 from tests.inference.conftest import build_model, micro_config
 from train.evaluate import (capped_notes, evaluate_domains, flat_metrics, format_table, main,
                             pass_at_k)
@@ -186,7 +188,22 @@ def step_ckpt(tmp_path_factory, domain_tokenizer_file):
     model = build_model(micro_config(vocab_size=512, max_seq_len=256))
     step = tmp_path_factory.mktemp("run") / "checkpoints" / "step_00000003"
     save_pretrained(model, step / "model", domain_tokenizer_file)
+    finish_step_dir(step)
     return step
+
+
+def test_cli_refuses_unfinished_and_manifestless_checkpoints(step_ckpt, tmp_path, capsys):
+    unfinished = step_ckpt.with_name(step_ckpt.name + ".tmp")
+    shutil.copytree(step_ckpt, unfinished)
+    assert main([f"ckpt={unfinished}", "domains=[strings]"]) == 2
+    assert "an unfinished save (step_N.tmp becomes step_N only once complete)" in \
+        capsys.readouterr().err
+    bare = tmp_path / "step_00000009"
+    shutil.copytree(step_ckpt, bare)
+    (bare / "manifest.json").unlink()
+    assert main([f"ckpt={bare}", "domains=[strings]"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bare}: no manifest.json") and f"ckpt={bare / 'model'}" in err
 
 
 def test_cli_end_to_end_on_a_random_tiny_checkpoint(step_ckpt, tmp_path):
