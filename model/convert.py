@@ -3,6 +3,7 @@
 such directories (or the released weights) back.
 
     python -m model.convert export SRC DST [--dtype bfloat16] [--shard-gb 4] [--overwrite]
+        (SRC: a weights directory, or a training checkpoint runs/x/checkpoints/step_N)
     python -m model.convert import SRC DST [--dtype float32] [--overwrite]
 
 DST is written atomically (a temporary sibling renamed into place). An existing DST is replaced
@@ -36,7 +37,8 @@ from . import naming
 from .config import CSA_RATIO, ModelConfig
 from .transformer import Transformer
 from .weights import (DEFAULT_SHARD_BYTES, _FP32_NAMES, atomic_dir, check_destination,
-                      load_pretrained, save_pretrained, write_config, write_tensors)
+                      load_pretrained, resolve_weights_dir, save_pretrained, write_config,
+                      write_tensors)
 
 _HF_TYPES = {"swa": "sliding_attention", "csa": "compressed_sparse_attention",
              "hca": "heavily_compressed_attention"}
@@ -115,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         check_destination(args.dst, args.overwrite)  # before loading anything
         _dtype(args.dtype)
         if args.direction == "export":
-            model = load_pretrained(args.src)
-            tok = Path(args.src) / "tokenizer.json"
+            src = resolve_weights_dir(args.src)  # a training checkpoint step_N: its model/
+            model = load_pretrained(src)
+            tok = src / "tokenizer.json"
             export_hf(model, args.dst, _dtype(args.dtype), tok if tok.is_file() else None, shard,
                       overwrite=args.overwrite)
         else:

@@ -77,6 +77,17 @@ def test_cli_export_and_import(micro_model, tokenizer_file, tmp_path, capsys):
     assert "checkpoint not found" in capsys.readouterr().err
 
 
+def test_cli_exports_a_training_checkpoint_step_dir(micro_model, tokenizer_file, tmp_path):
+    """`export runs/x/checkpoints/step_N DST`, as generate.py and evaluation take it."""
+    step = tmp_path / "run" / "checkpoints" / "step_00000004"
+    save_pretrained(micro_model, step / "model", tokenizer_file)
+    assert convert.main(["export", str(step), str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    assert convert.main(["import", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    assert torch.equal(load_pretrained(tmp_path / "back").state_dict()["embed.weight"],
+                       micro_model.embed.weight)
+
+
 def test_cli_refuses_to_replace_a_foreign_destination(micro_model, tmp_path, capsys):
     """`export CK DIR` into a directory holding other files used to delete them (rc 0). Now:
     refused before any work (even before reading SRC), rc 2, DIR untouched; a previous export
