@@ -59,7 +59,8 @@ def check_teacher(name: str, path: str, model_cfg, tokenizer: str | None):
     if src.config.vocab_size != model_cfg.vocab_size:
         raise InitFromError(f"{what}={path}: vocabulary {src.config.vocab_size}, the student's "
                             f"{model_cfg.vocab_size}: a teacher must share the student's "
-                            f"tokenizer (its distributions are over the same tokens)")
+                            f"tokenizer (its distributions are over the same tokens): give a "
+                            f"teacher trained from the same base as the student's init_from")
     check_tokenizer(src.tokenizer_file, tokenizer, what)
     return src
 

@@ -71,6 +71,15 @@ _INIT_WAY_OUT = ("Start from a checkpoint of this model, or describe its model w
                  "model.preset=<its config.json>.")
 
 
+def _frozen_way_out(what: str) -> str:
+    """The fix for a frozen model (GRPO's reference, a distillation teacher) that does not match
+    the policy: the policy's config and tokenizer are fixed by init_from, so it is the frozen
+    model's path that must change (a preset or data.tokenizer override would not help)."""
+    default = " (leave grpo.ref unset to use init_from itself)" if what == "grpo.ref" else ""
+    return (f"{what} must be the same model, with the same tokenizer, as the policy this run "
+            f"trains: give a checkpoint trained from the same base as init_from{default}.")
+
+
 class InitFromError(ckpt.CheckpointError):
     """`init_from` (or a frozen model's path) cannot be used for this run; the message names the
     path, file, tensor or field."""
@@ -198,11 +207,13 @@ def check_fits(src: InitSource, model_cfg: ModelConfig, overridden=(), what: str
     label = f"{what}={src.given}"
     diff = config_differences(src.config, model_cfg, overridden)
     if diff:
+        fix = (f"The checkpoint's config is authoritative: pass model.preset="
+               f"{src.path / 'config.json'}, or set a field you mean to change in "
+               f"model.overrides (its tensors must still fit)." if what == "init_from"
+               else _frozen_way_out(what))
         raise InitFromError(
             f"{label}: its config ({src.path / 'config.json'}) differs from this run's model "
-            f"config in {len(diff)} field(s):\n  " + "\n  ".join(diff) + "\nThe checkpoint's "
-            f"config is authoritative: pass model.preset={src.path / 'config.json'}, or set a "
-            f"field you mean to change in model.overrides (its tensors must still fit).")
+            f"config in {len(diff)} field(s):\n  " + "\n  ".join(diff) + f"\n{fix}")
     with torch.device("meta"):
         expected = {k: tuple(t.shape) for k, t in Transformer(model_cfg).state_dict().items()}
     lines = []
@@ -210,7 +221,8 @@ def check_fits(src: InitSource, model_cfg: ModelConfig, overridden=(), what: str
     if got_vocab is not None and got_vocab != want_vocab:
         lines.append(f"vocabulary: the checkpoint's embed.weight has {got_vocab} rows, this "
                      f"run's model vocab_size={want_vocab}")
-    problem = ckpt._fit_problems(src.path, src.shapes, expected, model_cfg, _INIT_WAY_OUT)
+    problem = ckpt._fit_problems(src.path, src.shapes, expected, model_cfg,
+                                 _INIT_WAY_OUT if what == "init_from" else _frozen_way_out(what))
     if problem:
         lines.append(problem)
     if lines:
@@ -246,11 +258,12 @@ def check_tokenizer(checkpoint_tokenizer: str | os.PathLike | None,
         return
     a, b = _fingerprint(checkpoint_tokenizer), _fingerprint(run_tokenizer)
     if a != b:
+        fix = (f"Use the checkpoint's tokenizer (data.tokenizer={checkpoint_tokenizer}, or leave "
+               f"data.tokenizer unset)" if what == "init_from" else _frozen_way_out(what))
         raise InitFromError(
             f"{what}: tokenizer mismatch: the checkpoint's {checkpoint_tokenizer} (fingerprint "
             f"{a}) differs from this run's {run_tokenizer} (fingerprint {b}); its embedding "
-            f"rows mean other tokens. Use the checkpoint's tokenizer (data.tokenizer="
-            f"{checkpoint_tokenizer}, or leave data.tokenizer unset)")
+            f"rows mean other tokens. {fix}")
 
 
 def stage_tokenizer(cfg, stage: str) -> str:

@@ -249,8 +249,22 @@ def test_a_reference_that_does_not_match_the_policy_is_named(tmp_path,
                     domain_tokenizer_file)
     cfg = grpo_cfg(tmp_path, **{"init_from": str(base), "grpo.ref": str(other),
                                 "grpo.beta": 0.1, "model.preset": str(base / "config.json")})
-    with pytest.raises(InitFromError, match="grpo.ref="):
+    with pytest.raises(InitFromError, match="grpo.ref=") as e:
         pre_checks(cfg, policy_cfg)
+    # the hint is a fix that works: the policy's model is fixed by init_from, so the reference
+    # must change (a preset or data.tokenizer override would not help)
+    assert "give a checkpoint trained from the same base as init_from (leave grpo.ref unset" \
+        in str(e.value) and "model.preset=" not in str(e.value)
+    from tests.helpers.fixtures import train_bpe
+
+    (tmp_path / "tok2").mkdir()
+    other_tok = train_bpe([f"other words {i} here" for i in range(200)], 300,
+                          tmp_path / "tok2" / "tokenizer.json")
+    save_pretrained(build_model(policy_cfg), tmp_path / "retok" / "model", other_tok)
+    OmegaConf.update(cfg, "grpo.ref", str(tmp_path / "retok" / "model"), merge=False)
+    with pytest.raises(InitFromError, match="tokenizer mismatch") as e:
+        pre_checks(cfg, policy_cfg)
+    assert "leave grpo.ref unset" in str(e.value) and "data.tokenizer=" not in str(e.value)
     OmegaConf.update(cfg, "grpo.beta", 0.0, merge=False)
     pre_checks(cfg, policy_cfg)  # β = 0: no reference is read at all
 
