@@ -20,7 +20,7 @@ class DataError(ValueError):
 
 
 def _fail(cls: str, name: str, value: Any, why: str) -> None:
-    raise ValueError(f"{cls}.{name}={value!r}: {why}")
+    raise DataError(f"{cls}.{name}={value!r}: {why}")
 
 
 @dataclass

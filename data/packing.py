@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from data.config import DataError
 from data.shards import TokenShard
 
 IGNORE = -100
@@ -105,7 +106,7 @@ class ConcatStream:
     def __init__(self, shard: TokenShard, docs: np.ndarray, seq_len: int, bos: int, eos: int,
                  seed: int, stream_id: int, finite: bool = False):
         if len(docs) == 0:
-            raise ValueError(f"{shard.meta.get('label', shard.path)}: no documents to pack")
+            raise DataError(f"{shard.meta.get('label', shard.path)}: no documents to pack")
         self.shard, self.docs, self.seq_len = shard, np.asarray(docs, np.int64), seq_len
         self.bos, self.eos, self.finite = bos, eos, finite
         self.seed, self.stream_id = seed, stream_id
@@ -174,9 +175,9 @@ class BinPackedStream:
     def __init__(self, shard: TokenShard, docs: np.ndarray, seq_len: int, pad_id: int,
                  seed: int, stream_id: int, buffer: int = 1024, finite: bool = False):
         if len(docs) == 0:
-            raise ValueError(f"{shard.meta.get('label', shard.path)}: no documents to pack")
+            raise DataError(f"{shard.meta.get('label', shard.path)}: no documents to pack")
         if shard.mask is None:
-            raise ValueError(f"{shard.path}: bin packing needs a shard with a loss mask")
+            raise DataError(f"{shard.path}: bin packing needs a shard with a loss mask")
         self.shard, self.docs, self.seq_len, self.pad_id = shard, np.asarray(docs), seq_len, pad_id
         self.seed, self.stream_id, self.buffer, self.finite = seed, stream_id, buffer, finite
         self.offsets = np.asarray(shard.offsets)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from data.cache import rank0_first, resolve_cache_dir
-from data.config import DataConfig, SourceConfig
+from data.config import DataConfig, DataError, SourceConfig
 from data.loader import EvalLoader, PackedLoader
 from data.packing import ConcatStream
 from data.sampler import DistributedSampler
@@ -91,7 +91,7 @@ def prepare_pretrain(cfg: DataConfig, tokenizer=None, *, seq_len: int | None = N
             val.append(SourcePart(src, shard, np.arange(shard.n_docs)))
         for part in train:
             if len(part.docs) == 0:
-                raise ValueError(f"source {part.source.path!r}: every document was held out "
+                raise DataError(f"source {part.source.path!r}: every document was held out "
                                  f"for validation (val_fraction={cfg.val_fraction})")
         return PreparedPretrain(tok, train, val)
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from data.config import DataError
+
 MIXTURE_BLOCK = 10_000
 STATE_VERSION = 1
 
@@ -45,7 +47,7 @@ class MixtureSchedule:
         self.quota = quotas(self.weights, block)  # [n_sources]
         for i, (w, q) in enumerate(zip(self.weights, self.quota)):
             if q == 0:
-                raise ValueError(f"source {i} weight={w}: rounds to no window in a mixture block "
+                raise DataError(f"source {i} weight={w}: rounds to no window in a mixture block "
                                  f"of {block} windows; raise its weight")
         self._blocks: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
 

@@ -179,7 +179,7 @@ def build_sft_data(cfg: SFTConfig, tokenizer=None, seq_len: int = 2048, micro_ba
     """Packed SFT loaders. `tokenizer` (loaded or a path) overrides `cfg.tokenizer`."""
     tok_arg = tokenizer if tokenizer is not None else cfg.tokenizer
     if tok_arg is None:
-        raise ValueError("SFTConfig.tokenizer=None: give the tokenizer the model was trained with")
+        raise DataError("SFTConfig.tokenizer=None: give the tokenizer the model was trained with")
     tok = resolve_tokenizer(tok_arg)
     check_model_compat(tok, seq_len, model_cfg)
     cache_root = resolve_cache_dir(cfg.cache_dir)
@@ -203,7 +203,7 @@ def build_sft_data(cfg: SFTConfig, tokenizer=None, seq_len: int = 2048, micro_ba
         keep, st = select_conversations(shard, docs, seq_len, cfg.overlong)
         stats.add(st)
         if not len(keep):
-            raise ValueError(f"source {shard.meta['label']!r}: no conversation left to train on "
+            raise DataError(f"source {shard.meta['label']!r}: no conversation left to train on "
                              f"({st.dropped_overlong} over seq_len={seq_len}, "
                              f"{st.dropped_untrainable} without assistant tokens)")
         streams.append(BinPackedStream(shard, keep, seq_len, eos, seed, i, cfg.pack_buffer))

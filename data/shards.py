@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from data.cache import atomic_directory, stable_hash
+from data.config import DataError
 from data.sources import ResolvedSource, iter_documents
 from data.tokenizer_train import raw_text_encoder, tokenizer_fingerprint
 
@@ -193,7 +194,7 @@ def build_token_shard(rs: ResolvedSource, tokenizer, cache_root: Path, *,
                 bar.set_postfix(tokens=writer.n_tokens, refresh=False)
             bar.close()
             if writer.n_docs == 0:
-                raise ValueError(f"source {rs.label!r}: empty source (no non-empty document"
+                raise DataError(f"source {rs.label!r}: empty source (no non-empty document"
                                  f"{f'; {n_empty} empty ones' if n_empty else ''})")
             writer.finish({"source": rs.descriptor(), "tokenizer": fp, "label": rs.label,
                            "n_empty_skipped": n_empty})

@@ -99,7 +99,7 @@ def resolve_source(src: SourceConfig) -> ResolvedSource:
     if fmt is None:
         kinds = {_format_of_file(f) for f in files}
         if None in kinds or len(kinds) != 1:
-            raise ValueError(f"source {path!r}: cannot infer one format from the extensions of "
+            raise DataError(f"source {path!r}: cannot infer one format from the extensions of "
                              f"{files[:5]}; set SourceConfig.format to one of text/json/parquet")
         fmt = kinds.pop()
     return ResolvedSource(src, fmt, files)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from data.cache import atomic_directory
+from data.config import DataError
 from encoding.special_tokens import BOS, EOS, SPECIAL_TOKENS
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.Pat
 
     n_min = 256 + len(SPECIAL_TOKENS)
     if vocab_size < n_min:
-        raise ValueError(f"vocab_size={vocab_size}: must be at least {n_min} (256 byte tokens "
+        raise DataError(f"vocab_size={vocab_size}: must be at least {n_min} (256 byte tokens "
                          f"plus {len(SPECIAL_TOKENS)} special tokens)")
     out_dir = Path(out_dir)
     if out_dir.is_dir() and (existing := sorted(p.name for p in out_dir.iterdir())):
@@ -101,7 +102,7 @@ def special_ids(tokenizer: "PreTrainedTokenizerFast") -> tuple[int, int]:
     unk = tokenizer.unk_token_id
     for name, s, i in (("BOS", BOS, bos), ("EOS", EOS, eos)):
         if i is None or (unk is not None and i == unk):
-            raise ValueError(f"tokenizer has no {name} token {s!r}")
+            raise DataError(f"tokenizer has no {name} token {s!r}")
     return int(bos), int(eos)
 
 
@@ -114,13 +115,13 @@ def check_model_compat(tokenizer: "PreTrainedTokenizerFast", seq_len: int,
         return
     n_vocab = len(tokenizer)
     if n_vocab > model_cfg.vocab_size:
-        raise ValueError(f"tokenizer vocabulary has {n_vocab} tokens but the model's "
+        raise DataError(f"tokenizer vocabulary has {n_vocab} tokens but the model's "
                          f"vocab_size={model_cfg.vocab_size}: ids would index past the embedding")
     if seq_len > model_cfg.max_seq_len:
-        raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len="
+        raise DataError(f"seq_len={seq_len} exceeds the model's max_seq_len="
                          f"{model_cfg.max_seq_len}")
     bos, eos = special_ids(tokenizer)
     if (bos, eos) != (model_cfg.bos_token_id, model_cfg.eos_token_id):
-        raise ValueError(f"tokenizer BOS/EOS ids are ({bos}, {eos}) but the model config has "
+        raise DataError(f"tokenizer BOS/EOS ids are ({bos}, {eos}) but the model config has "
                          f"bos_token_id={model_cfg.bos_token_id}, "
                          f"eos_token_id={model_cfg.eos_token_id}")

@@ -112,7 +112,7 @@ def launch(cfg: TrainConfig, make_task: Callable, pre_checks: Callable | None = 
     try:  # fit and resume checks before any data work; data-file mistakes as one line
         trainer = Trainer(cfg, info, model_cfg, frozen_models=frozen)
         trainer.run(make_task(cfg, info, model_cfg))
-    except (CheckpointError, DataError) as e:
+    except (CheckpointError, DataError, FileNotFoundError) as e:  # the user's files, named
         raise SystemExit(f"error: {e}" if info.is_main else 1) from None
     finally:
         if lock is not None:

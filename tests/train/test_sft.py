@@ -180,3 +180,35 @@ def test_bad_input_fails_before_any_work(tmp_path):
         assert out.returncode != 0 and message in out.stderr + out.stdout, out.stderr[-2000:]
         assert "Traceback" not in out.stderr, out.stderr[-2000:]
         assert not (tmp_path / "cache").exists()
+
+
+def _jsonl_with_a_latin1_byte(path, good_lines: int):
+    line = json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                    {"role": "assistant", "content": "hello"}]})
+    with open(path, "wb") as f:
+        for _ in range(good_lines):
+            f.write(line.encode() + b"\n")
+        f.write(line.replace("hello", "caf\\u00e9").encode().replace(b"\\u00e9", b"\xe9") + b"\n")
+
+
+@pytest.mark.parametrize("stage", ["sft", "pretrain"])
+def test_a_non_utf8_line_is_one_error_line_naming_file_and_line(base_ckpt, tmp_path, stage):
+    """One Latin-1 byte on line 6: the run stops with `error: <file>:6: not UTF-8 (byte 0xe9
+    at column N)` as its only stderr line of substance, no traceback, exit 1."""
+    bad = tmp_path / "chats.jsonl"
+    _jsonl_with_a_latin1_byte(bad, 5)
+    if stage == "sft":
+        out = run_sft(base_ckpt, tmp_path / "run", f"sft.files=[{bad}]", "steps=1")
+    else:
+        # a pre-training corpus: {"text": ...} per line
+        rows = [json.dumps({"text": f"document {i} " * 30}).encode() for i in range(5)]
+        bad.write_bytes(b"\n".join(rows) + b'\n{"text": "caf\xe9 au lait"}\n')
+        out = subprocess.run([sys.executable, "train/pretrain.py", f"run_dir={tmp_path}/run",
+                              f"data.cache_dir={tmp_path}/cache", f"data.sources=[{{path:{bad}}}]",
+                              "data.seq_len=64", "data.micro_batch=2", "batch.global_batch=2",
+                              "steps=1", "logging.progress=false", "optim.name=adamw"],
+                             cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {bad}:6: not UTF-8 (byte 0xe9 at column "), out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
