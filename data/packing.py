@@ -10,8 +10,14 @@ Two window streams, both addressed by window index so that any window can be bui
   window may hold the end of epoch e and the start of e+1), so no token is ever dropped or
   duplicated. A document cut by a window boundary continues in the next window as a new segment
   whose positions restart at 0; the cost is one lost next-token target per cut (the last token of
-  a window has no label). In finite mode (validation) documents keep storage order, the stream is
-  read once, and the last window is padded.
+  a window has no label). The windows are then *drawn* in a seeded permutation (`window(i)` is
+  stream window `perm(i)`, block by block of up to `WINDOW_SHUFFLE_BLOCK` windows, about an
+  epoch), as Megatron's sample index shuffles its samples: read in stream order, one step's
+  windows were consecutive pieces of the same few documents (one long file could fill a whole
+  batch) and the loss swung with whatever file the step landed in. Each block of stream windows
+  is still drawn exactly once, so no token is dropped or repeated, and `window(i)` stays a pure
+  function of i (exact resume). In finite mode (validation) documents keep storage order, the
+  stream is read once in order, and the last window is padded.
 - `BinPackedStream` (SFT): whole conversations, never split, are packed best-fit (first-fit
   decreasing) into windows, in groups of `buffer` shuffled conversations; the rest of each window
   is padding.
@@ -32,6 +38,8 @@ from data.config import DataError
 from data.shards import TokenShard
 
 IGNORE = -100
+# windows per shuffle block (int32 permutation: 16 MiB; 2**22 windows of 4096 tokens = 17B tokens)
+WINDOW_SHUFFLE_BLOCK = 1 << 22
 
 
 @dataclass
@@ -114,6 +122,8 @@ class ConcatStream:
         self.lengths = np.diff(self.offsets)  # [n_docs]
         self.tokens_per_epoch = int(self.lengths[self.docs].sum() + 2 * len(self.docs))
         self._epoch = _EpochCache(self._build_epoch)
+        self.shuffle_block = min(self.n_windows, WINDOW_SHUFFLE_BLOCK)
+        self._perm = _EpochCache(self._build_window_perm)
 
     @property
     def n_windows(self) -> int:
@@ -130,7 +140,20 @@ class ConcatStream:
         np.cumsum(self.lengths[order] + 2, out=starts[1:])
         return order, starts
 
+    def _build_window_perm(self, block: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, self.stream_id, 0x77696E, block])
+        return rng.permutation(self.shuffle_block).astype(np.int32)  # [shuffle_block]
+
     def window(self, index: int) -> Window:
+        """The `index`-th window drawn: stream window `perm(index)` (module docstring); in
+        finite mode the stream's own order."""
+        if self.finite:
+            return self.window_at(index)
+        block, j = divmod(index, self.shuffle_block)
+        return self.window_at(block * self.shuffle_block + int(self._perm(block)[j]))
+
+    def window_at(self, index: int) -> Window:
+        """Window `index` of the concatenated stream, in stream order."""
         seq_len, total = self.seq_len, self.tokens_per_epoch
         if self.finite and not 0 <= index < self.n_windows:
             raise IndexError(f"window {index} out of range [0, {self.n_windows})")

@@ -57,7 +57,7 @@ def test_concat_windows_round_trip_every_token_once(tmp_path, tok, cache, seq_le
     stream = ConcatStream(shard, idx, seq_len, BOS, EOS, seed=3, stream_id=0)
     total = stream.tokens_per_epoch
     n = -(-2 * total // seq_len)  # windows covering two epochs and a bit
-    rebuilt = reassemble([stream.window(i) for i in range(n)])
+    rebuilt = reassemble([stream.window_at(i) for i in range(n)])
     assert sum(len(d) for d in rebuilt) == n * seq_len
     assert all(d[0] == BOS and d.count(BOS) == 1 for d in rebuilt)
     # the first `total` tokens are epoch 0: every document exactly once, decoded exactly
@@ -75,7 +75,7 @@ def test_concat_windows_round_trip_every_token_once(tmp_path, tok, cache, seq_le
 def test_no_cross_document_leakage(tmp_path, tok, cache):
     docs, shard = corpus_shard(tmp_path, tok, cache)
     stream = ConcatStream(shard, np.arange(shard.n_docs), 96, BOS, EOS, seed=0, stream_id=0)
-    b = to_batch([stream.window(i) for i in range(80)])
+    b = to_batch([stream.window_at(i) for i in range(80)])
     ids, labels, dids, pos = (b[k].numpy() for k in ("input_ids", "labels", "doc_ids",
                                                      "positions"))
     has_label = labels[:, :-1] != IGNORE
@@ -92,6 +92,28 @@ def test_no_cross_document_leakage(tmp_path, tok, cache):
         for seg in segments(ids[row].tolist(), dids[row].tolist()):
             text = tok.decode([t for t in seg if t not in (BOS, EOS)])
             assert any(text in d for d in docs), text
+
+
+def test_windows_are_drawn_in_a_seeded_permutation_of_the_stream(tmp_path, tok, cache,
+                                                                monkeypatch):
+    """Each block of stream windows is drawn exactly once (no token dropped or repeated), in an
+    order that is not the stream's (consecutive draws rarely come from the same document) and
+    that is a pure function of (seed, index), so a resumed run draws the same windows."""
+    import data.packing as packing
+
+    monkeypatch.setattr(packing, "WINDOW_SHUFFLE_BLOCK", 16)  # several blocks on a tiny corpus
+    _, shard = corpus_shard(tmp_path, tok, cache)
+    stream = ConcatStream(shard, np.arange(shard.n_docs), 32, BOS, EOS, seed=3, stream_id=0)
+    assert stream.shuffle_block == 16 < stream.n_windows
+    raw = {stream.window_at(i).tokens.tobytes(): i for i in range(48)}
+    drawn = [raw[stream.window(i).tokens.tobytes()] for i in range(48)]
+    for b in range(3):  # block b draws stream windows [16b, 16b + 16), each once
+        assert sorted(drawn[16 * b:16 * b + 16]) == list(range(16 * b, 16 * b + 16))
+    assert drawn != list(range(48))
+    neighbours = sum(abs(a - b) == 1 for a, b in zip(drawn, drawn[1:]))
+    assert neighbours <= 8, drawn  # in stream order all 47 pairs would be neighbours
+    again = ConcatStream(shard, np.arange(shard.n_docs), 32, BOS, EOS, seed=3, stream_id=0)
+    assert all((again.window(i).tokens == stream.window(i).tokens).all() for i in (0, 17, 40))
 
 
 def test_shuffle_depends_on_seed_only(tmp_path, tok, cache):
