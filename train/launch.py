@@ -91,31 +91,40 @@ def launch(cfg: TrainConfig, make_task: Callable, pre_checks: Callable | None = 
             print(f"dry run: conf={cfg.run_name} ({cfg.model.preset})\n{plan.format()}")
         return
 
-    from data.config import DataError
-
-    from .checkpoint import CheckpointError
-    from .dist import init_distributed
-    from .init import adopt_tokenizer
     from .run_lock import RunDirLocked, RunLock
-    from .trainer import Trainer
 
     try:  # one writer per run directory (global rank 0 holds it for the job)
         lock = RunLock(cfg.run_dir).acquire() if int(os.environ.get("RANK", "0")) == 0 else None
     except RunDirLocked as e:
         raise _fail(f"error: {e}") from None
+    try:
+        code = _train(cfg, make_task, model_cfg, frozen)
+    finally:
+        if lock is not None:
+            lock.release()
+    if code:  # stopped by a signal, checkpoint written: not a finished run
+        raise SystemExit(code)
+
+
+def _train(cfg: TrainConfig, make_task: Callable, model_cfg: ModelConfig, frozen: list) -> int:
+    """Process group, saved config, trainer and task; -> the trainer's exit code (0, or 128 +
+    a stop signal). Mistakes in the user's files (data, checkpoints) end it as one line."""
+    from data.config import DataError
+
+    from .checkpoint import CheckpointError
+    from .dist import init_distributed
+    from .init import adopt_tokenizer
+    from .trainer import Trainer
+
     adopt_tokenizer(cfg)  # init_from without data.tokenizer: the checkpoint's tokenizer
     info = init_distributed(cfg.device)
     if info.is_main:
         os.makedirs(cfg.run_dir, exist_ok=True)
         with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
             f.write(OmegaConf.to_yaml(cfg, resolve=True))
-    try:  # fit and resume checks before any data work; data-file mistakes as one line
+    try:  # fit and resume checks before any data work
         trainer = Trainer(cfg, info, model_cfg, frozen_models=frozen)
         trainer.run(make_task(cfg, info, model_cfg))
     except (CheckpointError, DataError, FileNotFoundError) as e:  # the user's files, named
         raise SystemExit(f"error: {e}" if info.is_main else 1) from None
-    finally:
-        if lock is not None:
-            lock.release()
-    if trainer.exit_code:  # stopped by a signal, checkpoint written: not a finished run
-        raise SystemExit(trainer.exit_code)
+    return trainer.exit_code

@@ -164,8 +164,23 @@ def rollout(model, tokenizer, requests: Sequence[tuple[Domain, Item]], params: R
     result comes back `stopped`, unscored, as soon as every rank is done."""
     params.validate()
     start = time.perf_counter()
-    max_len = model.cfg.max_seq_len
-    eos = tokenizer.eos_token_id
+    live, skipped = _start_samples(tokenizer, requests, params, model.cfg.max_seq_len)
+    stats = {"generated_tokens": 0.0, "inserted_tokens": 0.0, "prefill_tokens": 0.0,
+             "generate_calls": 0.0, "generate_seconds": 0.0, "rounds": 0.0}
+    stopped = _generate_turns(model, tokenizer, live, params, stats, generate_fn, should_stop)
+    if stopped:
+        stats["seconds"] = time.perf_counter() - start
+        return RolloutResult([x.out for x in live], skipped, stats, stopped=True)
+    t0 = time.perf_counter()
+    samples = [_finalise(x, tokenizer, verify_fn) for x in live]
+    stats["verify_seconds"] = time.perf_counter() - t0
+    stats["seconds"] = time.perf_counter() - start
+    return RolloutResult(samples, skipped, stats)
+
+
+def _start_samples(tokenizer, requests: Sequence[tuple[Domain, Item]], params: RolloutParams,
+                   max_len: int) -> tuple[list[_Live], list[Skipped]]:
+    """`params.n` samples in flight per request; requests whose prompt leaves no room skipped."""
     live: list[_Live] = []
     skipped: list[Skipped] = []
     for r, (domain, item) in enumerate(requests):
@@ -181,11 +196,19 @@ def rollout(model, tokenizer, requests: Sequence[tuple[Domain, Item]], params: R
         for s in range(params.n):
             live.append(_Live(Sample(r, s, domain.name, item.id, list(ids)), domain, item,
                               turns, list(item.prompt_messages)))
-    stats = {"generated_tokens": 0.0, "inserted_tokens": 0.0, "prefill_tokens": 0.0,
-             "generate_calls": 0.0, "generate_seconds": 0.0, "rounds": 0.0}
-    # Under expert parallelism every generate call is a collective of the EP group, so the
-    # ranks agree on each round and each chunk (`any_active`; no communication without EP): a
-    # rank with fewer rows or turns left calls generate with no prompts until all are done.
+    return live, skipped
+
+
+def _generate_turns(model, tokenizer, live: list[_Live], params: RolloutParams, stats: dict,
+                    generate_fn: Callable, should_stop: Callable[[], bool]) -> bool:
+    """Generates every sample's turns, a round of turns at a time in chunks of
+    `params.batch_size` rows. -> whether `should_stop` cut it short.
+
+    Under expert parallelism every generate call is a collective of the EP group, so the
+    ranks agree on each round and each chunk (`any_active`; no communication without EP): a
+    rank with fewer rows or turns left, or told to stop, calls generate with no prompts until
+    all are done."""
+    max_len, eos = model.cfg.max_seq_len, tokenizer.eos_token_id
     peer = token_dispatcher(model)
     device = _device(model)
     round_ = 0
@@ -194,7 +217,7 @@ def rollout(model, tokenizer, requests: Sequence[tuple[Domain, Item]], params: R
         stopped = stopped or should_stop()
         active = [] if stopped else [x for x in live if not x.out.finish]
         if not peer.any_active(bool(active), device):
-            break
+            return stopped
         stats["rounds"] += bool(active)
         c = 0
         while peer.any_active(c < len(active) and not (stopped := stopped or should_stop()),
@@ -222,14 +245,6 @@ def rollout(model, tokenizer, requests: Sequence[tuple[Domain, Item]], params: R
                 _append_generated(x, tokens, out, i)
                 x.out.finish = _after_turn(x, out.finish_reasons[i], tokenizer, max_len, stats)
         round_ += 1
-    if stopped:
-        stats["seconds"] = time.perf_counter() - start
-        return RolloutResult([x.out for x in live], skipped, stats, stopped=True)
-    t0 = time.perf_counter()
-    samples = [_finalise(x, tokenizer, verify_fn) for x in live]
-    stats["verify_seconds"] = time.perf_counter() - t0
-    stats["seconds"] = time.perf_counter() - start
-    return RolloutResult(samples, skipped, stats)
 
 
 def _device(model) -> torch.device:

@@ -467,20 +467,7 @@ class Trainer:
                 self.tokens_seen += stats.tokens
                 self.step += 1
                 faults.maybe_sigterm(self.step)
-                if stats.skipped and self.good_steps_this_run == 0:
-                    self.stop_on_first_bad_step()
-                if stats.skipped:
-                    self.skipped_steps += 1
-                    self.bad_in_a_row += 1
-                    self.logger.message(f"step {self.step}: non-finite loss or gradient, skipped")
-                    if self.bad_in_a_row >= cfg.max_bad_steps:
-                        raise RuntimeError(
-                            f"{self.bad_in_a_row} non-finite steps in a row (max_bad_steps="
-                            f"{cfg.max_bad_steps}); stopping. The last good checkpoint is intact "
-                            f"under {ckpt.checkpoint_root(self.run_dir)}")
-                else:
-                    self.bad_in_a_row = 0
-                    self.good_steps_this_run += 1
+                self.count_outcome(stats)
                 self.log_step(stats, dt)
                 if self.due(cfg.logging.eval_every) or self.step == cfg.steps:
                     self.eval_and_sample()
@@ -504,6 +491,24 @@ class Trainer:
             guards.finish([("closing the task's data", self.task.close),
                            ("closing the metrics logger", self.logger.close)], error)
         barrier()
+
+    def count_outcome(self, stats: StepStats) -> None:
+        """Skipped-step bookkeeping: a first step of this process that is non-finite stops the
+        run (named), as do `max_bad_steps` skipped steps in a row."""
+        if stats.skipped and self.good_steps_this_run == 0:
+            self.stop_on_first_bad_step()
+        if not stats.skipped:
+            self.bad_in_a_row = 0
+            self.good_steps_this_run += 1
+            return
+        self.skipped_steps += 1
+        self.bad_in_a_row += 1
+        self.logger.message(f"step {self.step}: non-finite loss or gradient, skipped")
+        if self.bad_in_a_row >= self.cfg.max_bad_steps:
+            raise RuntimeError(
+                f"{self.bad_in_a_row} non-finite steps in a row (max_bad_steps="
+                f"{self.cfg.max_bad_steps}); stopping. The last good checkpoint is intact "
+                f"under {ckpt.checkpoint_root(self.run_dir)}")
 
     def stop_now(self) -> None:
         """A stop agreed by every rank before this step's update: checkpoint the last
