@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -146,3 +148,38 @@ def test_dry_run_plans_the_released_shapes_with_the_reference(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "(flash)" in out.stdout and "  reference " in out.stdout
     assert "(frozen:" in out.stdout, out.stdout
+
+
+def test_sigterm_during_a_rollout_stops_within_a_chunk_with_a_checkpoint(base_ckpt, tmp_path):
+    """Long rollouts (16 chunks of one row, up to 120 tokens each): SIGTERM two seconds into
+    the second rollout ends the run after the chunk in flight, not the rollout (which took
+    `time/generate` seconds the first time), with step 1 checkpointed and exit status 143."""
+    run = tmp_path / "stop"
+    args = [f"init_from={base_ckpt}", f"model.preset={base_ckpt}/model/config.json",
+            f"run_dir={run}", "logging.progress=false", "logging.wandb.mode=disabled",
+            "grpo.domains=[first_char]", "grpo.prompts_per_step=2", "grpo.group_size=8",
+            "data.micro_batch=16", "grpo.max_new_tokens=120", "grpo.rollout_batch_size=1",
+            "grpo.eval_n=0", "grpo.overlong=none", "checkpoint.every=100", "steps=5"]
+    proc = subprocess.Popen([sys.executable, RUNNER, *args], cwd=REPO, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 400
+        while not ((run / "metrics.jsonl").exists() and
+                   any("reward/mean" in r for r in rows(run))):
+            assert time.time() < deadline and proc.poll() is None, proc.communicate()[0][-3000:]
+            time.sleep(0.2)
+        time.sleep(2)
+        start = time.time()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)
+        elapsed = time.time() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    first = next(r for r in rows(run) if "reward/mean" in r)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "stopped by signal at step 1" in out, out[-3000:]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000001"]
+    assert not any(r.get("step") == 2 for r in rows(run))
+    print(f"stopped {elapsed:.1f} s after the signal; a rollout took {first['time/generate']:.1f} s")
+    assert elapsed < 0.5 * first["time/generate"], (elapsed, first["time/generate"])
