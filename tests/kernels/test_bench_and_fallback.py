@@ -39,7 +39,7 @@ def test_package_works_without_triton():
     """With triton unimportable, `v4kernels` imports and every dispatcher uses the reference."""
     code = (
         "import sys; sys.modules['triton'] = None\n"
-        "import torch, kernels\n"
+        "import torch, v4kernels\n"
         "assert not v4kernels.HAS_TRITON\n"
         "x = torch.randn(4, 8)\n"
         "y = v4kernels.rms_norm(x, torch.ones(8), 1e-6)\n"

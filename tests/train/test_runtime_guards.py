@@ -54,7 +54,9 @@ def test_plot_on_a_full_disk_leaves_no_truncated_png_and_does_not_raise(tmp_path
     assert (tmp_path / "loss_curve.png").read_bytes() == good  # replaced atomically or not at all
     assert [p.name for p in tmp_path.iterdir() if "loss_curve" in p.name] == ["loss_curve.png"]
     assert log.file.closed
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 6
+    # the second run started at step 0 again: the first run's rows were set aside, not lost
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+    assert len((tmp_path / "metrics.superseded.jsonl").read_text().splitlines()) == 3
 
 
 def test_missing_matplotlib_warns_instead_of_crashing(tmp_path, monkeypatch, capsys):
