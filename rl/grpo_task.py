@@ -151,6 +151,14 @@ class GRPOTask(RolloutTask):
         return self.split_updates(batches, n_micro)
 
     # ------------------------------------------------------------------ loss
+    def carries_signal(self, batch: dict[str, Any]) -> bool:
+        """A generated token with a non-zero advantage, or, with a KL penalty (beta > 0), any
+        generated token: zero-variance groups and masked samples teach nothing, and the
+        trainer then holds the update (`Trainer.signal_in`)."""
+        live = batch["loss_mask"].sum(1) > 0                                 # [b]
+        kl = batch["beta"] > 0 if "ref_logp" in batch else torch.zeros_like(live)
+        return bool((live & ((batch["advantages"] != 0) | kl)).any())
+
     def count(self, batch: dict[str, Any]) -> float:
         return unit_count(batch["loss_mask"], self.g.loss_agg)
 

@@ -25,6 +25,10 @@ A task owns what is particular to its stage:
   metrics computed from the logged ones (distillation's KL per domain, a ratio of two sums);
   optional `attach_frozen(ep_groups)`: called once the policy is built, to load the stage's
   frozen models sharded over the same expert-parallel groups (GRPO's reference, the teachers);
+  optional `carries_signal(batch)`: whether a micro-batch can teach anything beyond having units
+  to count (GRPO: a non-zero advantage); a step where no micro-batch on any rank does, or whose
+  global count is 0, is held: no update, no optimizer-state change, no schedule advance, counted
+  as `steps_without_signal` (`Trainer.signal_in`);
   optional `stop_check`: the trainer sets it to a callable that says a stop signal arrived, so
   long batch work (a rollout) can end early: the task restores its state to before the step
   and raises `StopRequested`, every rank together, and the trainer checkpoints the last step.

@@ -42,6 +42,7 @@ from . import guards
 from . import init
 from .activation import apply_activation_checkpointing
 from .config import TrainConfig, validate_config
+from .engine_config import deepspeed_config
 from .dist import DistInfo, all_reduce_sum, any_rank, barrier, release_shm_workspace
 from .metrics import MetricsLogger, detect_peak_tflops, flops_per_token, memory_bytes
 from .plan import available_memory, make_plan
@@ -54,29 +55,9 @@ class StepStats:
     loss: float
     terms: dict[str, float]
     grad_norm: float
-    skipped: bool
+    skipped: bool         # non-finite: no update
     tokens: int
-
-
-def deepspeed_config(cfg: TrainConfig, info: DistInfo, grad_accum: int, bf16: bool) -> dict:
-    """The engine always runs at DeepSpeed stage 0. Under our stages 1 and 2 (`optim.zero`) the
-    optimizer keeps the fp32 masters, so DeepSpeed's bf16 wrapper is off (the trainer casts the
-    model itself) and the trainer clips on the owners' gradient shards."""
-    sharded = sharded_state(cfg.parallel.zero_stage)
-    # With EP in fp32 the trainer clips (DeepSpeed would average per-rank norms of different
-    # parameters); bf16 keeps DeepSpeed's wrapper clipping (see train/README.md).
-    clip = 0.0 if sharded or (cfg.parallel.ep_size > 1 and not bf16) \
-        else float(cfg.optim.grad_clip)
-    return {
-        "train_micro_batch_size_per_gpu": cfg.data.micro_batch,
-        "gradient_accumulation_steps": grad_accum,
-        "train_batch_size": cfg.data.micro_batch * grad_accum * info.world,
-        "gradient_clipping": clip,
-        "zero_optimization": {"stage": 0},
-        "bf16": {"enabled": bf16 and not sharded},
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
+    no_signal: bool = False  # nothing to learn from (`Trainer.signal_in`): no update either
 
 
 def build_lr_schedule(cfg: TrainConfig) -> LRSchedule:
@@ -107,6 +88,7 @@ class Trainer:
         self.exit_code = 0  # 128 + signal after a signal stop (a preempted job is not a success)
         self.step = 0
         self.skipped_steps = 0
+        self.steps_without_signal = 0  # finite steps held back for want of a learning signal
         self.bad_in_a_row = 0
         self.tokens_seen = 0  # drives the batch-size ramp; checkpointed
         self.good_steps_this_run = 0  # this process's finite steps: a first NaN step stops
@@ -254,7 +236,8 @@ class Trainer:
         self.accumulate(batches)
         grad_norm = self.grad_norm()
         skip = any_rank(bool(self.bad) or not math.isfinite(grad_norm), info.device)
-        if skip:
+        hold = skip or not self.signal_in(batches)
+        if hold:
             self.optimizer_core().skip_next_step()
         elif self.sharded:
             coef = ep.clip_coefficient(self.cfg.optim.grad_clip, grad_norm)
@@ -265,7 +248,7 @@ class Trainer:
         engine.step()  # the boundary: DeepSpeed calls our optimizer (which may skip)
         counts = self.last_counts
         all_reduce_sum(counts)
-        if not skip:
+        if not hold:
             self.scheduler.step()
             if getattr(self.task, "update_router_bias", True):  # a stage may keep them fixed
                 self.model.update_router_biases(counts, self.cfg.recipe.bias_update_speed)
@@ -274,7 +257,21 @@ class Trainer:
         self.last_ep_metrics = ep.dispatch_metrics(self.model, self.ep, counts)  # this step's
         tokens = sum(b["input_ids"].numel() for b in batches)
         return StepStats(loss, dict(zip(self.metric_names, terms)), grad_norm, skip,
-                         tokens * info.world)
+                         tokens * info.world, no_signal=hold and not skip)
+
+    def signal_in(self, batches: list[dict[str, Any]]) -> bool:
+        """Whether this step's loss can teach anything, on any rank: some unit to count (the
+        global count is > 0) and, where the task says more (`Task.carries_signal`: GRPO needs a
+        non-zero advantage), a batch that carries signal. A step without one is held like a
+        non-finite one: no optimizer update, no state change (AdamW's or Muon's momentum would
+        otherwise carry an earlier update into it), no schedule advance, no router-bias update,
+        so the next step with signal finds exactly the state a run without this step would
+        have. TRL and verl step the optimizer anyway (a zero gradient still moves Adam's
+        weights through momentum and decoupled weight decay)."""
+        if self.global_count <= 0:
+            return False
+        check = getattr(self.task, "carries_signal", None)
+        return check is None or any_rank(any(check(b) for b in batches), self.info.device)
 
     def accumulate(self, batches: list[dict[str, Any]]) -> None:
         """Forward and backward over this step's micro-batches; afterwards the parameters hold
@@ -352,7 +349,7 @@ class Trainer:
                 "task": self.task.state_dict(),
                 "init_from": self.init_source.record() if self.init_source else None,
                 "skipped_steps": self.skipped_steps, "bad_in_a_row": self.bad_in_a_row,
-                "tokens_seen": self.tokens_seen}
+                "tokens_seen": self.tokens_seen, "steps_without_signal": self.steps_without_signal}
 
     def save(self) -> Path:
         target = ckpt.checkpoint_root(self.run_dir) / f"step_{self.step:08d}"
@@ -411,6 +408,7 @@ class Trainer:
         self.step = state["step"]
         self.load_scheduler(state["scheduler"])
         self.skipped_steps = state["skipped_steps"]
+        self.steps_without_signal = state.get("steps_without_signal", 0)
         self.bad_in_a_row = state["bad_in_a_row"]
         self.tokens_seen = (state["tokens_seen"] if "tokens_seen" in state
                             else self.replay_tokens(self.step))
@@ -500,6 +498,7 @@ class Trainer:
         if not stats.skipped:
             self.bad_in_a_row = 0
             self.good_steps_this_run += 1
+            self.steps_without_signal += stats.no_signal
             return
         self.skipped_steps += 1
         self.bad_in_a_row += 1
@@ -535,6 +534,7 @@ class Trainer:
                    "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tps,
                    "step_seconds": seconds, "memory_gib": memory_bytes(self.info.device) / 2**30,
                    "skipped_steps": self.skipped_steps, "csa_mode": self.phase.csa_mode,
+                   "steps_without_signal": self.steps_without_signal,
                    "global_batch": self.gas * self.cfg.data.micro_batch * self.info.world,
                    "tokens_seen": self.tokens_seen,
                    "seq_len": self.phase.seq_len,
