@@ -54,6 +54,10 @@ from train.task import LossOutput
 from .objective import ObjectiveConfig, aggregate, group_advantages, grpo_loss, unit_count
 from .rewards import shaped_reward
 
+# below this fraction of prompt groups with reward variance in its first rollout, a GRPO run is
+# told its starting model is outside the band it can learn in (`GRPOTask.check_band`)
+MIN_VARIED_GROUPS = 0.1
+
 
 class GRPOTask(RolloutTask):
     stage = "grpo"
@@ -105,6 +109,29 @@ class GRPOTask(RolloutTask):
                   f"and masked by grpo.overlong=mask{hint}): the loss of its steps is 0 by "
                   f"construction", file=sys.stderr, flush=True)
         return {"rollout/no_signal": float(dead)}
+
+    def rollout_metrics(self, first_round, groups, stats, skipped, t_rollout, t_label):
+        """The shared rollout metrics, plus the band check on the run's first rollout."""
+        m = super().rollout_metrics(first_round, groups, stats, skipped, t_rollout, t_label)
+        if self.rollouts == 1:
+            self.check_band(m)
+        return m
+
+    def check_band(self, m: dict[str, float]) -> None:
+        """GRPO learns only from groups whose rewards vary: an expert that solves nothing (or
+        everything) gives zero advantages everywhere, its steps are held without an update, and
+        the stage can only spend its budget. The first rollout's prompt groups (before any
+        refill) tell, so say it plainly when fewer than `MIN_VARIED_GROUPS` of them vary."""
+        varied = 1.0 - m["rollout/zero_var_frac"]
+        if varied >= MIN_VARIED_GROUPS or not self.info.is_main:
+            return
+        side = "solves none" if m["reward/mean"] <= 0.5 else "solves nearly all"
+        print(f"warning: grpo: the starting model is outside the band GRPO learns in: "
+              f"{varied:.0%} of the first rollout's prompt groups have reward variance (mean "
+              f"reward {m['reward/mean']:.3f}; it {side} of its samples), so steps without "
+              f"variance are held without an update. Start from an SFT expert that gets some but "
+              f"not all samples of a group right (train it longer, or change the domain's "
+              f"difficulty)", file=sys.stderr, flush=True)
 
     def accept(self, group: list) -> bool:
         """Dynamic sampling (DAPO) keeps only groups whose rewards vary."""

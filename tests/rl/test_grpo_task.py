@@ -389,3 +389,29 @@ def test_max_new_tokens_beyond_the_context_or_seq_len_is_warned(domain_tokenizer
     assert "exceed data.seq_len=256" in over[1] and "set data.seq_len >= " in over[1]
     short = reply_budget_warnings("grpo", 8, 16, 256, domain_tokenizer_file, domains)
     assert len(short) == 1 and "data.seq_len=16" in short[0]
+
+
+class HalfStrings(StringsDomain):
+    """Correct for every other completion it is asked about: groups always vary."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def verify(self, item, completion_text):
+        self.calls += 1
+        return Score.graded(self.calls % 2 == 0, "alternating")
+
+
+def test_band_check_fires_on_an_expert_that_solves_nothing_and_is_silent_in_the_band(
+        tmp_path, policy, capsys, domain_tokenizer_file):  # noqa: F811
+    model_cfg, model = policy
+    cfg = grpo_cfg(tmp_path)
+    dead = make_task(cfg, domain_tokenizer_file, model_cfg, [(ZeroStrings(), 1.0)])
+    dead.batches(0, n_micro(cfg), PHASE, model)
+    err = capsys.readouterr().err
+    assert "outside the band GRPO learns in: 0% of the first rollout's prompt groups" in err
+    assert "it solves none of its samples" in err
+    live = make_task(cfg, domain_tokenizer_file, model_cfg, [(HalfStrings(), 1.0)])
+    live.batches(0, n_micro(cfg), PHASE, model)
+    assert "outside the band" not in capsys.readouterr().err
