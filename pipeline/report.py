@@ -1,10 +1,9 @@
 """`<out_dir>/report.md`, `report.json` and the PNGs beside them, from what the stages left:
 the harness's results (`eval/*.json`), each run's `metrics.jsonl`, and `stages.json`.
 
-The learning signal of each training stage is read from its own metrics, first few steps
-against last few (means of `WINDOW` logged values, so one noisy step cannot decide it):
-pre-training and SFT loss falls, GRPO's rollout reward rises, the distillation KL to each
-teacher falls. `report.json` carries the same numbers for programs (the tests read it).
+Whether each training stage learned (its own metric moved by more than the run's noise) and
+whether a stage made its model worse on greedy evaluation (flagged at the top) are decided in
+`pipeline/verdicts.py`. `report.json` carries the same numbers for programs (the tests read it).
 """
 
 from __future__ import annotations
@@ -18,10 +17,9 @@ from typing import Any
 
 from data.cache import atomic_write_text
 
+from . import verdicts
 from .plots import bar_chart, curves
 from .stages import Stage
-
-WINDOW = 3
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -44,35 +42,15 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return steps, [last[s] for s in steps]
 
 
-def change(values: list[float]) -> tuple[float, float] | None:
-    if len(values) < 2:
-        return None
-    w = max(1, min(WINDOW, len(values) // 2))
-    return sum(values[:w]) / w, sum(values[-w:]) / w
-
-
 def signals(stages: list[Stage]) -> dict[str, dict[str, Any]]:
-    """Per training stage: the metric, its first and last values, and whether it moved the
-    way learning moves it."""
-    out = {}
-    for s in stages:
-        if s.kind not in ("pretrain", "sft", "grpo", "distill"):
-            continue
-        rows = read_metrics(s.run_dir)
-        keys = {"pretrain": ["loss"], "sft": ["loss"], "grpo": ["reward/mean"],
-                "distill": sorted(k for r in rows for k in r if k.startswith("kl/"))}[s.kind]
-        for key in dict.fromkeys(keys):
-            moved = change(series(rows, key)[1])
-            if moved is None:
-                out[f"{s.name} {key}"] = {"stage": s.name, "metric": key, "learned": False,
-                                          "first": None, "last": None}
-                continue
-            first, last = moved
-            rises = key.startswith("reward")
-            out[f"{s.name} {key}"] = {"stage": s.name, "metric": key, "first": first,
-                                      "last": last,
-                                      "learned": last > first if rises else last < first}
-    return out
+    """Per training stage: its learning metric's verdict (`pipeline.verdicts`)."""
+    def keys(s: Stage) -> list[str]:
+        if s.kind == "distill":
+            return sorted(k for r in read_metrics(s.run_dir) for k in r if k.startswith("kl/"))
+        return {"pretrain": ["loss"], "sft": ["loss"], "grpo": ["reward/mean"]}[s.kind]
+
+    return verdicts.signals(stages, lambda s, key: series(read_metrics(s.run_dir), key)[1],
+                            keys)
 
 
 def costs(stages: list[Stage], record: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -138,7 +116,8 @@ def write_report(cfg: Any, stages: list[Stage], out: Path) -> Path:
     data = {"name": cfg.name, "written": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "machine": machine(), "domains": domains, "scores": {
                 row: r["domains"] for row, r in table.items()},
-            "signals": learned, "stages": spent, "plots": [p for _, p in plots]}
+            "signals": learned, "stages": spent, "plots": [p for _, p in plots],
+            "worse": verdicts.regressions(table, domains)}
     atomic_write_text(out / "report.json", json.dumps(data, indent=2))
     text = render(cfg, domains, table, learned, spent, plots,
                   {**data, "record": record, "stage_objects": stages})
@@ -172,8 +151,11 @@ def _cell(value: Any, digits: int = 3) -> str:
 def render(cfg, domains, table, learned, spent, plots, data) -> str:
     lines = [f"# {cfg.name}: the DeepSeek-V4 recipe end to end", "",
              f"Written {data['written']} on {data['machine']}; preset `conf={cfg.conf}`, "
-             f"launcher {cfg.launcher} × {cfg.nproc}, {cfg.jobs} stage(s) at a time.", "",
-             f"## Every checkpoint on every domain ({cfg.eval.n} held-out items each, greedy)",
+             f"launcher {cfg.launcher} × {cfg.nproc}, {cfg.jobs} stage(s) at a time.", ""]
+    if data["worse"]:
+        lines += ["**Stages that made their model worse** (greedy, held-out; a drop larger than "
+                  "two standard errors):", "", *[f"- **{w}**" for w in data["worse"]], ""]
+    lines += [f"## Every checkpoint on every domain ({cfg.eval.n} held-out items each, greedy)",
              ""]
     head = ["model"] + [f"{d} {c}" for d in domains for c in ("pass@1", "format", "length")]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -186,12 +168,16 @@ def render(cfg, domains, table, learned, spent, plots, data) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "`weight_average` is the experts' element-wise mean; `sft/mixed` is SFT on "
               "all domains' data, the distillation's starting point.", "",
-              "## Did each stage learn?", "", "| stage | metric | first | last | learned |",
-              "|---|---|---|---|---|"]
+              "## Did each stage learn?", "",
+              "| stage | metric | first | last | noise threshold | learned |",
+              "|---|---|---|---|---|---|"]
     for sig in learned.values():
         lines.append(f"| {sig['stage']} | {sig['metric']} | {_cell(sig['first'])} | "
-                     f"{_cell(sig['last'])} | {'yes' if sig['learned'] else '**no**'} |")
-    lines += ["", f"First and last are means of {WINDOW} logged values.", "",
+                     f"{_cell(sig['last'])} | {_cell(sig['threshold'])} | "
+                     f"{'yes' if sig['learned'] else '**no**'} |")
+    lines += ["", f"First and last are means of {verdicts.WINDOW} logged values; a stage learned "
+              f"when its metric moved the right way by more than the noise threshold (two "
+              f"standard errors of that difference, from the run's step-to-step scatter).", "",
               "## Time and tokens", "",
               "| stage | wall time | steps | tokens | generation share of a step |",
               "|---|---|---|---|---|"]
