@@ -168,17 +168,7 @@ def render(cfg, domains, table, learned, spent, plots, data) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "`weight_average` is the experts' element-wise mean; `sft/mixed` is SFT on "
               "all domains' data, the distillation's starting point.", "",
-              "## Did each stage learn?", "",
-              "| stage | metric | first | last | noise threshold | learned |",
-              "|---|---|---|---|---|---|"]
-    for sig in learned.values():
-        lines.append(f"| {sig['stage']} | {sig['metric']} | {_cell(sig['first'])} | "
-                     f"{_cell(sig['last'])} | {_cell(sig['threshold'])} | "
-                     f"{'yes' if sig['learned'] else '**no**'} |")
-    lines += ["", f"First and last are means of {verdicts.WINDOW} logged values; a stage learned "
-              f"when its metric moved the right way by more than the noise threshold (two "
-              f"standard errors of that difference, from the run's step-to-step scatter).", "",
-              "## Time and tokens", "",
+              *_learning_lines(learned), "## Time and tokens", "",
               "| stage | wall time | steps | tokens | generation share of a step |",
               "|---|---|---|---|---|"]
     total = 0.0
@@ -212,6 +202,20 @@ def render(cfg, domains, table, learned, spent, plots, data) -> str:
                           f"  **student:** {_quote(e['completion'])}",
                           f"  reference `{e['answer']}`: {mark}", ""]
     return "\n".join(lines) + "\n"
+
+
+def _learning_lines(learned: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["## Did each stage learn?", "",
+             "| stage | metric | first | last | noise threshold | learned |",
+             "|---|---|---|---|---|---|"]
+    for sig in learned.values():
+        lines.append(f"| {sig['stage']} | {sig['metric']} | {_cell(sig['first'])} | "
+                     f"{_cell(sig['last'])} | {_cell(sig['threshold'])} | "
+                     f"{'yes' if sig['learned'] else '**no**'} |")
+    return lines + ["", f"First and last are means of {verdicts.WINDOW} logged values; a stage "
+                    f"learned when its metric moved the right way by more than the noise "
+                    f"threshold (two standard errors of that difference, from the run's "
+                    f"step-to-step scatter).", ""]
 
 
 def _quote(text: str) -> str:
