@@ -17,6 +17,8 @@ from typing import Any
 
 from data.cache import atomic_write_text
 
+from rl.grpo_task import MIN_VARIED_GROUPS
+
 from . import verdicts
 from .plots import bar_chart, curves
 from .stages import Stage
@@ -117,7 +119,8 @@ def write_report(cfg: Any, stages: list[Stage], out: Path) -> Path:
             "machine": machine(), "domains": domains, "scores": {
                 row: r["domains"] for row, r in table.items()},
             "signals": learned, "stages": spent, "plots": [p for _, p in plots],
-            "worse": verdicts.regressions(table, domains)}
+            "worse": verdicts.regressions(table, domains)
+            + verdicts.out_of_band(stages, lambda s: read_metrics(s.run_dir), MIN_VARIED_GROUPS)}
     atomic_write_text(out / "report.json", json.dumps(data, indent=2))
     text = render(cfg, domains, table, learned, spent, plots,
                   {**data, "record": record, "stage_objects": stages})
@@ -154,7 +157,8 @@ def render(cfg, domains, table, learned, spent, plots, data) -> str:
              f"launcher {cfg.launcher} × {cfg.nproc}, {cfg.jobs} stage(s) at a time.", ""]
     if data["worse"]:
         lines += ["**Stages that made their model worse** (greedy, held-out; a drop larger than "
-                  "two standard errors):", "", *[f"- **{w}**" for w in data["worse"]], ""]
+                  "two standard errors) **or could not learn** (GRPO outside the band):", "",
+                  *[f"- **{w}**" for w in data["worse"]], ""]
     lines += [f"## Every checkpoint on every domain ({cfg.eval.n} held-out items each, greedy)",
              ""]
     head = ["model"] + [f"{d} {c}" for d in domains for c in ("pass@1", "format", "length")]

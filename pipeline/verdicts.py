@@ -13,6 +13,11 @@ expert on its own domain, and the distilled student against the mixed SFT it sta
 every domain. A drop in pass@1 or format validity is flagged at the top of the report when it is
 larger than two standard errors of the difference of the two proportions on the items scored
 (and at least one item).
+
+**Out of band** (GRPO): a GRPO stage whose first rollout had reward variance in fewer than
+`rl.grpo_task.MIN_VARIED_GROUPS` of its prompt groups started from a model it cannot improve
+(GRPO learns from groups that are partly right); flagged at the top with how many of its steps
+were held without an update for want of signal.
 """
 
 from __future__ import annotations
@@ -91,4 +96,25 @@ def regressions(table: dict[str, dict], domains: list[str]) -> list[str]:
                                  _drop(before, after, "format_valid")) if x]
             if drops:
                 out.append(f"{stage} made {d} worse than {start}: {'; '.join(drops)}")
+    return out
+
+
+def out_of_band(stages: list, read_rows: Callable[[Any], list[dict]],
+                min_varied: float) -> list[str]:
+    """One line per GRPO stage that started outside the band (docstring)."""
+    out = []
+    for s in stages:
+        if s.kind != "grpo":
+            continue
+        rows = read_rows(s)
+        first = next((r for r in rows if "rollout/zero_var_frac" in r), None)
+        if first is None or 1.0 - first["rollout/zero_var_frac"] >= min_varied:
+            continue
+        steps = [r for r in rows if "steps_without_signal" in r]
+        held = f"; {steps[-1]['steps_without_signal']} of its {steps[-1]['step']} steps were " \
+            f"held without an update" if steps else ""
+        out.append(f"{s.name} started outside the band GRPO learns in: "
+                   f"{first['rollout/zero_var_frac']:.0%} of its first rollout's prompt groups "
+                   f"had no reward variance (mean reward {first.get('reward/mean', 0.0):.3f})"
+                   f"{held}")
     return out

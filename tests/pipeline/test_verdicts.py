@@ -42,3 +42,21 @@ def test_a_stage_that_made_its_model_worse_is_named():
                      "distill made calculator worse than sft/mixed: format_valid 1.000 -> 0.000"]
     assert regressions({k: v for k, v in table.items() if "calculator" not in k},
                        ["strings"]) == []
+
+
+def test_a_grpo_stage_that_started_outside_the_band_is_named(tmp_path):
+    from types import SimpleNamespace
+
+    from pipeline.verdicts import out_of_band
+
+    rows = {"grpo/calculator": [{"step": 1, "rollout/zero_var_frac": 1.0, "reward/mean": 0.0,
+                                 "steps_without_signal": 1},
+                                {"step": 10, "steps_without_signal": 8}],
+            "grpo/strings": [{"step": 1, "rollout/zero_var_frac": 0.5, "reward/mean": 0.4,
+                              "steps_without_signal": 0}]}
+    stages = [SimpleNamespace(name=n, kind="grpo") for n in rows] + \
+        [SimpleNamespace(name="sft/strings", kind="sft")]
+    flagged = out_of_band(stages, lambda s: rows[s.name], 0.1)
+    assert flagged == ["grpo/calculator started outside the band GRPO learns in: 100% of its "
+                       "first rollout's prompt groups had no reward variance (mean reward "
+                       "0.000); 8 of its 10 steps were held without an update"]
