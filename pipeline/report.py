@@ -44,23 +44,27 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return steps, [last[s] for s in steps]
 
 
-def signals(stages: list[Stage]) -> dict[str, dict[str, Any]]:
-    """Per training stage: its learning metric's verdict (`pipeline.verdicts`)."""
+TRAINING = ("pretrain", "sft", "grpo", "distill")
+
+
+def signals(stages: list[Stage], metrics: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
+    """Per training stage: its learning metric's verdict (`pipeline.verdicts`). `metrics`:
+    each training stage's rows, read once per report."""
     def keys(s: Stage) -> list[str]:
         if s.kind == "distill":
-            return sorted(k for r in read_metrics(s.run_dir) for k in r if k.startswith("kl/"))
+            return sorted(k for r in metrics[s.name] for k in r if k.startswith("kl/"))
         return {"pretrain": ["loss"], "sft": ["loss"], "grpo": ["reward/mean"]}[s.kind]
 
-    return verdicts.signals(stages, lambda s, key: series(read_metrics(s.run_dir), key)[1],
-                            keys)
+    return verdicts.signals(stages, lambda s, key: series(metrics[s.name], key)[1], keys)
 
 
-def costs(stages: list[Stage], record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def costs(stages: list[Stage], record: dict[str, Any],
+          metrics: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
     """Wall time (from stages.json), optimizer steps, tokens and the generation share."""
     out = {}
     for s in stages:
         entry = record.get(s.name, {})
-        rows = read_metrics(s.run_dir) if s.kind in ("pretrain", "sft", "grpo", "distill") else []
+        rows = metrics.get(s.name, [])
         steps = [r for r in rows if "step_seconds" in r]
         step_s = sum(r["step_seconds"] for r in steps)
         gen = sum(r.get("time/generate", 0.0) for r in steps)
@@ -86,27 +90,27 @@ def write_report(cfg: Any, stages: list[Stage], out: Path) -> Path:
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     domains = list(cfg.domains)
     table = scores(stages)
-    learned, spent = signals(stages), costs(stages, record)
-    by_kind = {k: [s for s in stages if s.kind == k] for k in ("pretrain", "sft", "grpo",
-                                                              "distill")}
+    metrics = {s.name: read_metrics(s.run_dir) for s in stages if s.kind in TRAINING}
+    learned, spent = signals(stages, metrics), costs(stages, record, metrics)
+    by_kind = {k: [s for s in stages if s.kind == k] for k in TRAINING}
     plots = []
     pre = by_kind["pretrain"] or [_reused_pretrain(cfg)]
     pre = [p for p in pre if p is not None]
     if pre:
-        rows = read_metrics(pre[0].run_dir)
+        rows = metrics.get(pre[0].name) or read_metrics(pre[0].run_dir)  # reused: not a stage
         if curves(out / "pretraining.png", "pre-training", "step",
                   {"loss": series(rows, "loss")}, right={"held-out bits/byte":
                                                          series(rows, "val_bpb")}):
             plots.append(("Pre-training: loss and held-out bits per byte", "pretraining.png"))
-    sft = {s.name: series(read_metrics(s.run_dir), "loss") for s in by_kind["sft"]}
+    sft = {s.name: series(metrics[s.name], "loss") for s in by_kind["sft"]}
     if curves(out / "sft_loss.png", "SFT loss", "step", sft):
         plots.append(("SFT loss of each expert and of the mixed-domain baseline",
                       "sft_loss.png"))
-    reward = {s.name: series(read_metrics(s.run_dir), "reward/mean") for s in by_kind["grpo"]}
+    reward = {s.name: series(metrics[s.name], "reward/mean") for s in by_kind["grpo"]}
     if curves(out / "grpo_reward.png", "GRPO rollout reward (T = 1)", "step", reward):
         plots.append(("Each expert's GRPO reward curve", "grpo_reward.png"))
     for s in by_kind["distill"]:
-        rows = read_metrics(s.run_dir)
+        rows = metrics[s.name]
         kl = {f"KL to the {d} teacher": series(rows, f"kl/{d}") for d in domains}
         if curves(out / "distill_kl.png", "on-policy distillation: reverse KL per teacher",
                   "step", kl):
@@ -120,7 +124,7 @@ def write_report(cfg: Any, stages: list[Stage], out: Path) -> Path:
                 row: r["domains"] for row, r in table.items()},
             "signals": learned, "stages": spent, "plots": [p for _, p in plots],
             "worse": verdicts.regressions(table, domains)
-            + verdicts.out_of_band(stages, lambda s: read_metrics(s.run_dir), MIN_VARIED_GROUPS)}
+            + verdicts.out_of_band(stages, lambda s: metrics[s.name], MIN_VARIED_GROUPS)}
     atomic_write_text(out / "report.json", json.dumps(data, indent=2))
     text = render(cfg, domains, table, learned, spent, plots,
                   {**data, "record": record, "stage_objects": stages})
