@@ -118,10 +118,10 @@ def _iter_jsonl_texts(path: Path) -> Iterator[str]:
 def build_default_tokenizer(corpus_dir: Path, vocab_size: int,
                             cache_dir: str | os.PathLike | None = None) -> Path:
     """Trains (or reuses) byte-level BPE of `vocab_size` on the corpus's training split."""
-    from data.tokenizer_train import TOKENIZER_FILE, train_tokenizer
+    from data.tokenizer_train import TOKENIZER_FILE, TOKENIZER_RECIPE, train_tokenizer
 
-    final = (resolve_cache_dir(cache_dir) / "tokenizers"
-             / f"stdlib-bpe{vocab_size}-{stable_hash([corpus_dir.name, vocab_size])}")
+    key = stable_hash([corpus_dir.name, vocab_size, TOKENIZER_RECIPE])
+    final = resolve_cache_dir(cache_dir) / "tokenizers" / f"stdlib-bpe{vocab_size}-{key}"
     if (final / TOKENIZER_FILE).is_file():
         return final / TOKENIZER_FILE
     return train_tokenizer(_iter_jsonl_texts(corpus_dir / "train.jsonl"), vocab_size, final)

@@ -2,7 +2,11 @@
 before data built with it reaches a model.
 
 Byte-level BPE with no normaliser decodes every byte sequence back exactly, which is what makes
-the packing round-trip test meaningful. The DeepSeek-V4 special strings are reserved first, in
+the packing round-trip test meaningful. Digits are split one per token before BPE (as LLaMA and
+DeepSeek-LLM do; V3/V4's released tokenizer groups up to three): plain BPE merges digits by
+frequency, so `23` is one token after `>` but `Ġ2`,`3` after a space, and copying a number from
+a question into a tool call or from a tool result into the answer (the calculator domain) would
+be a different token sequence each time. One digit per token makes every copy an exact copy. The DeepSeek-V4 special strings are reserved first, in
 `SPECIAL_TOKENS` order, so BOS is id 0 and EOS id 1 as in the released tokenizer.
 """
 
@@ -24,6 +28,8 @@ if TYPE_CHECKING:
     from model.config import ModelConfig
 
 TOKENIZER_FILE = "tokenizer.json"
+# part of the default tokenizer's cache key: bump it when the training recipe changes
+TOKENIZER_RECIPE = "bytelevel-digits1"
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike, *,
@@ -44,7 +50,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.Pat
         raise FileExistsError(f"{out_dir}: tokenizer output directory is not empty "
                               f"({', '.join(existing[:5])}); choose a new directory or remove it")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),

@@ -4,6 +4,7 @@ checkpoint, and a report.
 
     python -m pipeline                              # tiny preset, this CPU, ~30 minutes
     python -m pipeline name=mine jobs=1 distill.steps=200
+    python -m pipeline name=seeds seeds=3            # three pre-training seeds, mean ± sd
     python -m pipeline conf=small launcher=deepspeed nproc=8 jobs=1 \\
         pretrain.reuse=runs/small/checkpoints/step_00010000 ...   # a GPU machine
 
@@ -51,6 +52,8 @@ def run(cfg) -> int:
 def run_locked(cfg, out, stages) -> int:
     from pipeline.report import write_report
     from pipeline.runner import PipelineStopped, Runner, StageFailed, log
+    from pipeline.seeds_report import write_seeds_report
+    from pipeline.stages import seed_dir
 
     todo = [s.name for s in stages if not s.done()]
     log(f"pipeline {cfg.name}: {len(stages)} stages, {len(todo)} to run, {cfg.jobs} at a time; "
@@ -63,8 +66,13 @@ def run_locked(cfg, out, stages) -> int:
     except (StageFailed, ValueError, FileNotFoundError) as error:
         sys.stderr.write(f"error: {error}\n")
         return 1
-    report = write_report(cfg, stages, out)
-    log(f"report: {report}")
+    if cfg.seeds == 1:
+        log(f"report: {write_report(cfg, stages, out)}")
+        return 0
+    dirs = [seed_dir(cfg, seed) for seed in range(cfg.seeds)]
+    for seed, where in enumerate(dirs):
+        write_report(cfg, stages, where, seed)
+    log(f"report: {write_seeds_report(cfg, dirs)}")
     return 0
 
 

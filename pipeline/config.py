@@ -38,11 +38,20 @@ class PretrainSection:
 
 
 @dataclass
+class BandSection:
+    # GRPO's first rollout outside the band (no reward variance): train the SFT expert this
+    # many steps further and try again, at most `max_extensions` times (pipeline/expert_chain.py)
+    extend_steps: int = _num(40, ">= 1")
+    max_extensions: int = _num(0, ">= 0")
+
+
+@dataclass
 class DomainSection:
     options: Dict[str, Any] = field(default_factory=dict)  # domain constructor options
     weight: float = _num(1.0, "> 0")  # its share of the mixed-SFT and distillation prompts
     sft: StageSection = field(default_factory=StageSection)
     grpo: StageSection = field(default_factory=StageSection)
+    band: BandSection = field(default_factory=BandSection)
 
 
 @dataclass
@@ -61,6 +70,9 @@ class PipelineConfig:
     launcher: str = "python"          # python | deepspeed | torchrun
     nproc: int = _num(1, ">= 1")      # processes per training stage (deepspeed / torchrun)
     jobs: int = _num(2, ">= 1")       # stages run at once (domain chains are independent)
+    # the recipe on this many pre-training seeds (out_dir/seed_<i>; seed 0 may reuse a base),
+    # and out_dir/report.md with each figure's mean and spread over them
+    seeds: int = _num(1, ">= 1")
     stage_timeout: float = _num(7200.0, "> 0")  # seconds per stage before it is stopped
     common: List[str] = field(default_factory=list)  # overrides of every training stage
     pretrain: PretrainSection = field(default_factory=PretrainSection)

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return steps, [last[s] for s in steps]
 
 
-TRAINING = ("pretrain", "sft", "grpo", "distill")
+TRAINING = ("pretrain", "sft", "grpo", "distill", "sft_more")  # sft_more: a baseline, no verdict
 
 
 def signals(stages: list[Stage], metrics: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
@@ -84,14 +85,51 @@ def scores(stages: list[Stage]) -> dict[str, dict[str, Any]]:
     return table
 
 
-def write_report(cfg: Any, stages: list[Stage], out: Path) -> Path:
+def write_report(cfg: Any, stages: list[Stage], out: Path, seed: int = 0) -> Path:
+    """`out/report.md` and `report.json` of one seed's recipe. With several seeds, `stages`
+    are that seed's (names `seed<i>/...`), and `stages.json` is the pipeline's, one level up."""
     out = Path(out)
-    record_path = out / "stages.json"
+    prefix = f"seed{seed}/" if cfg.seeds > 1 else ""
+    record_path = Path(cfg.out_dir) / "stages.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record = {k[len(prefix):]: v for k, v in record.items() if k.startswith(prefix)}
+    stages = [replace(s, name=s.name[len(prefix):]) for s in stages if s.name.startswith(prefix)]
     domains = list(cfg.domains)
     table = scores(stages)
     metrics = {s.name: read_metrics(s.run_dir) for s in stages if s.kind in TRAINING}
     learned, spent = signals(stages, metrics), costs(stages, record, metrics)
+    plots = write_plots(cfg, stages, metrics, table, out, domains)
+    data = {"name": cfg.name, "seed": seed, "written": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "machine": machine(), "domains": domains, "scores": {
+                row: r["domains"] for row, r in table.items()},
+            "signals": learned, "stages": spent, "plots": [p for _, p in plots],
+            "experts": experts(out, domains),
+            "worse": verdicts.regressions(table, domains)
+            + verdicts.out_of_band(stages, lambda s: metrics[s.name], MIN_VARIED_GROUPS)}
+    atomic_write_text(out / "report.json", json.dumps(data, indent=2))
+    text = render(cfg, domains, table, learned, spent, plots,
+                  {**data, "record": record, "stage_objects": stages})
+    atomic_write_text(out / "report.md", text)
+    return out / "report.md"
+
+
+def experts(out: Path, domains: list[str]) -> dict[str, dict[str, Any]]:
+    """Per domain: how far its SFT expert was extended to reach GRPO's band, GRPO's band
+    figures, and the compute-matched SFT's steps (`pipeline/expert_chain.py`)."""
+    from .expert_chain import MATCHED_FILE, extensions_done, read_band
+
+    info = {}
+    for d in domains:
+        matched = out / f"sft_more_{d}" / MATCHED_FILE
+        info[d] = {"extensions": extensions_done(out / f"sft_{d}"),
+                   "band": read_band(out / f"grpo_{d}"),
+                   "matched": json.loads(matched.read_text()) if matched.is_file() else {}}
+    return info
+
+
+def write_plots(cfg: Any, stages: list[Stage], metrics: dict[str, list[dict]],
+                table: dict[str, dict], out: Path, domains: list[str]) -> list[tuple[str, str]]:
+    """The report's PNGs; -> (caption, file) of each one written."""
     by_kind = {k: [s for s in stages if s.kind == k] for k in TRAINING}
     plots = []
     pre = by_kind["pretrain"] or [_reused_pretrain(cfg)]
@@ -119,17 +157,7 @@ def write_report(cfg: Any, stages: list[Stage], out: Path) -> Path:
             for row, result in table.items()}
     if bar_chart(out / "scores.png", "held-out pass@1 (greedy)", domains, bars):
         plots.append(("pass@1 of every checkpoint on every domain", "scores.png"))
-    data = {"name": cfg.name, "written": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "machine": machine(), "domains": domains, "scores": {
-                row: r["domains"] for row, r in table.items()},
-            "signals": learned, "stages": spent, "plots": [p for _, p in plots],
-            "worse": verdicts.regressions(table, domains)
-            + verdicts.out_of_band(stages, lambda s: metrics[s.name], MIN_VARIED_GROUPS)}
-    atomic_write_text(out / "report.json", json.dumps(data, indent=2))
-    text = render(cfg, domains, table, learned, spent, plots,
-                  {**data, "record": record, "stage_objects": stages})
-    atomic_write_text(out / "report.md", text)
-    return out / "report.md"
+    return plots
 
 
 def _reused_pretrain(cfg: Any) -> Stage | None:
@@ -156,7 +184,8 @@ def _cell(value: Any, digits: int = 3) -> str:
 
 
 def render(cfg, domains, table, learned, spent, plots, data) -> str:
-    lines = [f"# {cfg.name}: the DeepSeek-V4 recipe end to end", "",
+    seed = f" (pre-training seed {data['seed']})" if cfg.seeds > 1 else ""
+    lines = [f"# {cfg.name}{seed}: the DeepSeek-V4 recipe end to end", "",
              f"Written {data['written']} on {data['machine']}; preset `conf={cfg.conf}`, "
              f"launcher {cfg.launcher} × {cfg.nproc}, {cfg.jobs} stage(s) at a time.", ""]
     if data["worse"]:
@@ -175,8 +204,9 @@ def render(cfg, domains, table, learned, spent, plots, data) -> str:
                       _cell(r.get("mean_response_tokens"), 1)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "`weight_average` is the experts' element-wise mean; `sft/mixed` is SFT on "
-              "all domains' data, the distillation's starting point.", "",
-              *_learning_lines(learned), "## Time and tokens", "",
+              "all domains' data, the distillation's starting point; `sft_more/<d>` is the SFT "
+              "expert trained further for as long as its GRPO stage trained.", "",
+              *rl_lines(table, domains, data["experts"]), *_learning_lines(learned), "## Time and tokens", "",
               "| stage | wall time | steps | tokens | generation share of a step |",
               "|---|---|---|---|---|"]
     total = 0.0
@@ -210,6 +240,27 @@ def render(cfg, domains, table, learned, spent, plots, data) -> str:
                           f"  **student:** {_quote(e['completion'])}",
                           f"  reference `{e['answer']}`: {mark}", ""]
     return "\n".join(lines) + "\n"
+
+
+def rl_lines(table: dict[str, dict], domains: list[str], info: dict[str, dict]) -> list[str]:
+    """GRPO beside its SFT expert and beside that expert trained further for GRPO's time."""
+    lines = ["## GRPO against the same compute spent on SFT", "",
+             "| domain | SFT expert (extended) | sft_more steps | pass@1 sft / sft_more / grpo "
+             "| format sft / sft_more / grpo | GRPO's own pass@1 gain |", "|---|---|---|---|---|---|"]
+    for d in domains:
+        got = [(table.get(f"{k}/{d}") or {}).get("domains", {}).get(d) or {}
+               for k in ("sft", "sft_more", "grpo")]
+        p1 = [g.get("pass@1") for g in got]
+        fmt = [g.get("format_valid") for g in got]
+        gain = p1[2] - p1[1] if None not in (p1[1], p1[2]) else None
+        e = info.get(d, {})
+        band = e.get("band") or {}
+        ext = f"{e.get('extensions', 0)}×" + ("" if band.get("in_band", True) else " (out of band)")
+        lines.append(f"| {d} | {ext} | {(e.get('matched') or {}).get('steps', '-')} | "
+                     f"{' / '.join(_cell(x) for x in p1)} | "
+                     f"{' / '.join(_cell(x, 2) for x in fmt)} | {_cell(gain)} |")
+    return lines + ["", "GRPO's own gain is its greedy pass@1 minus the compute-matched SFT's: "
+                    "what RL adds beyond more of the same SFT.", ""]
 
 
 def _learning_lines(learned: dict[str, dict[str, Any]]) -> list[str]:

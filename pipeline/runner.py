@@ -139,10 +139,14 @@ class Runner:
     def run_one(self, stage: Stage) -> None:
         t0 = time.time()
         log(f"start {stage.name}" + ("" if stage.fn else f"  (log {self.log_path(stage)})"))
+        if stage.prepare is not None:
+            stage.prepare()
         if stage.fn is not None:
             stage.fn()
         else:
-            self.run_command(stage)
+            self.run_until_done(stage)
+        if stage.finish is not None:
+            stage.finish()
         if not stage.done():
             raise StageFailed(f"stage {stage.name} exited cleanly but left no "
                               f"{stage.output or stage.checkpoint}; see {self.log_path(stage)}")
@@ -150,7 +154,28 @@ class Runner:
         self.note(stage, status="ran", seconds=seconds, started=t0)
         log(f"done  {stage.name} in {seconds / 60:.1f} min")
 
-    def run_command(self, stage: Stage) -> None:
+    def run_until_done(self, stage: Stage) -> None:
+        """The stage's command; when it exits non-zero and its `retry` names stages to run
+        first (GRPO outside the band: train the SFT expert further), those, then it again."""
+        while True:
+            code = self.run_command(stage)
+            if code == 0:
+                return
+            before = stage.retry(code) if stage.retry is not None and not self.stopping else None
+            if before is None:
+                path = self.log_path(stage)
+                tail = "".join(path.read_text(errors="replace").splitlines(True)[-25:])
+                raise StageFailed(f"stage {stage.name} failed (exit status {code}); log {path}; "
+                                  f"its end:\n{tail}")
+            for other in before:
+                log(f"{stage.name} exited {code}: running {other.name} first "
+                    f"(to step {other.steps})")
+                t0 = time.time()
+                self.run_until_done(other)
+                self.note_extension(other, time.time() - t0)
+
+    def run_command(self, stage: Stage) -> int:
+        """Runs the stage's command to its end; -> its exit status."""
         path = self.log_path(stage)
         path.parent.mkdir(parents=True, exist_ok=True)
         cmd = stage.command(self.launcher, self.nproc)
@@ -162,19 +187,15 @@ class Runner:
             with self.lock:
                 self.procs[stage.name] = proc
             try:
-                code = proc.wait(timeout=self.timeout)
+                return proc.wait(timeout=self.timeout)
             except subprocess.TimeoutExpired:
                 _signal(proc, signal.SIGTERM)
-                code = proc.wait()
+                proc.wait()
                 raise StageFailed(f"stage {stage.name} ran past stage_timeout="
                                   f"{self.timeout:g}s and was stopped; see {path}") from None
             finally:
                 with self.lock:
                     self.procs.pop(stage.name, None)
-        if code != 0:
-            tail = "".join(path.read_text(errors="replace").splitlines(True)[-25:])
-            raise StageFailed(f"stage {stage.name} failed (exit status {code}); log {path}; "
-                              f"its end:\n{tail}")
 
     def stop_all(self, sig: int = signal.SIGTERM) -> None:
         with self.lock:
@@ -183,6 +204,15 @@ class Runner:
 
     def log_path(self, stage: Stage) -> Path:
         return self.out_dir / "logs" / f"{stage.name.replace('/', '_')}.log"
+
+    def note_extension(self, stage: Stage, seconds: float) -> None:
+        """A finished stage trained further (an SFT expert extended for GRPO's band): its wall
+        time grows by the extension's, and the extensions are counted."""
+        with self.lock:
+            entry = self.record.setdefault(stage.name, {})
+            entry["seconds"] = entry.get("seconds", 0.0) + seconds
+            entry["extensions"] = entry.get("extensions", 0) + 1
+            atomic_write_text(self.record_path, json.dumps(self.record, indent=2))
 
     def note(self, stage: Stage, **fields: Any) -> None:
         """Keeps the latest run's cost of each stage; a skipped stage keeps its old figures."""

@@ -22,22 +22,36 @@ import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
-MODULES = {"pretrain": "train.pretrain", "sft": "train.sft", "grpo": "rl.grpo",
+MODULES = {"pretrain": "train.pretrain", "sft": "train.sft", "sft_more": "train.sft",
+           "grpo": "rl.grpo",
            "distill": "distill.onpolicy", "eval": "train.evaluate"}
+
+
+Arg = Union[str, Callable[[], str]]
 
 
 @dataclass
 class Stage:
     name: str                      # "sft/strings"
-    kind: str                      # pretrain | sft | grpo | distill | eval | average
+    kind: str                      # pretrain | sft | sft_more | grpo | distill | eval | average
     run_dir: Path
-    args: list[str] = field(default_factory=list)
-    steps: Optional[int] = None    # training stages: the last step
+    argv: list[Arg] = field(default_factory=list)  # a callable is resolved at launch
+    steps: Optional[int] = None    # training stages: the last step (None: set by `prepare`)
     needs: tuple[str, ...] = ()    # names of the stages it reads
-    output: Optional[Path] = None  # eval/average: the file that marks completion
+    output: Optional[Path] = None  # eval/average/matched: the file that marks completion
     fn: Optional[Callable[[], Any]] = None  # in-process stages (the weight average)
+    prepare: Optional[Callable[[], None]] = None  # just before launch (sets late `steps`)
+    finish: Optional[Callable[[], None]] = None   # after a clean exit, before `done()`
+    # a non-zero exit status -> the stages to run before trying again, or None (a failure)
+    retry: Optional[Callable[[int], Optional[list["Stage"]]]] = None
+
+    @property
+    def args(self) -> list[str]:
+        """The arguments as they are now: an SFT expert extended to reach GRPO's band moves
+        the checkpoint that later stages read, so those paths are resolved when read."""
+        return [a() if callable(a) else a for a in self.argv]
 
     @property
     def checkpoint(self) -> Path:
@@ -49,7 +63,7 @@ class Stage:
     def done(self) -> bool:
         if self.output is not None:
             return self.output.is_file()
-        return self.checkpoint.is_dir()
+        return self.steps is not None and self.checkpoint.is_dir()
 
     def command(self, launcher: str, nproc: int) -> list[str]:
         """The stage's command line; only training stages go through a distributed launcher."""
@@ -81,75 +95,95 @@ def _mix(domains: dict) -> str:
     return "[" + ",".join(f"{name}:{d['weight']:g}" for name, d in domains.items()) + "]"
 
 
-def build_stages(cfg: Any, average: Callable[[list[Path], Path], Any]) -> list[Stage]:
-    """The whole recipe for `cfg` (`pipeline.config.PipelineConfig`), in a valid order.
-    `average(checkpoints, out)` writes the experts' weight average (an in-process stage)."""
-    from .config import domain_sections
+def seed_dir(cfg: Any, seed: int) -> Path:
+    """Where one seed's recipe goes: `out_dir` itself for one seed, `out_dir/seed_<i>` for more."""
+    return Path(cfg.out_dir) if cfg.seeds == 1 else Path(cfg.out_dir) / f"seed_{seed}"
 
-    out = Path(cfg.out_dir)
+
+def build_stages(cfg: Any, average: Callable[[list[Path], Path], Any]) -> list[Stage]:
+    """The whole recipe for `cfg` (`pipeline.config.PipelineConfig`), in a valid order, once
+    per pre-training seed (`seeds`; stage names `seed<i>/...` when there is more than one).
+    `average(checkpoints, out)` writes the experts' weight average (an in-process stage).
+    Pre-training comes first in the priority order, so later seeds' bases train beside the
+    first seed's chains."""
+    if cfg.seeds == 1:
+        return build_seed(cfg, average, 0, "")
+    stages = [s for seed in range(cfg.seeds)
+              for s in build_seed(cfg, average, seed, f"seed{seed}/")]
+    return sorted(stages, key=lambda s: s.kind != "pretrain")  # stable: the rest keep order
+
+
+def build_seed(cfg: Any, average: Callable, seed: int, prefix: str) -> list[Stage]:
+    """One seed's recipe: pre-training (or the reused base, seed 0 only), an expert chain per
+    domain (`pipeline/expert_chain.py`), the mixed SFT, distillation, the weight average and
+    the harness on every checkpoint."""
+    from .config import domain_sections
+    from .expert_chain import expert_chain
+
+    out = seed_dir(cfg, seed)
     domains = {name: {"options": dict(d.options), "weight": d.weight, "sft": d.sft,
-                      "grpo": d.grpo} for name, d in domain_sections(cfg)[0].items()}
-    quiet = ["logging.progress=false", f"conf={cfg.conf}", *cfg.common]
+                      "grpo": d.grpo, "band": d.band} for name, d in domain_sections(cfg)[0].items()}
+    quiet = ["logging.progress=false", f"conf={cfg.conf}", *([f"seed={seed}"] if seed else []),
+             *cfg.common]
     stages: list[Stage] = []
 
-    def train(name, kind, run_dir, steps, args, overrides, needs=()):
-        stage = Stage(name, kind, run_dir, [f"run_dir={run_dir}", f"steps={steps}", *quiet,
-                                            *args, *overrides], steps, tuple(needs))
-        stages.append(stage)
+    def train(name, kind, run_dir, steps, args, overrides, needs=(), add=True):
+        stage = Stage(prefix + name, kind, run_dir,
+                      [f"run_dir={run_dir}", lambda: f"steps={stage.steps}", *quiet, *args,
+                       *overrides], steps, tuple(needs))
+        if add:
+            stages.append(stage)
         return stage
 
-    reuse = Path(cfg.pretrain.reuse) if cfg.pretrain.reuse else None
+    reuse = Path(cfg.pretrain.reuse) if cfg.pretrain.reuse and seed == 0 else None
     if reuse is not None and reuse.is_dir():  # the README's main job ran: start from it
         base_ckpt, base_needs = reuse, ()
     else:
         base = train("pretrain", "pretrain", out / "pretrain", cfg.pretrain.steps, [],
                      cfg.pretrain.overrides)
         base_ckpt, base_needs = base.checkpoint, (base.name,)
-    rows = [("base", base_ckpt, base_needs)]
-    sfts = {name: train(f"sft/{name}", "sft", out / f"sft_{name}", d["sft"].steps,
-                        [f"init_from={base_ckpt}", f"sft.domains=[{name}]",
-                         *_options(domains, "sft", name)], d["sft"].overrides, base_needs)
-            for name, d in domains.items()}
+    rows = [("base", lambda: base_ckpt, base_needs)]
+    chains = {name: expert_chain(train, out, name, d, base_ckpt, _options(domains, "sft", name),
+                                 _options(domains, "grpo", name), base_needs)
+              for name, d in domains.items()}
     mixed = train("sft/mixed", "sft", out / "sft_mixed", cfg.mixed_sft.steps,
                   [f"init_from={base_ckpt}", f"sft.domains={_mix(domains)}",
                    *_options(domains, "sft")], cfg.mixed_sft.overrides, base_needs)
-    experts = {}
-    for name, d in domains.items():
-        sft = sfts[name]
-        grpo = train(f"grpo/{name}", "grpo", out / f"grpo_{name}", d["grpo"].steps,
-                     [f"init_from={sft.checkpoint}", f"grpo.domains=[{name}]",
-                      *_options(domains, "grpo", name)], d["grpo"].overrides, (sft.name,))
-        experts[name] = grpo
-        rows += [(sft.name, sft.checkpoint, (sft.name,)),
-                 (grpo.name, grpo.checkpoint, (grpo.name,))]
-    teachers = "{" + ", ".join(f"{n}: {e.checkpoint}" for n, e in experts.items()) + "}"
+    stages.sort(key=lambda s: s.kind == "grpo")  # the mixed SFT before any GRPO (docstring)
+    experts = {name: chain.grpo for name, chain in chains.items()}
+    for chain in chains.values():
+        stages.append(chain.matched_sft)
+        rows += chain.rows
+    teachers = lambda: "teachers={" + ", ".join(  # noqa: E731 - resolved at launch
+        f"{n}: {e.checkpoint}" for n, e in experts.items()) + "}"
     student = train("distill", "distill", out / "distill", cfg.distill.steps,
-                    [f"init_from={mixed.checkpoint}", f"teachers={teachers}",
+                    [f"init_from={mixed.checkpoint}", teachers,
                      f"distill.domains={_mix(domains)}", *_options(domains, "distill")],
                     cfg.distill.overrides, (mixed.name, *(e.name for e in experts.values())))
     avg_dir = out / "weight_average"
-    expert_ckpts = [e.checkpoint for e in experts.values()]
-    stages.append(Stage("weight_average", "average", avg_dir,
+    stages.append(Stage(prefix + "weight_average", "average", avg_dir,
                         needs=tuple(e.name for e in experts.values()),
                         output=avg_dir / "config.json",
-                        fn=lambda: average(expert_ckpts, avg_dir)))
-    rows += [(mixed.name, mixed.checkpoint, (mixed.name,)),
-             ("weight_average", avg_dir, ("weight_average",)),
-             (student.name, student.checkpoint, (student.name,))]
-    stages += [eval_stage(cfg, domains, row, ckpt, needs) for row, ckpt, needs in rows]
+                        fn=lambda: average([e.checkpoint for e in experts.values()], avg_dir)))
+    rows += [("sft/mixed", lambda: mixed.checkpoint, (mixed.name,)),
+             ("weight_average", lambda: avg_dir, (prefix + "weight_average",)),
+             ("distill", lambda: student.checkpoint, (student.name,))]
+    stages += [eval_stage(cfg, out, prefix, domains, row, ckpt, needs)
+               for row, ckpt, needs in rows]
     return stages
 
 
-def eval_stage(cfg: Any, domains: dict, row: str, ckpt: Path, needs: tuple) -> Stage:
-    """The harness on `ckpt`: every domain, greedy pass@1, the domains' own options."""
-    result = eval_path(cfg, row)
+def eval_stage(cfg: Any, out: Path, prefix: str, domains: dict, row: str,
+               ckpt: Callable[[], Path], needs: tuple) -> Stage:
+    """The harness on `ckpt()`: every domain, greedy pass@1, the domains' own options."""
+    result = eval_path(out, row)
     options = [f"options.{name}.{key}={value}" for name, d in domains.items()
                for key, value in d["options"].items()]
-    args = [f"ckpt={ckpt}", f"domains=[{','.join(domains)}]", f"n={cfg.eval.n}", "k=0",
+    args = [lambda: f"ckpt={ckpt()}", f"domains=[{','.join(domains)}]", f"n={cfg.eval.n}", "k=0",
             f"max_new_tokens={cfg.eval.max_new_tokens}", f"examples={cfg.eval.examples}",
             f"out={result}", *options, *cfg.eval.overrides]
-    return Stage(f"eval/{row}", "eval", result.parent, args, needs=needs, output=result)
+    return Stage(f"{prefix}eval/{row}", "eval", result.parent, args, needs=needs, output=result)
 
 
-def eval_path(cfg: Any, row: str) -> Path:
-    return Path(cfg.out_dir) / "eval" / f"{row.replace('/', '_')}.json"
+def eval_path(out: Path, row: str) -> Path:
+    return Path(out) / "eval" / f"{row.replace('/', '_')}.json"

@@ -47,6 +47,9 @@ class GRPOSection:
     overlong_buffer: int = _num(16, ">= 1")    # DAPO soft-penalty window (tokens)
     overlong_penalty: float = _num(1.0, ">= 0")  # DAPO soft penalty at the hard limit
     dynamic_sampling: bool = False             # DAPO: drop zero-variance groups and refill
+    # a first rollout with reward variance in < rl.grpo_task.MIN_VARIED_GROUPS of its groups:
+    # warn (train anyway; such steps are held) | stop (exit 3 before any update, band.json says why)
+    band: str = "warn"
     max_refill_rounds: int = _num(3, ">= 0")
     # --- objective (rl/objective.py)
     adv_norm: str = "mean"                     # mean (V3.2) | mean_std (R1)
@@ -82,7 +85,8 @@ def grpo_problems(cfg: Any, world: int) -> list[str]:
                                 ("grpo.loss_agg", g.loss_agg, LOSS_AGGS),
                                 ("grpo.overlong", g.overlong, OVERLONG),
                                 ("grpo.thinking_mode", g.thinking_mode, ("chat", "thinking")),
-                                ("grpo.ref_dtype", g.ref_dtype, ("auto", "fp32", "bf16"))):
+                                ("grpo.ref_dtype", g.ref_dtype, ("auto", "fp32", "bf16")),
+                                ("grpo.band", g.band, ("warn", "stop"))):
         if value not in allowed:
             problems.append(f"{key}={value!r}: choose one of {', '.join(allowed)}")
     if isinstance(g.group_size, int) and g.group_size < 2:

@@ -38,6 +38,8 @@ the policy is built, sharded over the same EP groups (`attach_frozen`).
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import sys
 from typing import Any
@@ -49,7 +51,8 @@ from train.dist import DistInfo, all_reduce_sum
 from train.recipe import Phase
 from train.rollout_batch import collate, route_list
 from train.rollout_task import RolloutTask, route_agreement, token_logprobs
-from train.task import LossOutput
+from data.cache import atomic_write_text
+from train.task import LossOutput, StageDeclined
 
 from .objective import ObjectiveConfig, aggregate, group_advantages, grpo_loss, unit_count
 from .rewards import shaped_reward
@@ -57,6 +60,16 @@ from .rewards import shaped_reward
 # below this fraction of prompt groups with reward variance in its first rollout, a GRPO run is
 # told its starting model is outside the band it can learn in (`GRPOTask.check_band`)
 MIN_VARIED_GROUPS = 0.1
+BAND_FILE = "band.json"
+
+
+def band_verdict(varied: float, mean_reward: float) -> dict[str, Any]:
+    """Whether a first rollout with `varied` (fraction of prompt groups whose rewards vary) and
+    `mean_reward` is in the band GRPO learns in, and on which side it falls out of it."""
+    in_band = varied >= MIN_VARIED_GROUPS
+    side = "" if in_band else ("solves none" if mean_reward <= 0.5 else "solves nearly all")
+    return {"in_band": in_band, "varied_groups": float(varied),
+            "mean_reward": float(mean_reward), "side": side, "min_varied": MIN_VARIED_GROUPS}
 
 
 class GRPOTask(RolloutTask):
@@ -121,17 +134,28 @@ class GRPOTask(RolloutTask):
         """GRPO learns only from groups whose rewards vary: an expert that solves nothing (or
         everything) gives zero advantages everywhere, its steps are held without an update, and
         the stage can only spend its budget. The first rollout's prompt groups (before any
-        refill) tell, so say it plainly when fewer than `MIN_VARIED_GROUPS` of them vary."""
+        refill) tell, so say it plainly when fewer than `MIN_VARIED_GROUPS` of them vary, and
+        write the figures to `run_dir/band.json` (the pipeline reads it). With `grpo.band=stop`
+        the run then ends before any update (`StageDeclined`, exit status 3): the pipeline
+        trains the SFT expert further and tries again (`pipeline/stages.py`)."""
         varied = 1.0 - m["rollout/zero_var_frac"]
-        if varied >= MIN_VARIED_GROUPS or not self.info.is_main:
+        band = band_verdict(varied, m["reward/mean"])
+        if self.info.is_main:
+            atomic_write_text(os.path.join(self.cfg.run_dir, BAND_FILE), json.dumps(band))
+        if band["in_band"]:
             return
-        side = "solves none" if m["reward/mean"] <= 0.5 else "solves nearly all"
-        print(f"warning: grpo: the starting model is outside the band GRPO learns in: "
-              f"{varied:.0%} of the first rollout's prompt groups have reward variance (mean "
-              f"reward {m['reward/mean']:.3f}; it {side} of its samples), so steps without "
-              f"variance are held without an update. Start from an SFT expert that gets some but "
-              f"not all samples of a group right (train it longer, or change the domain's "
-              f"difficulty)", file=sys.stderr, flush=True)
+        message = (f"the starting model is outside the band GRPO learns in: {varied:.0%} of the "
+                   f"first rollout's prompt groups have reward variance (mean reward "
+                   f"{band['mean_reward']:.3f}; it {band['side']} of its samples)")
+        if self.g.band == "stop":
+            raise StageDeclined(f"grpo: {message}; nothing was trained (grpo.band=stop). Start "
+                                f"from an SFT expert that gets some but not all samples of a "
+                                f"group right (train it longer, or change the domain's difficulty)")
+        if self.info.is_main:
+            print(f"warning: grpo: {message}, so steps without variance are held without an "
+                  f"update. Start from an SFT expert that gets some but not all samples of a "
+                  f"group right (train it longer, or change the domain's difficulty)",
+                  file=sys.stderr, flush=True)
 
     def accept(self, group: list) -> bool:
         """Dynamic sampling (DAPO) keeps only groups whose rewards vary."""

@@ -114,6 +114,7 @@ def _train(cfg: TrainConfig, make_task: Callable, model_cfg: ModelConfig, frozen
     from .checkpoint import CheckpointError
     from .dist import init_distributed
     from .init import adopt_tokenizer
+    from .task import StageDeclined
     from .trainer import Trainer
 
     adopt_tokenizer(cfg)  # init_from without data.tokenizer: the checkpoint's tokenizer
@@ -127,4 +128,8 @@ def _train(cfg: TrainConfig, make_task: Callable, model_cfg: ModelConfig, frozen
         trainer.run(make_task(cfg, info, model_cfg))
     except (CheckpointError, DataError, FileNotFoundError) as e:  # the user's files, named
         raise SystemExit(f"error: {e}" if info.is_main else 1) from None
+    except StageDeclined as e:  # nothing trained, nothing saved: say why, plainly
+        if info.is_main:
+            print(f"declined: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
     return trainer.exit_code

@@ -54,6 +54,14 @@ class StopRequested(Exception):
     rank); the task's state is as before the step."""
 
 
+class StageDeclined(Exception):
+    """Raised by a task, on every rank together, when the stage should not spend its budget
+    (GRPO from a model outside the band it learns in, `grpo.band=stop`): the run ends before any
+    update, without a checkpoint, with exit status `exit_code` and `str(self)` as its one line."""
+
+    exit_code = 3
+
+
 @dataclass
 class LossOutput:
     total: torch.Tensor                                  # [] the loss summed over `count` units

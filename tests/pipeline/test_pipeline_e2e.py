@@ -77,7 +77,8 @@ def test_the_whole_recipe_learns_at_every_stage_reports_and_resumes(
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     report = json.loads((out / "report.json").read_text())
     rows = {"base", "sft/first_char", "sft/first_char_odd", "grpo/first_char",
-            "grpo/first_char_odd", "sft/mixed", "weight_average", "distill"}
+            "grpo/first_char_odd", "sft/mixed", "weight_average", "distill",
+            "sft_more/first_char", "sft_more/first_char_odd"}
     assert set(report["scores"]) == rows
     for row, by_domain in report["scores"].items():
         assert set(by_domain) == {"first_char", "first_char_odd"}, row
@@ -90,10 +91,15 @@ def test_the_whole_recipe_learns_at_every_stage_reports_and_resumes(
     assert set(signals) == expected
     assert all(s["learned"] for s in signals.values()), signals
     stages = report["stages"]
-    for name in ("pretrain", "sft/first_char", "grpo/first_char", "sft/mixed", "distill"):
+    for name in ("pretrain", "sft/first_char", "grpo/first_char", "sft/mixed", "distill",
+                 "sft_more/first_char"):
         assert stages[name]["status"] == "ran" and stages[name]["steps"] > 0, name
     assert 0 < stages["distill"]["generate_share"] < 1
+    matched = report["experts"]["first_char"]["matched"]  # GRPO's time, spent on SFT
+    assert matched["steps"] >= 1 and matched["grpo_seconds"] > 0
+    assert report["experts"]["first_char"]["band"]["in_band"] is True
     text = (out / "report.md").read_text()
+    assert "## GRPO against the same compute spent on SFT" in text
     assert "| distill |" in text and "## The student's conversations" in text
     for png in report["plots"]:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png

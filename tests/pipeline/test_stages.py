@@ -56,7 +56,12 @@ def test_the_default_plan_chains_the_stages_through_their_checkpoints(tmp_path):
     assert set(distill.needs) == {"sft/mixed", *(f"grpo/{d}" for d in domains)}
     rows = {n[len("eval/"):] for n in stages if n.startswith("eval/")}
     assert rows == {"base", "sft/mixed", "weight_average", "distill",
-                    *(f"{k}/{d}" for d in domains for k in ("sft", "grpo"))}
+                    *(f"{k}/{d}" for d in domains for k in ("sft", "grpo", "sft_more"))}
+    for d in domains:  # GRPO's band check may extend the SFT expert: its row waits for GRPO
+        assert stages[f"eval/sft/{d}"].needs == (f"grpo/{d}",)
+        more = stages[f"sft_more/{d}"]
+        assert more.needs == (f"grpo/{d}",) and f"init_from={stages[f'sft/{d}'].checkpoint}" \
+            in more.args
     assert stages["eval/base"].needs == ("pretrain",)
     # priority among ready stages: the mixed SFT (on the long path to the student) before GRPO
     order = list(stages)
@@ -148,3 +153,86 @@ def test_runner_orders_skips_records_and_names_a_failure(tmp_path, capsys):
         Runner(tmp_path, "python", 1, 1, 1).run([slow])
     with pytest.raises(ValueError, match="stage x needs \\['y'\\]"):
         Runner(tmp_path, "python", 1, 1, 1).run([Scripted("x", tmp_path, "pass", needs=("y",))])
+
+
+def test_grpo_outside_the_band_extends_its_sft_expert_then_runs(tmp_path):
+    """The plan's retry, on the real stage objects: GRPO runs with grpo.band=stop while the
+    extension budget lasts; its exit status 3 makes the runner train the SFT expert further
+    (a larger `steps`, recorded for re-runs) and try again; the last try runs with
+    grpo.band=warn. Any other failure is not retried."""
+    from pipeline.expert_chain import extensions_done
+
+    cfg = compose_cfg(f"out_dir={tmp_path}/r", f"pretrain.reuse={tmp_path}/missing",
+                      "domains.calculator.band.max_extensions=2",
+                      "domains.calculator.band.extend_steps=7")
+    stages = by_name(build_stages(cfg, lambda c, o: None))
+    sft, grpo = stages["sft/calculator"], stages["grpo/calculator"]
+    base = cfg.domains.calculator.sft.steps
+    assert "grpo.band=stop" in grpo.args and f"steps={base}" in sft.args
+    assert grpo.retry(1) is None  # a crash is a failure, not a reason to train more
+    assert grpo.retry(3) == [sft]
+    assert sft.steps == base + 7 and f"steps={base + 7}" in sft.args
+    assert f"init_from={sft.checkpoint}" in grpo.args and sft.checkpoint.name.endswith(
+        f"{base + 7:08d}")
+    assert extensions_done(sft.run_dir) == 1 and "grpo.band=stop" in grpo.args
+    assert grpo.retry(3) == [sft] and sft.steps == base + 14
+    assert "grpo.band=warn" in grpo.args and grpo.retry(3) is None  # the budget is spent
+    # a re-run plans the extended expert
+    again = by_name(build_stages(cfg, lambda c, o: None))
+    assert again["sft/calculator"].steps == base + 14
+    assert f"ckpt={sft.checkpoint}" in again["eval/sft/calculator"].args
+
+
+def test_the_runner_runs_a_retry_stage_then_the_stage_again(tmp_path):
+    tries = tmp_path / "tries"
+    first = Scripted("grpo", tmp_path,
+                     f"import pathlib, sys; p = pathlib.Path({str(tries)!r}); n = len(p.read_text())"
+                     f" if p.exists() else 0; p.write_text('x' * (n + 1)); "
+                     f"sys.exit(3) if n == 0 else pathlib.Path('OUT').write_text('ok')")
+    extended = Scripted("sft", tmp_path, "import pathlib; pathlib.Path('OUT').write_text('ok')")
+    first.retry = lambda code: [extended] if code == 3 else None
+    Runner(tmp_path, "python", 1, 1, 60).run([first])
+    assert tries.read_text() == "xx" and extended.output.is_file()
+    record = json.loads((tmp_path / "stages.json").read_text())
+    assert record["sft"]["extensions"] == 1 and record["grpo"]["status"] == "ran"
+
+
+def test_the_compute_matched_sft_takes_grpo_training_time_over_sft_step_time(tmp_path):
+    cfg = compose_cfg(f"out_dir={tmp_path}/r", f"pretrain.reuse={tmp_path}/missing")
+    stages = by_name(build_stages(cfg, lambda c, o: None))
+    sft, grpo, more = (stages[f"{k}/strings"] for k in ("sft", "grpo", "sft_more"))
+    for run, rows in ((sft.run_dir, [(1, 2.0, 1e-3), (2, 3.0, 5e-4), (3, 2.5, 2e-4)]),
+                      (grpo.run_dir, [(1, 20.0, 3e-5), (2, 10.0, 3e-5)])):
+        run.mkdir(parents=True)
+        (run / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": s, "step_seconds": t, "lr": lr}) + "\n" for s, t, lr in rows))
+    assert more.steps is None and not more.done()
+    more.prepare()  # 30 s of GRPO / 2.5 s per SFT step, at the SFT's last learning rate
+    assert more.steps == 12 and "steps=12" in more.args and "optim.lr=0.0002" in more.args
+    assert more.args[-2:] == ["schedule.warmup_steps=0", "schedule.decay_steps=0"]
+    more.finish()
+    assert more.done() and json.loads((more.run_dir / "matched.json").read_text())["steps"] == 12
+    assert by_name(build_stages(cfg, lambda c, o: None))["sft_more/strings"].steps == 12
+
+
+def test_seeds_plan_one_recipe_per_pretraining_seed(tmp_path):
+    reuse = tmp_path / "tiny" / "checkpoints" / "step_00000100"
+    reuse.mkdir(parents=True)
+    cfg = compose_cfg(f"out_dir={tmp_path}/r", f"pretrain.reuse={reuse}", "seeds=3")
+    assert pipeline_problems(cfg) == []
+    stages = by_name(build_stages(cfg, lambda c, o: None))
+    assert "seed0/pretrain" not in stages  # seed 0 reuses the README's base
+    assert [n for n in stages if n.endswith("pretrain")] == ["seed1/pretrain", "seed2/pretrain"]
+    assert list(stages)[:2] == ["seed1/pretrain", "seed2/pretrain"]  # started first
+    for seed in (1, 2):
+        pre = stages[f"seed{seed}/pretrain"]
+        assert f"seed={seed}" in pre.args and pre.run_dir == tmp_path / "r" / f"seed_{seed}" / \
+            "pretrain"
+        assert f"init_from={pre.checkpoint}" in stages[f"seed{seed}/sft/strings"].args
+        assert f"seed={seed}" in stages[f"seed{seed}/distill"].args
+    assert f"init_from={reuse}" in stages["seed0/sft/strings"].args
+    assert not any(a.startswith("seed=") for a in stages["seed0/sft/strings"].args)
+    assert stages["seed2/eval/distill"].output == tmp_path / "r" / "seed_2" / "eval" / \
+        "distill.json"
+    for s in stages.values():  # every stage's inputs are in the plan
+        assert all(n in stages for n in s.needs)

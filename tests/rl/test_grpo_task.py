@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -25,6 +26,7 @@ from omegaconf import OmegaConf
 
 from data.domains.base import Score
 from data.domains.strings import StringsDomain
+from rl.grpo_task import MIN_VARIED_GROUPS
 from tests.inference.conftest import build_model, micro_config
 from tests.train._rollout_support import domain_tokenizer_file  # noqa: F401 (fixture)
 
@@ -412,6 +414,25 @@ def test_band_check_fires_on_an_expert_that_solves_nothing_and_is_silent_in_the_
     err = capsys.readouterr().err
     assert "outside the band GRPO learns in: 0% of the first rollout's prompt groups" in err
     assert "it solves none of its samples" in err
+    band = json.loads((tmp_path / "band.json").read_text())  # what the pipeline reads
+    assert band["in_band"] is False and band["side"] == "solves none"
+    assert band["varied_groups"] == 0.0 and band["mean_reward"] == 0.0
     live = make_task(cfg, domain_tokenizer_file, model_cfg, [(HalfStrings(), 1.0)])
     live.batches(0, n_micro(cfg), PHASE, model)
     assert "outside the band" not in capsys.readouterr().err
+    band = json.loads((tmp_path / "band.json").read_text())
+    assert band["in_band"] is True and band["varied_groups"] >= MIN_VARIED_GROUPS
+
+
+def test_band_stop_declines_before_any_update(tmp_path, policy, domain_tokenizer_file):  # noqa: F811
+    """grpo.band=stop: outside the band the first rollout raises `StageDeclined` (the entry
+    point exits 3 without a checkpoint), with the reason; in the band it trains as usual."""
+    from train.task import StageDeclined
+
+    model_cfg, model = policy
+    cfg = grpo_cfg(tmp_path, **{"grpo.band": "stop"})
+    dead = make_task(cfg, domain_tokenizer_file, model_cfg, [(ZeroStrings(), 1.0)])
+    with pytest.raises(StageDeclined, match="outside the band .* nothing was trained"):
+        dead.batches(0, n_micro(cfg), PHASE, model)
+    live = make_task(cfg, domain_tokenizer_file, model_cfg, [(HalfStrings(), 1.0)])
+    assert live.batches(0, n_micro(cfg), PHASE, model)
