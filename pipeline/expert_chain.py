@@ -63,10 +63,8 @@ def expert_chain(train: Callable, out: Path, name: str, d: dict, base_ckpt: Path
     """The stages of domain `name` (`d`: its options, weight and sections). `train(name, kind,
     run_dir, steps, args, overrides, needs, add=True)` makes a training stage (and adds it to
     the plan); the compute-matched SFT is added by the caller, after the mixed SFT."""
-    band, sft_dir = d["band"], out / f"sft_{name}"
-    base_steps = d["sft"].steps
-
-    grpo_dir, gave_up = out / f"grpo_{name}", []
+    band, sft_dir, grpo_dir = d["band"], out / f"sft_{name}", out / f"grpo_{name}"
+    base_steps, gave_up = d["sft"].steps, []  # gave_up: the expert solves nearly all
 
     def budget_left() -> bool:
         return not gave_up and extensions_done(sft_dir) < band.max_extensions

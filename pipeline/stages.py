@@ -1,8 +1,13 @@
 """The recipe as a list of stages, each one of the project's entry points with its overrides.
 
     pretrain ─┬─ sft/<domain> ── grpo/<domain> ─┐   (one chain per domain, independent)
+              │       ▲ extended   └─ sft_more/<domain>   (the same compute on SFT)
               └─ sft/mixed ─────────────────────┴─ distill ── eval/<row> ── report
                                    weight_average ──────────── eval/weight_average
+
+The domain chains (the band check that extends an SFT expert, the compute-matched SFT) are in
+`pipeline/expert_chain.py`. With `seeds=N` the whole plan is made once per pre-training seed,
+in `out_dir/seed_<i>` (stage names `seed<i>/...`), and run as one graph.
 
 A training stage is complete when its last checkpoint (`checkpoints/step_<steps>`) exists;
 checkpoints are written atomically, so a half-written one never counts. An incomplete stage

@@ -79,3 +79,15 @@ def test_model_compat_checks(tok, tmp_path):
         check_model_compat(tok, 128, tiny.replace(vocab_size=300))
     with pytest.raises(ValueError, match="bos_token_id=5"):
         check_model_compat(tok, 128, tiny.replace(bos_token_id=5))
+
+
+def test_a_number_is_the_same_digit_tokens_in_any_context(tok):
+    """Digits are one per token, so copying a number (question -> tool call -> answer) copies
+    tokens: BPE without the split merges digits by frequency and by the character before them."""
+    def digits(text: str) -> list[str]:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        pieces = [tok.convert_ids_to_tokens(i) for i in ids]
+        return [p for p in pieces if any(c.isdigit() for c in p)]
+
+    for text in ("What is 2023 + 1?", ">2023</", "x=2023", "2023"):
+        assert digits(text) == ["2", "0", "2", "3", *(["1"] if "+" in text else [])], text
