@@ -183,3 +183,18 @@ def test_sigterm_during_a_rollout_stops_within_a_chunk_with_a_checkpoint(base_ck
     assert not any(r.get("step") == 2 for r in rows(run))
     print(f"stopped {elapsed:.1f} s after the signal; a rollout took {first['time/generate']:.1f} s")
     assert elapsed < 0.5 * first["time/generate"], (elapsed, first["time/generate"])
+
+
+def test_band_stop_declines_with_exit_3_and_no_checkpoint(base_ckpt, tmp_path):
+    """An expert that solves none of its samples (the random micro model on `strings`):
+    `grpo.band=stop` ends the run after its first rollout, before any update, with one
+    `declined:` line, exit status 3, `band.json` for the pipeline, and no checkpoint."""
+    run = tmp_path / "declined"
+    out = run_grpo(base_ckpt, run, "steps=5", "grpo.domains=[strings]", "grpo.band=stop",
+                   timeout=300)
+    assert out.returncode == 3, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "declined: grpo: the starting model is outside the band" in out.stderr
+    assert "Traceback" not in out.stderr
+    band = json.loads((run / "band.json").read_text())
+    assert band == {**band, "in_band": False, "side": "solves none", "varied_groups": 0.0}
+    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
