@@ -85,21 +85,36 @@ def against_transformers(args) -> None:
     except ImportError:
         print("transformers: not installed, comparison skipped")
         return
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.hf_shapes.split(",")]
+    print(f"# vs transformers {transformers.__version__} `generate` (greedy, KV cache), "
+          f"{args.config} on {args.device} ({args.dtype}), best of {args.repeat}")
+    for row in compare_with_transformers(args.config, args.device, getattr(torch, args.dtype),
+                                         shapes, args.repeat):
+        batch, plen, new = row["shape"]
+        print(f"decode tok/s {batch}x{plen}->{new}: ours {row['ours']:.1f}, baseline "
+              f"transformers {row['transformers']:.1f}, ratio "
+              f"{row['ours'] / row['transformers']:.2f}x (rows equal to our recompute "
+              f"{row['same_recompute']}/{batch}, to transformers {row['same_hf']}/{batch})")
+
+
+def compare_with_transformers(config: str, device: str, dtype: torch.dtype,
+                              shapes: list[tuple[int, int, int]], repeat: int) -> list[dict]:
+    """Greedy decode tok/s of ours and transformers' `generate` on the same exported weights,
+    per (batch, prompt, new) shape, alternating, best of `repeat` (docstring)."""
+    import transformers
+
     from model.convert import export_hf
 
-    cfg = get_config(args.config, max_seq_len=4096)
+    cfg = get_config(config, max_seq_len=4096)
     torch.manual_seed(0)
-    dtype = getattr(torch, args.dtype)
-    model = Transformer(cfg).to(args.device, dtype).eval()
+    model = Transformer(cfg).to(device, dtype).eval()
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(model, os.path.join(tmp, "hf"), dtype=dtype)
         theirs = transformers.AutoModelForCausalLM.from_pretrained(
-            os.path.join(tmp, "hf"), dtype=dtype).to(args.device).eval()
-    print(f"# vs transformers {transformers.__version__} `generate` (greedy, KV cache), "
-          f"{args.config} on {args.device} ({args.dtype}), best of {args.repeat}")
-    for shape in args.hf_shapes.split(","):
-        batch, plen, new = (int(v) for v in shape.split("x"))
-        prompts = torch.randint(0, cfg.vocab_size, (batch, plen), device=args.device)
+            os.path.join(tmp, "hf"), dtype=dtype).to(device).eval()
+    rows = []
+    for batch, plen, new in shapes:
+        prompts = torch.randint(0, cfg.vocab_size, (batch, plen), device=device)
 
         def ours():
             out = generate(model, prompts.tolist(), max_new_tokens=new, temperature=0)
@@ -107,31 +122,30 @@ def against_transformers(args) -> None:
 
         @torch.inference_mode()
         def hf():
-            _sync(args.device)
+            _sync(device)
             t0 = time.perf_counter()
             seq = theirs.generate(prompts, attention_mask=torch.ones_like(prompts),
                                   max_new_tokens=new, min_new_tokens=new, do_sample=False)
-            _sync(args.device)
+            _sync(device)
             # their time includes the prefill: subtract a prefill-only call's time
             t1 = time.perf_counter()
             theirs.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=1,
                             min_new_tokens=1, do_sample=False)
-            _sync(args.device)
+            _sync(device)
             return (t1 - t0) - (time.perf_counter() - t1), seq[:, plen:].tolist()
 
         ours(), hf()  # warm-up
         t_ours = t_hf = float("inf")
-        for _ in range(args.repeat):  # alternate, so load changes hit both
+        for _ in range(repeat):  # alternate, so load changes hit both
             t_ours = min(t_ours, ours()[0])
             t_hf = min(t_hf, hf()[0])
         ours_tokens, hf_tokens = ours()[1], hf()[1]
-        ref, _ = recompute_greedy(model, prompts, new, args.device)
-        same_ref = sum(a == b for a, b in zip(ours_tokens, ref))
-        same_hf = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
-        ours_tps, hf_tps = batch * new / t_ours, batch * new / t_hf
-        print(f"decode tok/s {batch}x{plen}->{new}: ours {ours_tps:.1f}, baseline transformers "
-              f"{hf_tps:.1f}, ratio {ours_tps / hf_tps:.2f}x (rows equal to our recompute "
-              f"{same_ref}/{batch}, to transformers {same_hf}/{batch})")
+        ref, _ = recompute_greedy(model, prompts, new, device)
+        rows.append({"shape": (batch, plen, new), "ours": batch * new / t_ours,
+                     "transformers": batch * new / max(t_hf, 1e-9),
+                     "same_recompute": sum(a == b for a, b in zip(ours_tokens, ref)),
+                     "same_hf": sum(a == b for a, b in zip(ours_tokens, hf_tokens))})
+    return rows
 
 
 def memory(args) -> None:

@@ -15,7 +15,7 @@ dw[e] = x_eᵀ · dy_e is a K-grouped GEMM, one program per (expert, K tile, M t
 expert's rows (an expert with no rows gets dw = 0).
 
 `torch._grouped_mm` (CUDA, Hopper+) is selectable with `V4_GROUPED_MM=torch` (groups padded to
-16 rows, as its kernel needs aligned group starts); `bench/kernels.py` compares it with the
+16 rows, as its kernel needs aligned group starts); `bench/triton_kernels.py` compares it with the
 Triton kernel so the default can follow the measurement.
 """
 
@@ -30,7 +30,7 @@ from .swiglu import swiglu, swiglu_ref
 
 # Tile sizes: tensor-core sized on a GPU; small under the interpreter, where every program is a
 # Python loop iteration and the test shapes are tiny. (No autotune: it cannot run without a GPU
-# driver, doc §3.3; retune from bench/kernels.py.)
+# driver, doc §3.3; retune from bench/triton_kernels.py.)
 GPU_CFG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8)
 CPU_CFG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4)
 TORCH_ALIGN = 16

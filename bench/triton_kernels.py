@@ -1,9 +1,9 @@
 """GPU benchmark of `v4kernels/`: every kernel against its reference, sparse attention against
 dense SDPA, and a bf16 correctness pass against the fp32 references.
 
-    python bench/kernels.py            # full: V4-Flash shapes, attention at 8K/32K/64K tokens
-    python bench/kernels.py --quick    # smaller shapes, attention at 8K/16K
-    python bench/kernels.py --smoke    # toy shapes on the CPU through the Triton interpreter:
+    python bench/triton_kernels.py            # full: V4-Flash shapes, attention at 8K/32K/64K tokens
+    python bench/triton_kernels.py --quick    # smaller shapes, attention at 8K/16K
+    python bench/triton_kernels.py --smoke    # toy shapes on the CPU through the Triton interpreter:
                                        # checks that every code path runs; timings meaningless
 
 Without a CUDA GPU (and without --smoke) it exits with a message and status 2.
@@ -361,7 +361,7 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
         DEV = "cpu"
     elif not torch.cuda.is_available():
-        print("bench/kernels.py needs a CUDA GPU (none found); nothing was measured. "
+        print("bench/triton_kernels.py needs a CUDA GPU (none found); nothing was measured. "
               "Use --smoke to check the script on the CPU.", file=sys.stderr)
         return 2
     os.environ["V4_KERNELS"] = "triton"  # kernel path even if the caller set ref
