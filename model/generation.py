@@ -5,7 +5,8 @@
     out.tokens[i]           # generated ids of prompt i (EOS / stop sequence included)
     out.finish_reasons[i]   # "eos" | "stop" | "length"
 
-One prefill of the right-padded prompts, then one token per row per step (`ModelCache`); rows
+One prefill of the right-padded prompts (in `prefill_chunk`-token forwards for long prompts,
+`model/prefill.py`), then one token per row per step (`ModelCache`); rows
 that finish are dropped from the batch. Optional per-token outputs, for GRPO:
 - `logprobs[i]` `[n]`: log-prob of each drawn token under the distribution it was drawn from
   (temperature, top-k, top-p applied, renormalised; 0 for greedy); `raw_logprobs[i]` `[n]`:
@@ -38,6 +39,7 @@ from typing import Callable, Sequence
 import torch
 
 from .dispatcher import LocalDispatcher, TokenDispatcher
+from .prefill import DEFAULT_CHUNK, prefill
 from .sampling import KeptSets, SamplingParams, draw, restricts, sampling_distribution
 from .transformer import Transformer
 
@@ -75,7 +77,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
              return_sampling_mask: bool = False, stop_strings: Sequence[str] | None = None,
              decode: Callable[[list[int]], str] | None = None,
              on_token: Callable[[int, int], None] | None = None,
-             pad_id: int | None = None, speculative: bool = False) -> GenerationOutput:
+             pad_id: int | None = None, speculative: bool = False,
+             prefill_chunk: int | None = DEFAULT_CHUNK) -> GenerationOutput:
     """Samples up to `max_new_tokens` per prompt (token id lists, BOS included if wanted).
 
     Stops a row on `eos_id`, on any of `stop_token_sequences` (matched on generated ids), on any
@@ -86,7 +89,9 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     and restores the model's training flag; the returned tensors are ordinary (not inference
     tensors), so routes can be replayed in a training forward. `speculative=True` drafts each
     next token with the MTP block and verifies it in the following forward
-    (`model/speculative.py`): the same outputs, distributed exactly as without it."""
+    (`model/speculative.py`): the same outputs, distributed exactly as without it.
+    `prefill_chunk`: the prompts go into the cache this many tokens per forward
+    (`model/prefill.py`), so a long prompt's peak memory is the chunk's; None: one forward."""
     was_training = model.training
     model.eval()
     try:
@@ -94,14 +99,15 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
             return _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, seed,
                              eos_id, stop_token_sequences, return_logprobs, return_routes,
                              return_sampling_mask, stop_strings, decode, on_token, pad_id,
-                             speculative)
+                             speculative, prefill_chunk)
     finally:
         model.train(was_training)
 
 
 def _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, eos_id,
               stop_token_sequences, return_logprobs, return_routes, return_sampling_mask,
-              stop_strings, decode, on_token, pad_id, speculative) -> GenerationOutput:
+              stop_strings, decode, on_token, pad_id, speculative,
+              prefill_chunk) -> GenerationOutput:
     cfg = model.cfg
     device = model.embed.weight.device
     peer = token_dispatcher(model)
@@ -164,10 +170,9 @@ def _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, e
             ids[i, :len(p)] = torch.as_tensor(list(p), dtype=torch.long)
         mask = torch.arange(width, device=device)[None] < lens[:, None]
         cache = model.new_cache(len(prompts), width + max(r.limit for r in rows) + 1)
-        out = model(ids, token_mask=mask, cache=cache, logits_index=(lens - 1)[:, None])
-        logits = out.logits[:, 0]  # [batch, vocab]
-        if return_routes:
-            prompt_routes = torch.stack(out.routes[:n_layers], dim=2).cpu()  # [b, w, layers, k]
+        chunk = None if peer.collective else prefill_chunk  # model/prefill.py: EP is one shot
+        logits, prompt_routes = prefill(model, ids, mask, lens, cache, chunk, return_routes)
+        if return_routes:  # prompt_routes: [b, w, layers, k]
             for i, r in enumerate(rows):
                 r.routes.append(prompt_routes[i, :r.prompt_len])
     else:  # an EP rank without prompts still joins the group's prefill
