@@ -9,10 +9,10 @@ Prints one line per domain:
     grpo/<domain>: pass@1 expert …, GRPO …, gain …; format-valid …; steps … in … min
 
 and leaves each run's `reward_curve.png` (rollout mean reward and held-out pass@1 per
-evaluation) in its run directory. With `--matched-sft` it also trains the SFT expert further for
-as long as GRPO trained (`pipeline.expert_chain.matched_plan`: GRPO's summed step time over the
-expert's median SFT step time, at the expert's last learning rate, with the expert run's own
-sequence length and batch) and prints GRPO's gain over that run too, so a gain is RL's own:
+evaluation) in its run directory. With `--matched-sft` it also continues the expert's SFT run (its
+checkpoint, optimizer state and all) for as long as GRPO trained (`pipeline.expert_chain
+.matched_plan`: GRPO's summed step time over the expert's median SFT step time, at the expert's
+last learning rate, with the expert run's own sequence length and batch) and prints GRPO's gain over that run too, so a gain is RL's own:
 
     grpo/<domain>: same compute on SFT (K steps) pass@1 …; GRPO's own gain … The goal (issue #15): +0.15 absolute held-out pass@1 on at
 least two domains within 15 minutes of a 2-core CPU each. Extra Hydra overrides after `--` go to
@@ -75,33 +75,35 @@ def main() -> None:
             ckpt = more["run_dir"] / "checkpoints" / f"step_{more['steps']:08d}"
             same = evaluate(str(ckpt), domain, args.n, runs / f"{domain}_sft_more.json",
                             options, "grpo")
-            print(f"grpo/{domain}: same compute on SFT ({more['steps']} steps) pass@1 "
+            print(f"grpo/{domain}: same compute on SFT ({more['steps']} steps in all) pass@1 "
                   f"{same['pass@1']:.3f}, format-valid {same['format_valid']:.3f}; GRPO's own "
                   f"gain {after['pass@1'] - same['pass@1']:+.3f}", flush=True)
 
 
 def matched_sft(expert: Path, grpo_dir: Path, run_dir: Path, domain: str,
                 options: list[str]) -> dict:
-    """The expert trained further on its SFT data for GRPO's training time (docstring)."""
+    """The expert's SFT run continued (its checkpoint copied, optimizer state and all) for
+    GRPO's training time (docstring)."""
     from omegaconf import OmegaConf
 
-    from pipeline.expert_chain import matched_plan
+    from pipeline.expert_chain import continue_from, matched_plan
 
     sft_dir = expert.parent.parent
     plan = matched_plan(grpo_dir, sft_dir)
+    steps = int(expert.name.split("_")[1]) + plan["steps"]
     c = OmegaConf.load(sft_dir / "config.yaml")
     sft_options = [o.replace("+grpo.domain_options.", "+sft.domain_options.") for o in options
                    if o.startswith("+grpo.domain_options.")]
-    if not (run_dir / "checkpoints" / f"step_{plan['steps']:08d}").is_dir():
+    if not (run_dir / "checkpoints" / f"step_{steps:08d}").is_dir():
+        continue_from(expert, run_dir)
         subprocess.run([sys.executable, "-m", "train.sft", f"init_from={expert}",
-                        f"sft.domains=[{domain}]", f"steps={plan['steps']}", f"run_dir={run_dir}",
+                        f"sft.domains=[{domain}]", f"steps={steps}", f"run_dir={run_dir}",
                         f"data.seq_len={c.data.seq_len}", f"data.micro_batch={c.data.micro_batch}",
                         f"batch.global_batch={c.batch.global_batch}", f"optim.lr={plan['lr']}",
                         "schedule.warmup_steps=0", "schedule.decay_steps=0", "sft.eval_n=0",
                         "logging.progress=false", "logging.wandb.mode=disabled", *sft_options],
                        cwd=REPO, env=ENV, check=True, stdout=subprocess.DEVNULL)
-    return {**plan, "run_dir": run_dir}
-
+    return {**plan, "steps": steps, "run_dir": run_dir}
 
 if __name__ == "__main__":
     main()

@@ -206,13 +206,21 @@ def test_the_compute_matched_sft_takes_grpo_training_time_over_sft_step_time(tmp
         run.mkdir(parents=True)
         (run / "metrics.jsonl").write_text("".join(
             json.dumps({"step": s, "step_seconds": t, "lr": lr}) + "\n" for s, t, lr in rows))
+    expert = sft.checkpoint  # the SFT run's last checkpoint: what the continuation copies
+    (expert / "model").mkdir(parents=True)
+    (expert / "manifest.json").write_text("{}")
     assert more.steps is None and not more.done()
-    more.prepare()  # 30 s of GRPO / 2.5 s per SFT step, at the SFT's last learning rate
-    assert more.steps == 12 and "steps=12" in more.args and "optim.lr=0.0002" in more.args
+    more.prepare()  # 30 s of GRPO / 2.5 s per SFT step = 12 more steps, at the last SFT lr
+    total = sft.steps + 12
+    assert more.steps == total and f"steps={total}" in more.args
+    assert "optim.lr=0.0002" in more.args
     assert more.args[-2:] == ["schedule.warmup_steps=0", "schedule.decay_steps=0"]
+    copied = more.run_dir / "checkpoints" / expert.name  # resumed: the SFT's optimizer state
+    assert (copied / "manifest.json").is_file() and (copied / "model").is_dir()
     more.finish()
-    assert more.done() and json.loads((more.run_dir / "matched.json").read_text())["steps"] == 12
-    assert by_name(build_stages(cfg, lambda c, o: None))["sft_more/strings"].steps == 12
+    record = json.loads((more.run_dir / "matched.json").read_text())
+    assert more.done() and record["steps"] == total and record["extra_steps"] == 12
+    assert by_name(build_stages(cfg, lambda c, o: None))["sft_more/strings"].steps == total
 
 
 def test_seeds_plan_one_recipe_per_pretraining_seed(tmp_path):
