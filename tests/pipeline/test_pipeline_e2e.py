@@ -96,7 +96,9 @@ def test_the_whole_recipe_learns_at_every_stage_reports_and_resumes(
         assert stages[name]["status"] == "ran" and stages[name]["steps"] > 0, name
     assert 0 < stages["distill"]["generate_share"] < 1
     matched = report["experts"]["first_char"]["matched"]  # GRPO's time, spent on SFT
-    assert matched["steps"] >= 1 and matched["grpo_seconds"] > 0
+    assert matched["extra_steps"] >= 1 and matched["grpo_seconds"] > 0
+    # it continues the SFT expert's own run (optimizer state included), not a fresh one
+    assert "resumed from" in (out / "logs" / "sft_more_first_char.log").read_text()
     assert report["experts"]["first_char"]["band"]["in_band"] is True
     text = (out / "report.md").read_text()
     assert "## GRPO against the same compute spent on SFT" in text
