@@ -245,7 +245,7 @@ def render(cfg, domains, table, learned, spent, plots, data) -> str:
 def rl_lines(table: dict[str, dict], domains: list[str], info: dict[str, dict]) -> list[str]:
     """GRPO beside its SFT expert and beside that expert trained further for GRPO's time."""
     lines = ["## GRPO against the same compute spent on SFT", "",
-             "| domain | SFT expert (extended) | sft_more steps | pass@1 sft / sft_more / grpo "
+             "| domain | SFT expert (extended) | sft_more: steps added | pass@1 sft / sft_more / grpo "
              "| format sft / sft_more / grpo | GRPO's own pass@1 gain |", "|---|---|---|---|---|---|"]
     for d in domains:
         got = [(table.get(f"{k}/{d}") or {}).get("domains", {}).get(d) or {}
@@ -256,7 +256,8 @@ def rl_lines(table: dict[str, dict], domains: list[str], info: dict[str, dict]) 
         e = info.get(d, {})
         band = e.get("band") or {}
         ext = f"{e.get('extensions', 0)}×" + ("" if band.get("in_band", True) else " (out of band)")
-        lines.append(f"| {d} | {ext} | {(e.get('matched') or {}).get('steps', '-')} | "
+        added = (e.get("matched") or {}).get("extra_steps")
+        lines.append(f"| {d} | {ext} | {'-' if added is None else f'+{added}'} | "
                      f"{' / '.join(_cell(x) for x in p1)} | "
                      f"{' / '.join(_cell(x, 2) for x in fmt)} | {_cell(gain)} |")
     return lines + ["", "GRPO's own gain is its greedy pass@1 minus the compute-matched SFT's: "
