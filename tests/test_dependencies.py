@@ -8,7 +8,7 @@ collects the top-level module of each absolute import (also inside functions, an
 `importlib.import_module("name")` with a literal name), and requires each to be
 
 - in the standard library (`sys.stdlib_module_names`), or
-- one of the project's own top-level modules, or a sibling file of the importing script (a
+- one of the project's own top-level modules, or a sibling file or package of the importing script (a
   script run as `python bench/x.py` has its own folder first on `sys.path`), or
 - provided by a distribution named in `[project] dependencies` (for library code) or, for tests,
   in the `test` extra too. Import names are mapped to distributions with
@@ -96,7 +96,8 @@ def undeclared(files: list[Path], allowed: set[str], lazy_only: set[str]) -> lis
         for module, line, top_level in imports(path):
             if module in sys.stdlib_module_names or module in OWN or module == "__future__":
                 continue
-            if (path.parent / f"{module}.py").is_file():
+            if (path.parent / f"{module}.py").is_file() or \
+                    (path.parent / module / "__init__.py").is_file():  # a script's own folder
                 continue
             # An optional extra need not be installed where the check runs: an import name with
             # no installed provider is then matched by its own normalised name (reasoning_gym

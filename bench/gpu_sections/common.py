@@ -3,13 +3,31 @@ result a section returns (a table plus notes and raw figures)."""
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+
+BENCH = Path(__file__).resolve().parents[1]
+
+
+def bench_module(name: str):
+    """bench/<name>.py loaded by its path, as `v4lab_bench_<name>`: by its bare name `generate`
+    would find the repository's generate.py first (the root is on sys.path in tests), and a
+    bench file must never shadow an installed package's name."""
+    key = f"v4lab_bench_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
 
 
 @dataclass

@@ -29,18 +29,15 @@ compounds over layers, so the loss must agree to 2 % and the gradients to 5 % re
 from __future__ import annotations
 
 import os
-import sys
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
 from model.config import get_config
 
-from .common import Ctx, Result, guarded
+from .common import Ctx, Result, bench_module, guarded
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import triton_kernels as kb  # noqa: E402  (bench/triton_kernels.py: the attention inputs)
+kb = bench_module("triton_kernels")  # bench/triton_kernels.py
 
 BF16 = (1.6e-2, 1e-2)   # (rtol, atol relative to the reference's RMS)
 FP32 = (1e-4, 1e-5)

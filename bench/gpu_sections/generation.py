@@ -6,8 +6,6 @@ Weights are random: speed does not depend on them."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import torch
 
@@ -15,10 +13,9 @@ from model.config import get_config
 from model.generation import generate
 from model.transformer import Transformer
 
-from .common import Ctx, Result, guarded
+from .common import Ctx, Result, bench_module, guarded
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from generate import compare_with_transformers  # noqa: E402  (bench/generate.py)
+compare_with_transformers = bench_module("generate").compare_with_transformers
 
 BATCHES = (1, 8, 32)
 

@@ -9,15 +9,12 @@ otherwise; `--tiny` uses its `--smoke` shapes through the Triton interpreter.
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import torch
 
-from .common import Ctx, Result, guarded
+from .common import Ctx, Result, bench_module, guarded
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import triton_kernels as kb  # noqa: E402
+kb = bench_module("triton_kernels")  # bench/triton_kernels.py
 
 FULL_S = 240.0
 OPS = ("norm", "swiglu", "mhc", "attn", "moe", "gram", "fp8")
