@@ -23,6 +23,8 @@ Exit status: 0 when every section ran and passed, 1 when something failed or was
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import signal
@@ -32,15 +34,28 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
-sys.path.insert(0, str(Path(__file__).resolve().parent))      # bench/ (gpu_sections, triton_kernels, generate)
 
 import torch  # noqa: E402
 
-from gpu_sections import correctness, env, generation, kernel_speed, newton_schulz, train_step  # noqa: E402
-from gpu_sections.common import Ctx, Result  # noqa: E402
+NAMES = ("env", "correctness", "kernel_speed", "train_step", "generation", "newton_schulz")
 
-SECTIONS = {"env": env, "correctness": correctness, "kernel_speed": kernel_speed,
-            "train_step": train_step, "generation": generation, "newton_schulz": newton_schulz}
+
+def load_sections() -> dict:
+    """bench/gpu_sections loaded by its path (a folder beside this script, not an installed
+    package: no bench name may stand between an installed package and its users)."""
+    where = Path(__file__).resolve().parent / "gpu_sections"
+    if "gpu_sections" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "gpu_sections", where / "__init__.py", submodule_search_locations=[str(where)])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["gpu_sections"] = package
+        spec.loader.exec_module(package)
+    return {name: importlib.import_module(f"gpu_sections.{name}") for name in NAMES}
+
+
+SECTIONS = load_sections()
+_common = importlib.import_module("gpu_sections.common")
+Ctx, Result = _common.Ctx, _common.Result
 MIN_START_S = 15.0
 
 

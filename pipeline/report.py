@@ -160,6 +160,15 @@ def write_plots(cfg: Any, stages: list[Stage], metrics: dict[str, list[dict]],
     return plots
 
 
+def span_minutes(record: dict[str, Any]) -> float | None:
+    """Minutes from the first stage's start to the last one's end (`stages.json`), or None."""
+    ran = [(e["started"], e["started"] + e["seconds"]) for e in record.values()
+           if e.get("status") == "ran" and "started" in e]
+    if not ran:
+        return None
+    return (max(b for _, b in ran) - min(a for a, _ in ran)) / 60
+
+
 def _reused_pretrain(cfg: Any) -> Stage | None:
     """The reused pre-training run (its checkpoint's run directory), for its curves."""
     if not cfg.pretrain.reuse:
@@ -217,10 +226,8 @@ def render(cfg, domains, table, learned, spent, plots, data) -> str:
         wall_text = "-" if wall is None else f"{wall / 60:.1f} min"
         lines.append(f"| {name} | {wall_text} | {c['steps'] or '-'} | "
                      f"{c['tokens'] or '-'} | {share} |")
-    ran = [(e["started"], e["started"] + e["seconds"]) for e in data["record"].values()
-           if e.get("status") == "ran" and "started" in e]
-    span = f"; first start to last end {(max(b for _, b in ran) - min(a for a, _ in ran)) / 60:.1f}" \
-        f" min" if ran else ""
+    minutes = span_minutes(data["record"])
+    span = "" if minutes is None else f"; first start to last end {minutes:.1f} min"
     lines += ["", f"Stages' wall time summed: {total / 60:.1f} min ({cfg.jobs} at a time{span})."]
     if not any(s.kind == "pretrain" for s in data["stage_objects"]):
         lines.append(f"Pre-training was reused: `{cfg.pretrain.reuse}`.")

@@ -17,6 +17,8 @@ from typing import Any
 
 from data.cache import atomic_write_text
 
+from .report import span_minutes
+
 # (gain, model, baseline): "model minus baseline" on the model's domains
 GAINS = [("GRPO over its SFT expert", "grpo/{d}", "sft/{d}"),
          ("GRPO over the same compute on SFT", "grpo/{d}", "sft_more/{d}"),
@@ -66,7 +68,7 @@ def write_seeds_report(cfg: Any, seed_dirs: list[Path]) -> Path:
     domains = list(cfg.domains)
     record_path = out / "stages.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    minutes = seed_minutes(record, len(seed_dirs), cfg.jobs)
+    minutes = seed_minutes(record, len(seed_dirs))
     lines = [f"# {cfg.name}: the recipe on {len(reports)} pre-training seeds", "",
              f"Written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; each seed's own report: "
              + ", ".join(f"[{d.name}]({d.name}/report.md)" for d in seed_dirs) + ".", "",
@@ -89,12 +91,9 @@ def write_seeds_report(cfg: Any, seed_dirs: list[Path]) -> Path:
     return out / "report.md"
 
 
-def seed_minutes(record: dict, seeds: int, jobs: int) -> float:
-    ran = [(e["started"], e["started"] + e["seconds"]) for e in record.values()
-           if e.get("status") == "ran" and "started" in e]
-    if not ran:
-        return 0.0
-    return (max(b for _, b in ran) - min(a for a, _ in ran)) / 60 / max(seeds, 1)
+def seed_minutes(record: dict, seeds: int) -> float:
+    """The run's first start to last end, shared out over the seeds that ran in it."""
+    return (span_minutes(record) or 0.0) / max(seeds, 1)
 
 
 def score_lines(reports: list[dict], domains: list[str]) -> list[str]:
