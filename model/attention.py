@@ -23,7 +23,9 @@ from .cache import CacheStep, ModelCache
 from .cached_attention import cached_forward
 from .compressor import BlockLayout, Compressor
 from .config import CSA_RATIO, ModelConfig
-from .indexer import Indexer, indexer_kl
+from .context_parallel import SequenceShard
+from .cp_attention import cp_forward
+from .indexer import Indexer, indexer_kl_terms
 from .norm import RMSNorm, rms_normalize
 from .rope import apply_rope
 
@@ -39,6 +41,9 @@ class AttentionContext:
     indexer_loss: bool = False
     cache: ModelCache | None = None  # incremental decoding (see cached_attention.py)
     step: CacheStep | None = None    # where this forward's tokens go in `cache`
+    # context parallelism: this rank's chunks of whole rows (doc_ids and positions above are
+    # then the local tokens'; see cp_attention.py)
+    shard: SequenceShard | None = None
     _layouts: dict[int, tuple[BlockLayout, torch.Tensor]] = field(default_factory=dict)
 
     def layout(self, ratio: int) -> tuple[BlockLayout, torch.Tensor]:
@@ -75,6 +80,8 @@ class Attention(nn.Module):
         """x: `[batch, seq, dim]` (normed) → (output `[batch, seq, dim]`, indexer KL loss)."""
         if ctx.cache is not None:
             return cached_forward(self, x, ctx), x.new_zeros((), dtype=torch.float32)
+        if ctx.shard is not None:
+            return cp_forward(self, x, ctx)
         cfg = self.cfg
         freqs = ctx.freqs[self.ratio > 0]
         q_latent, q, kv = self.project_qkv(x, ctx.positions, freqs)
@@ -95,11 +102,8 @@ class Attention(nn.Module):
                                        comp, comp_mask, comp_idx)
         idx_loss = x.new_zeros((), dtype=torch.float32)
         if ctx.indexer_loss and index_scores is not None and p_comp is not None:
-            if comp_idx is not None:  # sparse: KL over the selected entries
-                picked = index_scores.gather(-1, comp_idx.clamp(min=0))
-                idx_loss = indexer_kl(p_comp, picked, comp_idx >= 0)
-            else:  # dense: KL over every visible entry
-                idx_loss = indexer_kl(p_comp, index_scores, comp_mask)
+            total, count = indexer_kl_terms(p_comp, index_scores, comp_idx, comp_mask)
+            idx_loss = total / count.clamp_min(1)
 
         out = apply_rope(out, ctx.positions, freqs, inverse=True).to(x.dtype)
         return self.project_out(out), idx_loss

@@ -104,6 +104,34 @@ def hybrid_attention(q: torch.Tensor, kv: torch.Tensor, doc_ids: torch.Tensor, w
     return out, p_comp
 
 
+def attention_after_lead(q: torch.Tensor, kv: torch.Tensor, doc_ids: torch.Tensor,
+                         lead_kv: torch.Tensor, lead_doc: torch.Tensor, window: int,
+                         sink: torch.Tensor, comp: torch.Tensor | None = None,
+                         comp_mask: torch.Tensor | None = None,
+                         comp_idx: torch.Tensor | None = None):
+    """`hybrid_attention` for queries whose window reaches back before their first token:
+    `lead_kv` `[batch, lead, c]` (document ids `lead_doc` `[batch, lead]`, −1 = none) are the
+    keys just before `kv`. They enter as key-only rows (zero queries, no compressed entry) whose
+    outputs are dropped, so the blocked window kernel and its memory bound are reused as they
+    are, at the cost of `lead` wasted query rows. Used by chunked prefill (the cache's last
+    tokens) and context parallelism (the preceding chunk's halo)."""
+    lead = lead_kv.shape[1]
+    if lead == 0:
+        return hybrid_attention(q, kv, doc_ids, window, sink, comp, comp_mask, comp_idx)
+    batch, _, heads, c = q.shape
+    q = torch.cat((q.new_zeros(batch, lead, heads, c), q), dim=1)
+    kv = torch.cat((lead_kv.to(kv.dtype), kv), dim=1)
+    doc_ids = torch.cat((lead_doc.to(doc_ids.dtype), doc_ids), dim=1)
+    if comp_idx is not None:
+        comp_idx = torch.cat((comp_idx.new_full((batch, lead, comp_idx.shape[-1]), -1),
+                              comp_idx), dim=1)
+    elif comp_mask is not None:
+        comp_mask = torch.cat((comp_mask.new_zeros(batch, lead, comp_mask.shape[-1]),
+                               comp_mask), dim=1)
+    out, p_comp = hybrid_attention(q, kv, doc_ids, window, sink, comp, comp_mask, comp_idx)
+    return out[:, lead:], None if p_comp is None else p_comp[:, :, lead:]
+
+
 def _index_list_attention(q, kv, doc_ids, window, sink, scale, comp, comp_mask, comp_idx):
     """GPU path: the same softmax as one Triton sparse-attention launch over per-query index
     lists into `cat(kv, comp)` (window slots, then compressed entries). The compressed-entry

@@ -53,7 +53,8 @@ class Block(nn.Module):
         a, idx_loss = self.attn(self.attn_norm(h), ctx)
         x = hc_post(a, x, post, comb)
         h, post, comb = self._site("ffn", x)
-        moe = self.ffn(self.ffn_norm(h), input_ids, routes=routes, token_mask=token_mask)
+        moe = self.ffn(self.ffn_norm(h), input_ids, routes=routes, token_mask=token_mask,
+                       sequence_sum=None if ctx.shard is None else ctx.shard.cp.all_reduce)
         x = hc_post(moe.out, x, post, comb)
         return x, BlockAux(moe.balance_loss, idx_loss, moe.counts, moe.routes,
                            moe.live_routes)

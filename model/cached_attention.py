@@ -21,7 +21,7 @@ import torch
 
 import v4kernels
 
-from .attention_core import hybrid_attention
+from .attention_core import attention_after_lead
 from .cache import CacheStep, CompressorState, LayerCache
 from .compressor import BlockLayout, Compressor
 from .indexer import Indexer
@@ -175,18 +175,12 @@ def _attend_blocked(attn: "Attention", q: torch.Tensor, keys: torch.Tensor,
     key-only rows in front (skipped on a fresh prefill), marked as another document where
     unknown (position < 0)."""
     w = attn.cfg.window_size
-    batch, seq, heads, c = q.shape
+    batch, seq = q.shape[:2]
     lead = 0 if step.fresh else w - 1
-    kv = keys[:, w - lead:]  # [batch, lead + seq, c]: previous lead positions, then the chunk
-    doc = torch.where(key_ok[:, w - lead:w], 0, -1) if lead else key_ok.new_zeros(batch, 0).long()
-    doc = torch.cat((doc, torch.zeros(batch, seq, dtype=torch.long, device=q.device)), dim=1)
-    if lead:
-        q = torch.cat((q.new_zeros(batch, lead, heads, c), q), dim=1)
-        if comp_idx is not None:
-            comp_idx = torch.cat((comp_idx.new_full((batch, lead, comp_idx.shape[-1]), -1),
-                                  comp_idx), dim=1)
-        elif comp_mask is not None:
-            comp_mask = torch.cat((comp_mask.new_zeros(batch, lead, comp_mask.shape[-1]),
-                                   comp_mask), dim=1)
-    out, _ = hybrid_attention(q, kv, doc, w, attn.attn_sink, comp, comp_mask, comp_idx)
-    return out[:, lead:]
+    lead_kv = keys[:, w - lead:w]  # [batch, lead, c]: the ring's last lead positions
+    lead_doc = torch.where(key_ok[:, w - lead:w], 0, -1)
+    kv = keys[:, w:]  # [batch, seq, c]: the chunk
+    doc = torch.zeros(batch, seq, dtype=torch.long, device=q.device)
+    out, _ = attention_after_lead(q, kv, doc, lead_kv, lead_doc, w, attn.attn_sink, comp,
+                                  comp_mask, comp_idx)
+    return out

@@ -41,11 +41,13 @@ class BlockLayout:
     def end(self) -> torch.Tensor:
         return self.start + self.ratio - 1
 
-    def visible(self, doc_ids: torch.Tensor) -> torch.Tensor:
-        """`[batch, seq, n_entries]` bool: entry usable by each query (complete, causal, same doc)."""
-        t = torch.arange(doc_ids.shape[1], device=doc_ids.device)
+    def visible(self, doc_ids: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """`[batch, q, n_entries]` bool: entry usable by each query (complete, causal, same doc).
+        Queries are every token of `doc_ids` `[batch, seq]`, or the token indices `queries` `[q]`
+        (a context-parallel rank's own tokens)."""
+        t = torch.arange(doc_ids.shape[1], device=doc_ids.device) if queries is None else queries
         return (self.valid[:, None, :] & (self.end[:, None, :] <= t[None, :, None])
-                & (self.doc[:, None, :] == doc_ids[:, :, None]))
+                & (self.doc[:, None, :] == doc_ids[:, t, None]))
 
     @classmethod
     def build(cls, doc_ids: torch.Tensor, positions: torch.Tensor, ratio: int) -> "BlockLayout":

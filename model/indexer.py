@@ -101,10 +101,25 @@ def indexer_kl(attn_probs: torch.Tensor, index_scores: torch.Tensor,
     index_scores `[batch, seq, n]`, mask `[batch, seq, n]` (candidate entries). Queries with no
     candidate are skipped.
     """
+    total, count = _kl_sum(attn_probs, index_scores, mask)
+    return total / count.clamp_min(1)
+
+
+def indexer_kl_terms(p_comp: torch.Tensor, index_scores: torch.Tensor,
+                     comp_idx: torch.Tensor | None, comp_mask: torch.Tensor | None):
+    """(KL summed over queries, number of queries with a candidate) for one attention call:
+    sparse (`comp_idx`, −1 = none) over the selected entries, dense over every visible one.
+    A mean is their ratio; context parallelism divides by the whole group's count instead."""
+    if comp_idx is not None:
+        return _kl_sum(p_comp, index_scores.gather(-1, comp_idx.clamp(min=0)), comp_idx >= 0)
+    return _kl_sum(p_comp, index_scores, comp_mask)
+
+
+def _kl_sum(attn_probs: torch.Tensor, index_scores: torch.Tensor, mask: torch.Tensor):
     target = attn_probs.detach().float().sum(1).masked_fill(~mask, 0.0)  # [batch, seq, n]
     total = target.sum(-1, keepdim=True)
     has = mask.any(-1) & (total.squeeze(-1) > 0)
     target = target / total.clamp_min(1e-30)
     log_q = F.log_softmax(index_scores.masked_fill(~mask, MASKED), dim=-1)
     kl = (target * (target.clamp_min(1e-30).log() - log_q)).masked_fill(~mask, 0.0).sum(-1)
-    return (kl * has).sum() / has.sum().clamp_min(1)
+    return (kl * has).sum(), has.sum()

@@ -58,6 +58,38 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat, ignore_index=IGNORE)
 
 
+def token_sums(out: ModelOutput, labels: torch.Tensor, doc_ids: torch.Tensor | None = None,
+               weights: LossWeights = LossWeights(), cp=None) -> LossTerms:
+    """The same objective as `compute_loss`, as sums over the rows' N target tokens:
+    Σ CE + λ·(1/D)·Σ_k (N/N_k)·Σ MTP-k CE + N·(balance + indexer), every term a token mean times N
+    (the trainer divides by the global target count, so micro-batches and ranks weigh tokens,
+    not batches).
+
+    `labels` and `doc_ids` are whole rows. Under context parallelism (`cp`, a
+    `model.context_parallel.ContextParallel`) the logits are this rank's tokens and the
+    auxiliary losses its shares: the CE sums run over its own tokens while N and N_k count the
+    whole rows, so the group's results add up to the whole rows' objective."""
+    take = (lambda t: t) if cp is None else cp.take
+    n = (labels != IGNORE).sum().float()
+    lm = ce_sum(out.logits, take(labels))
+    mtp = torch.zeros((), dtype=torch.float32, device=lm.device)
+    for k, mtp_logits in enumerate(out.mtp_logits, start=1):
+        shifted = shift_labels(labels, doc_ids, k)
+        n_k = (shifted != IGNORE).sum().clamp(min=1).float()
+        mtp = mtp + ce_sum(mtp_logits, take(shifted)) * (n / n_k)
+    if out.mtp_logits:
+        mtp = mtp / len(out.mtp_logits)
+    balance, indexer = out.balance_loss * n, out.indexer_loss * n
+    total = lm + weights.mtp * mtp + weights.balance * balance + weights.indexer * indexer
+    return LossTerms(total, lm.detach(), mtp.detach(), balance.detach(), indexer.detach())
+
+
+def ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Token CE summed in fp32 over non-ignored labels (0, with a graph, if none)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+
+
 def compute_loss(out: ModelOutput, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                  doc_ids: torch.Tensor | None = None,
                  weights: LossWeights = LossWeights()) -> LossTerms:

@@ -338,13 +338,16 @@ class SharedExpert(nn.Module):
 
 
 # ---------------------------------------------------------------------------------- losses
-def sequence_balance_loss(scores: Tensor, idx: Tensor, valid: Tensor | None) -> Tensor:
+def sequence_balance_loss(scores: Tensor, idx: Tensor, valid: Tensor | None,
+                          sequence_sum=None) -> Tensor:
     """V3's sequence-wise balance loss (spec §5.4), unweighted, mean over batch rows.
 
     Per row with T valid tokens: f_e = E/(k*T) * #{t: e in ids(t)}, P_e = mean_t s'_{t,e} with
     s' the scores normalised over all experts; L = sum_e f_e * P_e (1 at perfect balance).
     Gradients flow through P only. Rows without valid tokens are left out of the mean.
     scores [B, S, E] fp32, idx [B, S, k], valid [B, S] bool | None -> [] fp32.
+    `sequence_sum` (context parallelism: the S tokens are this rank's part of each row) sums
+    the per-row counts and probability sums over the rows' other parts, differentiably.
     """
     b, s, n_exp = scores.shape
     k = idx.shape[-1]
@@ -353,10 +356,14 @@ def sequence_balance_loss(scores: Tensor, idx: Tensor, valid: Tensor | None) -> 
     n_valid = mask.sum(dim=1)                                             # [B]
     hits = scores.new_zeros(b, n_exp).scatter_add_(
         1, idx.reshape(b, s * k), mask[:, :, None].expand(b, s, k).reshape(b, s * k))  # [B, E]
-    denom = n_valid.clamp(min=1)                                          # [B]
-    f = hits * (n_exp / k) / denom[:, None]                               # [B, E]
     probs = scores / scores.sum(dim=-1, keepdim=True)                     # [B, S, E]
-    p = (probs * mask[:, :, None]).sum(dim=1) / denom[:, None]            # [B, E]
+    p_sum = (probs * mask[:, :, None]).sum(dim=1)                         # [B, E]
+    if sequence_sum is not None:
+        stats = sequence_sum(torch.cat((hits, p_sum, n_valid[:, None]), dim=1))
+        hits, p_sum, n_valid = stats[:, :n_exp], stats[:, n_exp:-1], stats[:, -1].detach()
+    denom = n_valid.clamp(min=1)                                          # [B]
+    f = hits.detach() * (n_exp / k) / denom[:, None]                      # [B, E]
+    p = p_sum / denom[:, None]                                            # [B, E]
     per_row = (f * p).sum(dim=-1)                                         # [B]
     has_tokens = (n_valid > 0).float()                                    # [B]
     return (per_row * has_tokens).sum() / has_tokens.sum().clamp(min=1)
@@ -418,10 +425,10 @@ class MoE(nn.Module):
         self.dispatcher: TokenDispatcher = LocalDispatcher(cfg.n_routed_experts)
 
     def forward(self, x: Tensor, input_ids: Tensor | None, routes: Tensor | None = None,
-                token_mask: Tensor | None = None) -> MoEOutput:
+                token_mask: Tensor | None = None, sequence_sum=None) -> MoEOutput:
         """x [B, S, dim]; input_ids [B, S] (needed on hash layers); routes [B, S, k] expert ids
         to replay (RL); token_mask [B, S] bool, False = padding (kept out of counts and the
-        balance loss, still computed)."""
+        balance loss, still computed); `sequence_sum`: see `sequence_balance_loss`."""
         b, s = self._check_inputs(x, input_ids, routes, token_mask)
         t, k = b * s, self.topk
         x_flat = x.reshape(t, self.dim)                                   # [T, dim]
@@ -446,7 +453,7 @@ class MoE(nn.Module):
             # Without autograd (generation, evaluation) nothing trains on it: reported as 0.
             loss = torch.zeros((), device=x.device, dtype=torch.float32)
         else:
-            loss = sequence_balance_loss(scores.reshape(b, s, -1), idx, token_mask)
+            loss = sequence_balance_loss(scores.reshape(b, s, -1), idx, token_mask, sequence_sum)
         return MoEOutput(out=y.to(x.dtype).reshape(b, s, self.dim), balance_loss=loss,
                          counts=counts, routes=idx.detach(), live_routes=live)
 

@@ -55,6 +55,15 @@ class ModelOutput:
     streams: torch.Tensor | None = None
 
 
+def mtp_next_ids(input_ids: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
+    """The MTP block's input at position i: token i+1. A document's last position has no next
+    token of its own; it re-reads its own token (its MTP target is masked), so nothing crosses
+    documents. `[batch, seq]` → `[batch, seq]`."""
+    same_doc = doc_ids[:, 1:] == doc_ids[:, :-1]
+    return torch.cat((torch.where(same_doc, input_ids[:, 1:], input_ids[:, :-1]),
+                      input_ids[:, -1:]), dim=1)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -71,6 +80,9 @@ class Transformer(nn.Module):
         self.csa_mode = cfg.csa_mode
         self.compute_indexer_loss = False
         self.expert_parallel = (0, 1)  # (ep_rank, ep_size); see shard_experts
+        # a `ContextParallel`: training forwards (no cache) then take whole rows and compute
+        # this rank's chunks of them (`model/context_parallel.py`)
+        self.context_parallel = None
         self.init_weights()
 
     # ------------------------------------------------------------------ setup
@@ -200,10 +212,22 @@ class Transformer(nn.Module):
         if routes is not None and len(routes) != n_blocks:
             raise ValueError(f"routes: expected {n_blocks} entries (one per block incl. MTP), "
                              f"got {len(routes)}")
+        run_mtp = bool(self.mtp) and mtp and cache is None
+        next_ids = mtp_next_ids(input_ids, doc_ids) if run_mtp else None
+        shard = None
+        if self.context_parallel is not None and cache is None:
+            if logits_index is not None:
+                raise ValueError("logits_index: not supported under context parallelism")
+            shard = self.context_parallel.shard(doc_ids, positions)
+            input_ids, doc_ids, positions, token_mask, next_ids = (
+                None if t is None else shard.take(t)
+                for t in (input_ids, doc_ids, positions, token_mask, next_ids))
+            routes = None if routes is None else [r if r is None else shard.take(r)
+                                                  for r in routes]
         freqs = {c: rope_frequencies(cfg, c).to(input_ids.device) for c in (False, True)}
         indexer_loss = self.compute_indexer_loss and torch.is_grad_enabled() and cache is None
         ctx = AttentionContext(doc_ids, positions, freqs, self.csa_mode, indexer_loss,
-                               cache=cache, step=step)
+                               cache=cache, step=step, shard=shard)
 
         h = self.embed(input_ids)  # [batch, seq, dim]
         x = h[:, :, None].expand(-1, -1, cfg.hc_mult, -1).contiguous()  # [batch, seq, hc, dim]
@@ -222,12 +246,7 @@ class Transformer(nn.Module):
         logits = self.head(hidden) if head else None
 
         mtp_logits, mtp_hidden = [], []
-        if self.mtp and mtp and cache is None:
-            # token i+1 at position i. A document's last position has no next token of its own;
-            # it re-reads its own token (its MTP target is masked), so nothing crosses documents.
-            same_doc = doc_ids[:, 1:] == doc_ids[:, :-1]
-            next_ids = torch.cat((torch.where(same_doc, input_ids[:, 1:], input_ids[:, :-1]),
-                                  input_ids[:, -1:]), dim=1)
+        if run_mtp:
             next_embeds = self.embed(next_ids)
             for k, block in enumerate(self.mtp):
                 r = None if routes is None else routes[cfg.n_layers + k]
@@ -240,10 +259,12 @@ class Transformer(nn.Module):
         csa = [a.indexer_loss for a, b in zip(auxes, [*self.layers, *self.mtp])
                if b.attn.kind == "csa"]
         zero = hidden.new_zeros((), dtype=torch.float32)
+        # under context parallelism each rank reports its share: the group's shares add up
+        cp_size = 1 if shard is None else shard.size
         return ModelOutput(
             logits=logits,
             mtp_logits=mtp_logits,
-            balance_loss=torch.stack(routed).mean() if routed else zero,
+            balance_loss=torch.stack(routed).mean() / cp_size if routed else zero,
             indexer_loss=torch.stack(csa).mean() if csa else zero,
             expert_counts=torch.stack([a.counts for a in auxes]),
             routes=[a.routes for a in auxes],

@@ -42,7 +42,7 @@ from typing import Any, Protocol
 
 import torch
 
-from model.loss import LossWeights, compute_loss
+from model.loss import LossWeights, token_sums
 
 from .config import RecipeSection
 from .dist import all_reduce_sum
@@ -107,20 +107,29 @@ def labelled_tokens(labels: torch.Tensor) -> float:
 def lm_objective(model, batch: dict[str, Any], phase: Phase, recipe: RecipeSection,
                  train_mtp: bool = True) -> LossOutput:
     """The V4 language-model objective on a packed batch (pre-training and SFT), as a sum over
-    the batch's target tokens: CE + λ_mtp·MTP CE + balance + indexer KL. `compute_loss` gives
-    token means, so each term is multiplied by the batch's target count; the auxiliary terms are
-    thereby averaged per target token, like the CE."""
+    the batch's target tokens (`model.loss.token_sums`): CE + λ_mtp·MTP CE + balance + indexer
+    KL, the auxiliary terms averaged per target token like the CE. Under context parallelism
+    each rank returns its share of the whole rows' sum."""
     out = model(batch["input_ids"], doc_ids=batch["doc_ids"], positions=batch["positions"],
                 mtp=train_mtp)
     weights = LossWeights(mtp=phase.mtp_weight if train_mtp else 0.0,
                           balance=recipe.balance_weight, indexer=recipe.indexer_weight)
-    terms = compute_loss(out, batch["input_ids"], batch["labels"], batch["doc_ids"], weights)
-    n = labelled_tokens(batch["labels"])
-    metrics = {"lm_loss": terms.lm * n, "balance_loss": terms.balance * n,
-               "indexer_loss": terms.indexer * n}
+    terms = token_sums(out, batch["labels"], batch["doc_ids"], weights, context_parallel_of(model))
+    metrics = {"lm_loss": terms.lm, "balance_loss": terms.balance, "indexer_loss": terms.indexer}
     if train_mtp:
-        metrics["mtp_loss"] = terms.mtp * n
-    return LossOutput(terms.total * n, metrics, out.expert_counts)
+        metrics["mtp_loss"] = terms.mtp
+    return LossOutput(terms.total, metrics, out.expert_counts)
+
+
+def context_parallel_of(model):
+    """The model's `ContextParallel` (None without), through a DeepSpeed engine too."""
+    return getattr(getattr(model, "module", model), "context_parallel", None)
+
+
+def local_labels(model, labels: torch.Tensor) -> torch.Tensor:
+    """`labels` of whole rows → the tokens this rank computes (all of them without CP)."""
+    cp = context_parallel_of(model)
+    return labels if cp is None else cp.take(labels)
 
 
 @torch.no_grad()
@@ -131,7 +140,7 @@ def held_out_loss(model, loader, device: torch.device) -> float:
         batch = {k: v.to(device) for k, v in batch.items()}
         out = model(batch["input_ids"], doc_ids=batch["doc_ids"], positions=batch["positions"],
                     mtp=False)
-        labels = batch["labels"]
+        labels = local_labels(model, batch["labels"])
         ce = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1),
                                                labels.flatten(), ignore_index=-100,
                                                reduction="sum")
