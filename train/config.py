@@ -104,6 +104,10 @@ class BatchSection:
     # batch-size ramp start (sequences); None = no ramp
     ramp_start: Optional[int] = _num(None, ">= 1")
     ramp_tokens: int = _num(0, ">= 0")  # tokens over which the batch grows to global_batch
+    # what a sequence-length stage keeps: "tokens" (global_batch and ramp_start count sequences
+    # of the length at step 0, L0; a stage of length L runs global_batch·L0/L sequences, so the
+    # tokens per step stay at the target) or "sequences" (the count stays, tokens grow with L)
+    per_stage: str = "tokens"
 
 
 @dataclass
@@ -131,6 +135,9 @@ class RecipeSection:
 class ParallelSection:
     zero_stage: int = _num(0, "[0, 3]")  # only what optim.zero supports (checked)
     ep_size: int = _num(1, ">= 1")  # must divide the world size (checked at launch)
+    # context parallelism: each sequence split over cp_size consecutive ranks (pre-training);
+    # world = data-parallel x cp_size (train/context_parallel.py)
+    cp_size: int = _num(1, ">= 1")
 
 
 @dataclass
@@ -258,6 +265,66 @@ def recipe_problems(recipe: Any) -> list[str]:
     return _range_problems(recipe, RecipeSection, "recipe.") + _stage_order_problems(recipe)
 
 
+def _batch_problems(cfg: Any, world: int | None, model_cfg: Any) -> list[str]:
+    """The batch against the micro-batch, the data-parallel size and the stages, and the
+    context-parallel layout against the world and every stage's length."""
+    from train.context_parallel import validate as validate_cp
+
+    problems = []
+    b, micro, cp = cfg.batch, cfg.data.micro_batch, cfg.parallel.cp_size
+    if b.per_stage not in ("tokens", "sequences"):
+        problems.append(f"batch.per_stage={b.per_stage!r}: choose one of tokens, sequences")
+    dp = world // cp if world and cp >= 1 and world % cp == 0 else world
+    per_step = micro * (dp or 1) if micro >= 1 else None
+    unit = f"data.micro_batch={micro}" + (
+        f" x data-parallel size {dp} (world {world} / parallel.cp_size {cp})" if world and cp > 1
+        else f" x world size {world}" if world else "")
+    for key, value in (("batch.global_batch", b.global_batch), ("batch.ramp_start", b.ramp_start)):
+        if per_step and value is not None and value >= 1 and value % per_step:
+            problems.append(f"{key}={value}: must be a multiple of {unit}")
+    # every stage must keep a whole number of sequences; whether this layout divides them (and
+    # cuts them into long enough chunks) is checked by the trainer for the stage it starts in
+    # (after a resume) and at every switch (`Trainer.check_stage_layout`): each stage may run
+    # with its own cp_size
+    if b.per_stage == "tokens" and b.global_batch >= 1:
+        base = batch_seq_len(cfg)
+        for i, stage in enumerate(cfg.recipe.seq_len_stages):
+            if stage.seq_len >= 1 and stage_batch(b.global_batch, base, stage.seq_len) is None:
+                problems.append(
+                    f"recipe.seq_len_stages[{i}].seq_len={stage.seq_len}: keeping the tokens of "
+                    f"batch.global_batch={b.global_batch} sequences of {base} tokens needs a "
+                    f"whole number of sequences (got {b.global_batch * base / stage.seq_len:g});"
+                    f" change batch.global_batch, or set batch.per_stage=sequences")
+    if world and model_cfg is not None:
+        try:
+            validate_cp(model_cfg, world, cp,
+                        [] if cfg.recipe.seq_len_stages else [cfg.data.seq_len])
+        except ValueError as e:
+            problems.append(str(e))
+    return problems
+
+
+def batch_seq_len(cfg: Any) -> int:
+    """The length `batch.global_batch` counts sequences of: the run's length at step 0 (the
+    stage starting at step 0, else data.seq_len)."""
+    return next((s.seq_len for s in cfg.recipe.seq_len_stages if s.step == 0), cfg.data.seq_len)
+
+
+def sequences_at(cfg: Any, global_batch: int, seq_len: int) -> int | None:
+    """`global_batch` (sequences at `batch_seq_len`) as sequences of `seq_len` under
+    `batch.per_stage` (None when "tokens" does not give a whole number)."""
+    if cfg.batch.per_stage != "tokens":
+        return global_batch
+    return stage_batch(global_batch, batch_seq_len(cfg), seq_len)
+
+
+def stage_batch(global_batch: int, base_len: int, seq_len: int) -> int | None:
+    """Sequences per step at `seq_len` that hold the tokens of `global_batch` sequences of
+    `base_len`; None when that is not a whole number."""
+    tokens = global_batch * base_len
+    return tokens // seq_len if seq_len >= 1 and tokens % seq_len == 0 else None
+
+
 def _cross_problems(cfg: Any, world: int | None, model_cfg: Any) -> list[str]:
     """The rules between fields (and against the launched world and the model, when known)."""
     from optim.newton_schulz import SCHEDULES
@@ -286,12 +353,8 @@ def _cross_problems(cfg: Any, world: int | None, model_cfg: Any) -> list[str]:
     if len(cfg.optim.adamw_betas) != 2:
         problems.append(f"optim.adamw_betas={list(cfg.optim.adamw_betas)}: give two values "
                         f"(beta1, beta2)")
-    b, micro = cfg.batch, cfg.data.micro_batch
-    per_step = micro * (world or 1) if micro >= 1 else None
-    unit = f"data.micro_batch={micro}" + (f" x world size {world}" if world else "")
-    for key, value in (("batch.global_batch", b.global_batch), ("batch.ramp_start", b.ramp_start)):
-        if per_step and value is not None and value >= 1 and value % per_step:
-            problems.append(f"{key}={value}: must be a multiple of {unit}")
+    problems += _batch_problems(cfg, world, model_cfg)
+    b = cfg.batch
     if b.ramp_start is not None and b.ramp_start > b.global_batch >= 1:
         problems.append(f"batch.ramp_start={b.ramp_start}: must be <= batch.global_batch="
                         f"{b.global_batch}")

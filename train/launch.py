@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from model.config import ModelConfig
 
-from .config import TrainConfig
+from .config import TrainConfig, sequences_at
 
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
@@ -57,6 +57,15 @@ def _fail(message: str) -> SystemExit:
     return SystemExit(message if int(os.environ.get("RANK", "0")) == 0 else 1)
 
 
+STAGE_BUDGET_GIB = 120  # the dry run's per-rank budget for its stage lines (an H200 with room)
+
+
+def stage_sizes(cfg: TrainConfig) -> list[tuple[int, int]]:
+    """(seq_len, sequences per step at the final batch) of every stage (`batch.per_stage`)."""
+    lengths = [s.seq_len for s in cfg.recipe.seq_len_stages] or [cfg.data.seq_len]
+    return [(n, sequences_at(cfg, cfg.batch.global_batch, n) or 1) for n in lengths]
+
+
 def launch(cfg: TrainConfig, make_task: Callable, pre_checks: Callable | None = None,
            stage_problems: Callable | None = None, frozen_models: Callable | None = None
            ) -> None:
@@ -68,8 +77,6 @@ def launch(cfg: TrainConfig, make_task: Callable, pre_checks: Callable | None = 
     (name, ModelConfig, dtype) of the models the stage holds besides the policy (GRPO's
     reference, distillation's teachers), planned by `dry_run=true` and the fit check."""
     from .config import ConfigError, raise_problems, validate_config
-    from .plan import make_plan
-
     world = (cfg.world_size if cfg.dry_run else None) or int(os.environ.get("WORLD_SIZE", "1"))
     try:  # every key's range and the rules between keys, before any data or model work
         if stage_problems is not None:
@@ -82,13 +89,7 @@ def launch(cfg: TrainConfig, make_task: Callable, pre_checks: Callable | None = 
         raise _fail(f"{e}") from None
     frozen = list(frozen_models(cfg, model_cfg)) if frozen_models is not None else []
     if cfg.dry_run:
-        bf16 = cfg.dtype != "fp32"
-        plan = make_plan(model_cfg, world, cfg.parallel.ep_size, cfg.data.micro_batch,
-                         cfg.data.seq_len, cfg.batch.global_batch, bf16,
-                         cfg.activation_checkpointing, frozen_models=frozen,
-                         zero_stage=cfg.parallel.zero_stage)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"dry run: conf={cfg.run_name} ({cfg.model.preset})\n{plan.format()}")
+        _dry_run(cfg, model_cfg, world, frozen)
         return
 
     from .run_lock import RunDirLocked, RunLock
@@ -106,12 +107,37 @@ def launch(cfg: TrainConfig, make_task: Callable, pre_checks: Callable | None = 
         raise SystemExit(code)
 
 
+
+def _dry_run(cfg: TrainConfig, model_cfg: ModelConfig, world: int, frozen: list) -> None:
+    """The plan of one rank at data.seq_len, then, with stages or CP, the smallest cp_size per
+    stage (`train.plan_cp`); a layout the planner rejects is one `error:` line."""
+    from .plan import make_plan
+    from .plan_cp import stage_lines
+
+    bf16 = cfg.dtype != "fp32"
+    try:
+        plan = make_plan(model_cfg, world, cfg.parallel.ep_size, cfg.data.micro_batch,
+                         cfg.data.seq_len,
+                         sequences_at(cfg, cfg.batch.global_batch, cfg.data.seq_len) or 1, bf16,
+                         cfg.activation_checkpointing, frozen_models=frozen,
+                         zero_stage=cfg.parallel.zero_stage, cp=cfg.parallel.cp_size)
+    except ValueError as e:
+        raise _fail(f"{e}") from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"dry run: conf={cfg.run_name} ({cfg.model.preset})\n{plan.format()}")
+        stages = stage_sizes(cfg)
+        if len(stages) > 1 or cfg.parallel.cp_size > 1:
+            print("\n".join(stage_lines(
+                model_cfg, world, cfg.parallel.ep_size, stages, STAGE_BUDGET_GIB,
+                cfg.parallel.zero_stage, cfg.activation_checkpointing, cfg.data.micro_batch)))
+
 def _train(cfg: TrainConfig, make_task: Callable, model_cfg: ModelConfig, frozen: list) -> int:
     """Process group, saved config, trainer and task; -> the trainer's exit code (0, or 128 +
     a stop signal). Mistakes in the user's files (data, checkpoints) end it as one line."""
     from data.config import DataError
 
     from .checkpoint import CheckpointError
+    from .context_parallel import StageLayoutError
     from .dist import init_distributed
     from .init import adopt_tokenizer
     from .task import StageDeclined
@@ -126,7 +152,7 @@ def _train(cfg: TrainConfig, make_task: Callable, model_cfg: ModelConfig, frozen
     try:  # fit and resume checks before any data work
         trainer = Trainer(cfg, info, model_cfg, frozen_models=frozen)
         trainer.run(make_task(cfg, info, model_cfg))
-    except (CheckpointError, DataError, FileNotFoundError) as e:  # the user's files, named
+    except (CheckpointError, DataError, FileNotFoundError, StageLayoutError) as e:
         raise SystemExit(f"error: {e}" if info.is_main else 1) from None
     except StageDeclined as e:  # nothing trained, nothing saved: say why, plainly
         if info.is_main:

@@ -97,6 +97,7 @@ class Plan:
     checkpointing: str = "off"
     workspace: float = 0.0        # transient: Newton-Schulz and all-reduce buffers
     step_grads: float = 0.0       # gradient bytes still held during the optimizer step
+    cp: int = 1                   # context parallelism: world = dp x cp
 
     @property
     def frozen_bytes(self) -> float:
@@ -112,14 +113,17 @@ class Plan:
     def format(self) -> str:
         gib = 2 ** 30
         rows = [
-            f"world {self.world} = data-parallel {self.dp} (expert-parallel {self.ep}), "
+            f"world {self.world} = data-parallel {self.dp} x context-parallel {self.cp} "
+            f"(expert-parallel {self.ep}), "
             f"zero_stage {self.zero_stage}, activation checkpointing {self.checkpointing}",
             f"parameters: {self.total_params / 1e9:.2f}B total, "
             f"{self.activated_params / 1e9:.2f}B activated per token, "
             f"{self.params_per_rank / 1e9:.2f}B resident per rank",
             f"tokens per step: {self.tokens_per_step:,} "
             f"(micro-batch {self.micro_batch} x seq {self.seq_len} x accumulation "
-            f"{self.grad_accum} x dp {self.dp})",
+            f"{self.grad_accum} x dp {self.dp}"
+            + (f"; each sequence over {self.cp} ranks, {self.seq_len // self.cp:,} tokens each"
+               if self.cp > 1 else "") + ")",
             "memory per rank:",
             f"  weights      {self.weights / gib:10.2f} GiB",
             f"  gradients    {self.grads / gib:10.2f} GiB",
@@ -146,16 +150,21 @@ class Plan:
 
 
 def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, dtype_bytes: int,
-                     checkpointing: str) -> float:
-    """Saved activations of one micro-batch. Per token and block without checkpointing:
-    the hc streams a few times over (mHC pre/post in fp32: ~6·hc·d·4), the attention
-    projections and output (~(2·q_lora + 3·heads·c + g·o_lora)·dtype), fp32 softmax over the
-    window (~heads·2w·4) and the MoE (k·(3·inter + d)·dtype). Block checkpointing keeps only each
+                     checkpointing: str, context: int | None = None,
+                     csa_dense: bool = False) -> float:
+    """Saved activations of one micro-batch of `seq_len` tokens per row (this rank's under
+    context parallelism) in rows of `context` tokens (default `seq_len`). Per token and block
+    without checkpointing: the hc streams a few times over (mHC pre/post in fp32: ~6·hc·d·4),
+    the attention projections and output (~(2·q_lora + 3·heads·c + g·o_lora)·dtype), fp32
+    scores and probabilities over the window (~heads·2w·4) and over the compressed entries a
+    query scores (`compressed_entries`: HCA's context/m grow with the row, so long rows are
+    superlinear) and the MoE (k·(3·inter + d)·dtype). Block checkpointing keeps only each
     block's input streams plus one block's full set; selective keeps the mHC part."""
     tokens = micro_batch * seq_len
     hc_bytes = 6 * cfg.hc_mult * cfg.dim * 4
-    attn = (2 * cfg.q_lora_rank + 3 * cfg.n_heads * cfg.head_dim
-            + cfg.o_groups * cfg.o_lora_rank) * dtype_bytes + cfg.n_heads * 2 * cfg.window_size * 4
+    attn = ((2 * cfg.q_lora_rank + 3 * cfg.n_heads * cfg.head_dim
+             + cfg.o_groups * cfg.o_lora_rank) * dtype_bytes + cfg.n_heads * 2 * cfg.window_size * 4
+            + cfg.n_heads * 2 * 4 * compressed_entries(cfg, context or seq_len, csa_dense))
     moe = cfg.n_activated_experts * (3 * cfg.moe_inter_dim + cfg.dim) * dtype_bytes
     full = hc_bytes + attn + moe
     blocks = cfg.n_layers + cfg.n_mtp_layers
@@ -167,6 +176,18 @@ def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, dtype_byt
     else:
         per_token = blocks * full
     return tokens * (per_token + logits)
+
+
+def compressed_entries(cfg: ModelConfig, context: int, csa_dense: bool = False) -> int:
+    """The most compressed entries one query scores in any layer, in rows of `context`: all of
+    an HCA layer's context/m, a CSA layer's top-k (all context/4 in the dense phase)."""
+    most = 0
+    for ratio in cfg.compress_ratios[:cfg.n_layers + cfg.n_mtp_layers]:
+        if ratio == 4:
+            most = max(most, context // 4 if csa_dense else min(cfg.index_topk, context // 4))
+        elif ratio:
+            most = max(most, context // ratio)
+    return most
 
 
 def _ring_seconds(nbytes: float, group: int, stride: int, links: Links) -> tuple[float, str]:
@@ -335,10 +356,15 @@ def frozen_weight_bytes(cfg: ModelConfig, ep: int, dtype_bytes: int) -> tuple[in
 def make_plan(cfg: ModelConfig, world: int, ep: int, micro_batch: int, seq_len: int,
               global_batch: int, bf16: bool, checkpointing: str,
               frozen_models: list | tuple = (), links: Links = Links(),
-              zero_stage: int = 0) -> Plan:
+              zero_stage: int = 0, cp: int = 1, csa_dense: bool = False) -> Plan:
     """`frozen_models`: (name, ModelConfig, dtype) per frozen model a stage holds besides the
     policy, dtype "bf16" | "fp32" (or a torch dtype); planned as weights only. `links`: the
-    bandwidths of the communication estimate. `zero_stage`: 0 to 3 (`optim.zero`)."""
+    bandwidths of the communication estimate. `zero_stage`: 0 to 3 (`optim.zero`). `cp`:
+    context parallelism (world = data-parallel x cp; parameters, gradients and optimizer state
+    are shared over all `world` ranks as without it, activations are seq_len / cp tokens per
+    row, plus the attention exchange of `train.plan_cp`). `csa_dense`: the dense-CSA phase."""
+    from .plan_cp import cp_comm_term
+
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"parallel.zero_stage={zero_stage}: choose 0, 1, 2 or 3")
     if ep < 1 or world % ep:
@@ -346,10 +372,12 @@ def make_plan(cfg: ModelConfig, world: int, ep: int, micro_batch: int, seq_len: 
     if cfg.n_routed_experts % ep:
         raise ValueError(f"parallel.ep_size={ep} must divide n_routed_experts="
                          f"{cfg.n_routed_experts}")
-    dp = world
-    if global_batch % (micro_batch * dp):
+    if cp < 1 or world % cp:
+        raise ValueError(f"parallel.cp_size={cp} must divide the world size {world}")
+    dp = world  # the ranks sharing every parameter (data- and context-parallel alike)
+    if global_batch % (micro_batch * (world // cp)):
         raise ValueError(f"batch.global_batch={global_batch} must be a multiple of "
-                         f"data.micro_batch={micro_batch} x data-parallel size {dp}")
+                         f"data.micro_batch={micro_batch} x data-parallel size {world // cp}")
     total, activated, resident, muon, adamw, expert_muon, expert_local = _counts(cfg, ep)
     w_bytes = 2 if bf16 else 4
     edp = dp // ep
@@ -381,22 +409,27 @@ def make_plan(cfg: ModelConfig, world: int, ep: int, micro_batch: int, seq_len: 
         grads = resident * w_bytes + (local + owned) * 4 + min(BUCKET, owned) * 4
         step_grads = owned * 4                          # the owners' reduced fp32 gradients
         optimizer = muon * 4 / dp + expert_muon * 4 / edp + adamw * 8 / dp
-    acts = activation_bytes(cfg, micro_batch, seq_len, w_bytes, checkpointing)
+    acts = activation_bytes(cfg, micro_batch, seq_len // cp, w_bytes, checkpointing, seq_len,
+                            csa_dense)
     frozen = []
     for name, fcfg, dtype in frozen_models:
         if fcfg.n_routed_experts % ep:
             raise ValueError(f"frozen model {name}: parallel.ep_size={ep} must divide its "
                              f"n_routed_experts={fcfg.n_routed_experts}")
         frozen.append((name, *frozen_weight_bytes(fcfg, ep, _dtype_bytes(dtype, name))))
-    accum = global_batch // (micro_batch * dp)
+    accum = global_batch // (micro_batch * (world // cp))
     comm = comm_terms(cfg, dp, ep, resident - expert_local, expert_local, muon, expert_muon,
-                      micro_batch * seq_len * accum, w_bytes, w_bytes, checkpointing, links,
+                      micro_batch * seq_len // cp * accum, w_bytes, w_bytes, checkpointing, links,
                       zero_stage, accum, block_dense, block_experts)
-    return Plan(world, dp, ep, total, int(activated), resident, weights, grads, optimizer, acts,
+    if cp > 1:
+        comm += (cp_comm_term(cfg, seq_len, cp, micro_batch * accum, w_bytes, checkpointing,
+                              links),)
+    return Plan(world, world // cp, ep, total, int(activated), resident, weights, grads,
+                optimizer, acts,
                 global_batch * seq_len, micro_batch, seq_len, accum,
                 expert_local, dispatch_bytes_per_token(cfg, ep, w_bytes), tuple(frozen), comm,
                 zero_stage, checkpointing, workspace_bytes(cfg, dp, ep, zero_stage, resident, bf16),
-                step_grads)
+                step_grads, cp)
 
 
 def _dtype_bytes(dtype, name: str) -> int:

@@ -10,6 +10,7 @@ from typing import Any
 from model.config import ModelConfig
 
 from .config import TrainConfig
+from .context_parallel import data_rank
 from .dist import DistInfo, forwards_are_collective
 from .recipe import Phase
 from .task import EvalResult, LossOutput, held_out_loss, labelled_tokens, lm_objective
@@ -28,11 +29,15 @@ def data_config(cfg: TrainConfig):
 
 class PretrainTask:
     train_mtp = True
+    context_parallel = True  # parallel.cp_size > 1 runs (train/context_parallel.py)
 
     def __init__(self, cfg: TrainConfig, info: DistInfo, model_cfg: ModelConfig):
         from data.pretrain import make_train_loader, make_val_loader, prepare_pretrain
 
         self.cfg, self.info, self.model_cfg = cfg, info, model_cfg
+        # ranks of one context-parallel group read the same rows
+        self.cp_size = cfg.parallel.cp_size
+        self.dp_rank, self.dp_world = data_rank(info.rank, info.world, self.cp_size)
         self.data_cfg = data_config(cfg)
         self._make_train, self._make_val = make_train_loader, make_val_loader
         self._prepared: dict[int, Any] = {}
@@ -59,7 +64,7 @@ class PretrainTask:
     def train_loader(self, seq_len: int, stage: int):
         # each sequence-length stage draws its own shuffled pass over the data
         return self._make_train(self.prepared(seq_len), self.data_cfg, seq_len,
-                                self.cfg.data.micro_batch, self.info.rank, self.info.world,
+                                self.cfg.data.micro_batch, self.dp_rank, self.dp_world,
                                 self.cfg.seed + 1000 * stage)
 
     def batches(self, step: int, n_micro: int, phase: Phase, model) -> list[dict[str, Any]]:
@@ -91,7 +96,9 @@ class PretrainTask:
 
     # ------------------------------------------------------------------ loss
     def count(self, batch: dict[str, Any]) -> float:
-        return labelled_tokens(batch["labels"])
+        # whole rows on every rank of a CP group, each computing 1/cp_size of them: the
+        # group's counts add up to the rows' (the trainer only uses the global sum)
+        return labelled_tokens(batch["labels"]) / self.cp_size
 
     def loss(self, model, batch, phase: Phase) -> LossOutput:
         return lm_objective(model, batch, phase, self.cfg.recipe, train_mtp=True)
@@ -100,8 +107,8 @@ class PretrainTask:
     def val_loader(self, seq_len: int):
         if seq_len not in self._val:
             self._val[seq_len] = self._make_val(self.prepared(seq_len), seq_len,
-                                                self.cfg.data.micro_batch, self.info.rank,
-                                                self.info.world, self.cfg.logging.eval_batches)
+                                                self.cfg.data.micro_batch, self.dp_rank,
+                                                self.dp_world, self.cfg.logging.eval_batches)
         return self._val[seq_len]
 
     def held_out_loss(self, model, seq_len: int) -> dict[str, float]:

@@ -36,12 +36,13 @@ from optim.zero import sharded_state
 from optim.schedule import LRSchedule, batch_size_ramp, make_scheduler
 
 from . import checkpoint as ckpt
+from . import context_parallel as cp
 from . import expert_parallel as ep
 from . import faults
 from . import guards
 from . import init
 from .activation import apply_activation_checkpointing
-from .config import TrainConfig, validate_config
+from .config import TrainConfig, batch_seq_len, sequences_at, validate_config
 from .engine_config import deepspeed_config
 from .dist import DistInfo, all_reduce_sum, any_rank, barrier, release_shm_workspace
 from .metrics import MetricsLogger, detect_peak_tflops, flops_per_token, memory_bytes
@@ -77,6 +78,8 @@ class Trainer:
         self.cfg, self.info, self.model_cfg = cfg, info, model_cfg
         self.frozen_models = list(frozen_models)
         validate_config(cfg, info.world, model_cfg)
+        # context parallelism: ranks of one CP group read the same rows (train/context_parallel)
+        self.dp_rank, self.dp_world = cp.data_rank(info.rank, info.world, cfg.parallel.cp_size)
         self.run_dir = Path(cfg.run_dir)
         self.bf16 = (cfg.dtype == "bf16" or (cfg.dtype == "auto" and info.device.type == "cuda"))
         self.sharded = sharded_state(cfg.parallel.zero_stage)
@@ -107,20 +110,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up
     def grad_accum(self, global_batch: int) -> int:
-        per_step = self.cfg.data.micro_batch * self.info.world
+        per_step = self.cfg.data.micro_batch * self.dp_world
         if global_batch % per_step:
             raise ValueError(f"batch.global_batch={global_batch} must be a multiple of "
-                             f"data.micro_batch={self.cfg.data.micro_batch} x world size "
-                             f"{self.info.world}")
+                             f"data.micro_batch={self.cfg.data.micro_batch} x data-parallel "
+                             f"size {self.dp_world}")
         return global_batch // per_step
 
     def check_fit(self) -> None:
         """Stops before allocating when the plan cannot fit this machine's devices."""
         cfg = self.cfg
         plan = make_plan(self.model_cfg, self.info.world, cfg.parallel.ep_size,
-                         cfg.data.micro_batch, cfg.data.seq_len, cfg.batch.global_batch,
-                         self.bf16, cfg.activation_checkpointing,
-                         frozen_models=self.frozen_models, zero_stage=cfg.parallel.zero_stage)
+                         cfg.data.micro_batch, cfg.data.seq_len,
+                         sequences_at(cfg, cfg.batch.global_batch, cfg.data.seq_len)
+                         or cfg.batch.global_batch, self.bf16, cfg.activation_checkpointing,
+                         frozen_models=self.frozen_models, zero_stage=cfg.parallel.zero_stage,
+                         cp=cfg.parallel.cp_size)
         limit = available_memory(self.info.device)
         if plan.total > 0.9 * limit:
             raise SystemExit(
@@ -147,6 +152,8 @@ class Trainer:
         if self.ep is not None:
             ep.mark_expert_params(self.model, self.ep)
         self.model.init_weights()
+        if cfg.parallel.cp_size > 1:
+            self.model.context_parallel = cp.create(cfg.parallel.cp_size, info.rank, info.world)
         # init_from: this rank's share of the starting weights, before the optimizer sees them
         init.apply_init_from(self.init_source, self.model, info, self.run_dir,
                              getattr(self, "task", None))
@@ -182,7 +189,7 @@ class Trainer:
         else:
             raise ValueError(f"optim.name={cfg.optim.name!r}: choose muon or adamw")
         self.scheduler = make_scheduler(self.optimizer, self.schedule)
-        self.gas = self.grad_accum(self.global_batch_at(0))
+        self.gas = self.grad_accum(self.global_batch_at(0, self.phase_for(0).seq_len))
         if self.ep is not None:
             ep.check_expert_marks(self.model, self.ep)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -199,12 +206,18 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.model_cfg, counts.activated, cfg.data.seq_len)
         self.peak_flops = (cfg.logging.peak_tflops or detect_peak_tflops(info.device) or 0) * 1e12
 
-    def global_batch_at(self, tokens_consumed: int) -> int:
-        b = self.cfg.batch
-        if b.ramp_start is None:
-            return b.global_batch
-        return batch_size_ramp(tokens_consumed, b.ramp_start, b.global_batch, b.ramp_tokens,
-                               multiple_of=self.cfg.data.micro_batch * self.info.world)
+    def global_batch_at(self, tokens_consumed: int, seq_len: int) -> int:
+        """Sequences in the step after `tokens_consumed` tokens, at a stage of `seq_len`: the
+        ramp's value, counted in sequences of data.seq_len, and with `batch.per_stage=tokens`
+        rescaled to hold the same tokens at `seq_len` (a whole multiple of the sequences one
+        micro-step reads; the ramp's intermediate values round down to one)."""
+        b, per_step = self.cfg.batch, self.cfg.data.micro_batch * self.dp_world
+        n = b.global_batch if b.ramp_start is None else batch_size_ramp(
+            tokens_consumed, b.ramp_start, b.global_batch, b.ramp_tokens, multiple_of=per_step)
+        base = batch_seq_len(self.cfg)
+        if b.per_stage == "tokens" and seq_len != base:
+            n = max(per_step, n * base // seq_len // per_step * per_step)
+        return n
 
     # ------------------------------------------------------------------ phases and data
     def enter_phase(self, phase: Phase) -> None:
@@ -216,6 +229,20 @@ class Trainer:
             p.requires_grad_((not phase.indexer_only or ".attn.indexer." in name)
                              and (self.task.train_mtp or not name.startswith("mtp.")))
         self.phase = phase
+
+    def check_stage_layout(self, seq_len: int, save: bool) -> None:
+        """At a sequence-length stage this layout cannot run (chunks too short, or the stage's
+        sequences not a multiple of micro-batch x data-parallel size): stop with the cp_size to
+        resume with (`train.context_parallel.StageLayoutError`), after a checkpoint of this
+        step when `save` (a switch mid-run; at start-up the resumed checkpoint is that one)."""
+        problem = cp.layout_problem(self.model_cfg, self.cfg, self.info.world, seq_len)
+        if problem is None:
+            return
+        if save:
+            self.save()
+        where = (f"; the checkpoint of step {self.step} resumes it" if self.step else "")
+        raise cp.StageLayoutError(f"step {self.step}: the stage of {seq_len}-token sequences "
+                                  f"{problem}{where}")
 
     def phase_for(self, step: int) -> Phase:
         return phase_at(step, self.cfg.recipe, self.schedule.decay_start, self.cfg.data.seq_len)
@@ -255,9 +282,9 @@ class Trainer:
         sums = all_reduce_sum(self.sums.to(info.device)).cpu()
         loss, *terms = (sums / max(self.global_count, 1.0)).tolist()
         self.last_ep_metrics = ep.dispatch_metrics(self.model, self.ep, counts)  # this step's
-        tokens = sum(b["input_ids"].numel() for b in batches)
+        tokens = sum(b["input_ids"].numel() for b in batches)  # whole rows: once per CP group
         return StepStats(loss, dict(zip(self.metric_names, terms)), grad_norm, skip,
-                         tokens * info.world, no_signal=hold and not skip)
+                         tokens * self.dp_world, no_signal=hold and not skip)
 
     def signal_in(self, batches: list[dict[str, Any]]) -> bool:
         """Whether this step's loss can teach anything, on any rank: some unit to count (the
@@ -390,7 +417,8 @@ class Trainer:
         `tokens_seen` was saved: every step (skipped or not) consumes global_batch × seq_len."""
         tokens = 0
         for s in range(steps):
-            tokens += self.global_batch_at(tokens) * self.phase_for(s).seq_len
+            seq_len = self.phase_for(s).seq_len
+            tokens += self.global_batch_at(tokens, seq_len) * seq_len
         return tokens
 
     def resume(self) -> None:
@@ -431,6 +459,9 @@ class Trainer:
 
     def run(self, task: Task) -> None:
         cfg, info = self.cfg, self.info
+        if cfg.parallel.cp_size > 1 and not getattr(task, "context_parallel", False):
+            raise ValueError(f"parallel.cp_size={cfg.parallel.cp_size}: context parallelism is "
+                             f"for pre-training; this stage needs parallel.cp_size=1")
         self.task = task
         if hasattr(task, "stop_check"):
             task.stop_check = self.should_stop
@@ -444,14 +475,17 @@ class Trainer:
         self.logger = MetricsLogger(self.run_dir, info.is_main, cfg.steps, self.step,
                                     cfg.logging.wandb, OmegaConf.to_container(cfg, resolve=True),
                                     cfg.logging.progress)
+        self.check_stage_layout(self.phase_for(self.step).seq_len, save=False)
         self.enter_phase(self.phase_for(self.step))
         error = None
         try:
             while self.step < cfg.steps:
                 phase = self.phase_for(self.step)
+                if phase.seq_len != self.phase.seq_len:
+                    self.check_stage_layout(phase.seq_len, save=True)
                 if phase != self.phase:
                     self.enter_phase(phase)
-                new_gas = self.grad_accum(self.global_batch_at(self.tokens_seen))
+                new_gas = self.grad_accum(self.global_batch_at(self.tokens_seen, phase.seq_len))
                 if new_gas != self.gas:
                     self.gas = new_gas
                     self.engine.set_train_batch_size(cfg.data.micro_batch * new_gas * info.world)
@@ -535,7 +569,7 @@ class Trainer:
                    "step_seconds": seconds, "memory_gib": memory_bytes(self.info.device) / 2**30,
                    "skipped_steps": self.skipped_steps, "csa_mode": self.phase.csa_mode,
                    "steps_without_signal": self.steps_without_signal,
-                   "global_batch": self.gas * self.cfg.data.micro_batch * self.info.world,
+                   "global_batch": self.gas * self.cfg.data.micro_batch * self.dp_world,
                    "tokens_seen": self.tokens_seen,
                    "seq_len": self.phase.seq_len,
                    "expert_imbalance_max": max(imbalance),
