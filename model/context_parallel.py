@@ -40,6 +40,7 @@ class ContextParallel:
         if size < 1 or not 0 <= rank < size:
             raise ValueError(f"context parallel: rank {rank} of size {size}")
         self.size, self.rank, self.group = size, rank, group
+        self.bytes_sent = 0  # by this rank's exchanges so far (a ring collective's share)
 
     def chunks(self) -> tuple[int, int]:
         """The global chunk indices this rank holds, in local order."""
@@ -78,6 +79,7 @@ class ContextParallel:
         ops = [dist.P2POp(dist.irecv, t, self.peer(r), self.group) for r, t in recv.items()]
         ops += [dist.P2POp(dist.isend, t.contiguous(), self.peer(r), self.group)
                 for r, t in send.items()]
+        self.bytes_sent += sum(t.nbytes for t in send.values())
         for req in dist.batch_isend_irecv(ops):
             req.wait()
 
@@ -98,6 +100,7 @@ class _AllReduce(torch.autograd.Function):
         ctx.cp = cp
         out = t.clone()
         dist.all_reduce(out, group=cp.group)
+        cp.bytes_sent += _ring_bytes(out, cp.size, all_reduce=True)
         return out
 
     @staticmethod
@@ -106,7 +109,14 @@ class _AllReduce(torch.autograd.Function):
 
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, group=ctx.cp.group)
+        ctx.cp.bytes_sent += _ring_bytes(grad, ctx.cp.size, all_reduce=True)
         return grad, None
+
+
+def _ring_bytes(t: torch.Tensor, size: int, all_reduce: bool) -> int:
+    """What one rank sends in a ring collective over a tensor of `t`'s size (the gathered
+    or reduced one): (size − 1)/size of it, twice for an all-reduce."""
+    return int(t.nbytes * (size - 1) / size * (2 if all_reduce else 1))
 
 
 class _AllGather(torch.autograd.Function):
@@ -117,6 +127,7 @@ class _AllGather(torch.autograd.Function):
         ctx.cp = cp
         parts = [torch.empty_like(t) for _ in range(cp.size)]
         dist.all_gather(parts, t.contiguous(), group=cp.group)
+        cp.bytes_sent += (cp.size - 1) * t.nbytes
         return torch.stack(parts)
 
     @staticmethod
@@ -126,6 +137,7 @@ class _AllGather(torch.autograd.Function):
 
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, group=ctx.cp.group)
+        ctx.cp.bytes_sent += _ring_bytes(grad, ctx.cp.size, all_reduce=True)
         return grad[ctx.cp.rank], None
 
 
