@@ -226,6 +226,11 @@ class SequenceShard:
         """Whole rows `[batch, seq, ...]` → this rank's tokens `[batch, 2·chunk, ...]`."""
         return self.cp.take(t)
 
+    def take_all(self, *tensors):
+        """`take` of each argument; None stays None, a list (per-block routes) per element."""
+        pick = lambda t: None if t is None else self.take(t)
+        return tuple([pick(r) for r in t] if isinstance(t, list) else pick(t) for t in tensors)
+
     def rows(self, t: torch.Tensor) -> torch.Tensor:
         """Local `[batch, 2·chunk, ...]` → one row per chunk `[2·batch, chunk, ...]` (a view)."""
         return t.reshape(t.shape[0] * 2, self.chunk, *t.shape[2:])

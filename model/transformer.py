@@ -219,11 +219,8 @@ class Transformer(nn.Module):
             if logits_index is not None:
                 raise ValueError("logits_index: not supported under context parallelism")
             shard = self.context_parallel.shard(doc_ids, positions)
-            input_ids, doc_ids, positions, token_mask, next_ids = (
-                None if t is None else shard.take(t)
-                for t in (input_ids, doc_ids, positions, token_mask, next_ids))
-            routes = None if routes is None else [r if r is None else shard.take(r)
-                                                  for r in routes]
+            input_ids, doc_ids, positions, token_mask, next_ids, routes = shard.take_all(
+                input_ids, doc_ids, positions, token_mask, next_ids, routes)
         freqs = {c: rope_frequencies(cfg, c).to(input_ids.device) for c in (False, True)}
         indexer_loss = self.compute_indexer_loss and torch.is_grad_enabled() and cache is None
         ctx = AttentionContext(doc_ids, positions, freqs, self.csa_mode, indexer_loss,

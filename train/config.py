@@ -318,6 +318,22 @@ def sequences_at(cfg: Any, global_batch: int, seq_len: int) -> int | None:
     return stage_batch(global_batch, batch_seq_len(cfg), seq_len)
 
 
+def step_sequences(cfg: Any, tokens_consumed: int, seq_len: int, per_step: int) -> int:
+    """Sequences in the step after `tokens_consumed` tokens, at a stage of `seq_len`, a multiple
+    of `per_step` (micro-batch x data-parallel size): the ramp's value, counted in sequences of
+    `batch_seq_len`, and with `batch.per_stage=tokens` rescaled to hold the same tokens at
+    `seq_len` (the ramp's intermediate values round down to a multiple)."""
+    from optim.schedule import batch_size_ramp
+
+    b = cfg.batch
+    n = b.global_batch if b.ramp_start is None else batch_size_ramp(
+        tokens_consumed, b.ramp_start, b.global_batch, b.ramp_tokens, multiple_of=per_step)
+    base = batch_seq_len(cfg)
+    if b.per_stage == "tokens" and seq_len != base:
+        n = max(per_step, n * base // seq_len // per_step * per_step)
+    return n
+
+
 def stage_batch(global_batch: int, base_len: int, seq_len: int) -> int | None:
     """Sequences per step at `seq_len` that hold the tokens of `global_batch` sequences of
     `base_len`; None when that is not a whole number."""

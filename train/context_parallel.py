@@ -86,6 +86,18 @@ def layout_problem(cfg: ModelConfig, train_cfg, world: int, seq_len: int) -> str
             f"{seq_len // (2 * cp_size)} tokens); {hint}")
 
 
+def stage_error(cfg: ModelConfig, train_cfg, world: int, seq_len: int,
+                step: int) -> StageLayoutError | None:
+    """The error that stops a run at step `step` entering a stage of `seq_len` its layout cannot
+    run (chunks too short, or the stage's sequences not a multiple of micro-batch x
+    data-parallel size), naming the cp_size to resume with; None if it can run."""
+    problem = layout_problem(cfg, train_cfg, world, seq_len)
+    if problem is None:
+        return None
+    where = f"; the checkpoint of step {step} resumes it" if step else ""
+    return StageLayoutError(f"step {step}: the stage of {seq_len}-token sequences {problem}{where}")
+
+
 def data_rank(rank: int, world: int, cp_size: int) -> tuple[int, int]:
     """(data-parallel rank, data-parallel size) of a rank."""
     return rank // cp_size, world // cp_size

@@ -33,7 +33,7 @@ from optim import MuonAdamW, build_optimizer, check_zero_stage
 from optim.build import split_expert_groups
 from optim.weight_sharding import BlockWeightSharding
 from optim.zero import sharded_state
-from optim.schedule import LRSchedule, batch_size_ramp, make_scheduler
+from optim.schedule import LRSchedule, make_scheduler
 
 from . import checkpoint as ckpt
 from . import context_parallel as cp
@@ -42,7 +42,7 @@ from . import faults
 from . import guards
 from . import init
 from .activation import apply_activation_checkpointing
-from .config import TrainConfig, batch_seq_len, sequences_at, validate_config
+from .config import TrainConfig, sequences_at, step_sequences, validate_config
 from .engine_config import deepspeed_config
 from .dist import DistInfo, all_reduce_sum, any_rank, barrier, release_shm_workspace
 from .metrics import MetricsLogger, detect_peak_tflops, flops_per_token, memory_bytes
@@ -207,17 +207,8 @@ class Trainer:
         self.peak_flops = (cfg.logging.peak_tflops or detect_peak_tflops(info.device) or 0) * 1e12
 
     def global_batch_at(self, tokens_consumed: int, seq_len: int) -> int:
-        """Sequences in the step after `tokens_consumed` tokens, at a stage of `seq_len`: the
-        ramp's value, counted in sequences of data.seq_len, and with `batch.per_stage=tokens`
-        rescaled to hold the same tokens at `seq_len` (a whole multiple of the sequences one
-        micro-step reads; the ramp's intermediate values round down to one)."""
-        b, per_step = self.cfg.batch, self.cfg.data.micro_batch * self.dp_world
-        n = b.global_batch if b.ramp_start is None else batch_size_ramp(
-            tokens_consumed, b.ramp_start, b.global_batch, b.ramp_tokens, multiple_of=per_step)
-        base = batch_seq_len(self.cfg)
-        if b.per_stage == "tokens" and seq_len != base:
-            n = max(per_step, n * base // seq_len // per_step * per_step)
-        return n
+        return step_sequences(self.cfg, tokens_consumed, seq_len,
+                              self.cfg.data.micro_batch * self.dp_world)
 
     # ------------------------------------------------------------------ phases and data
     def enter_phase(self, phase: Phase) -> None:
@@ -231,18 +222,13 @@ class Trainer:
         self.phase = phase
 
     def check_stage_layout(self, seq_len: int, save: bool) -> None:
-        """At a sequence-length stage this layout cannot run (chunks too short, or the stage's
-        sequences not a multiple of micro-batch x data-parallel size): stop with the cp_size to
-        resume with (`train.context_parallel.StageLayoutError`), after a checkpoint of this
-        step when `save` (a switch mid-run; at start-up the resumed checkpoint is that one)."""
-        problem = cp.layout_problem(self.model_cfg, self.cfg, self.info.world, seq_len)
-        if problem is None:
-            return
-        if save:
-            self.save()
-        where = (f"; the checkpoint of step {self.step} resumes it" if self.step else "")
-        raise cp.StageLayoutError(f"step {self.step}: the stage of {seq_len}-token sequences "
-                                  f"{problem}{where}")
+        """A stage this layout cannot run stops the run (after a checkpoint of this step when
+        `save`: a switch mid-run; at start-up the resumed checkpoint is that one)."""
+        error = cp.stage_error(self.model_cfg, self.cfg, self.info.world, seq_len, self.step)
+        if error is not None:
+            if save:
+                self.save()
+            raise error
 
     def phase_for(self, step: int) -> Phase:
         return phase_at(step, self.cfg.recipe, self.schedule.decay_start, self.cfg.data.seq_len)
