@@ -57,7 +57,11 @@ def validate(cfg: ModelConfig, world: int, cp_size: int, seq_lens: list[int]) ->
                              f"use parallel.cp_size={best}")
 
 
-class StageLayoutError(Exception):
+class ContextParallelError(Exception):
+    """A layout context parallelism cannot run (reported as one `error:` line)."""
+
+
+class StageLayoutError(ContextParallelError):
     """A sequence-length stage this run's layout cannot run; a checkpoint was written first."""
 
 

@@ -137,7 +137,7 @@ def _train(cfg: TrainConfig, make_task: Callable, model_cfg: ModelConfig, frozen
     from data.config import DataError
 
     from .checkpoint import CheckpointError
-    from .context_parallel import StageLayoutError
+    from .context_parallel import ContextParallelError
     from .dist import init_distributed
     from .init import adopt_tokenizer
     from .task import StageDeclined
@@ -152,7 +152,7 @@ def _train(cfg: TrainConfig, make_task: Callable, model_cfg: ModelConfig, frozen
     try:  # fit and resume checks before any data work
         trainer = Trainer(cfg, info, model_cfg, frozen_models=frozen)
         trainer.run(make_task(cfg, info, model_cfg))
-    except (CheckpointError, DataError, FileNotFoundError, StageLayoutError) as e:
+    except (CheckpointError, DataError, FileNotFoundError, ContextParallelError) as e:
         raise SystemExit(f"error: {e}" if info.is_main else 1) from None
     except StageDeclined as e:  # nothing trained, nothing saved: say why, plainly
         if info.is_main:

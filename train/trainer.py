@@ -446,8 +446,9 @@ class Trainer:
     def run(self, task: Task) -> None:
         cfg, info = self.cfg, self.info
         if cfg.parallel.cp_size > 1 and not getattr(task, "context_parallel", False):
-            raise ValueError(f"parallel.cp_size={cfg.parallel.cp_size}: context parallelism is "
-                             f"for pre-training; this stage needs parallel.cp_size=1")
+            raise cp.ContextParallelError(
+                f"parallel.cp_size={cfg.parallel.cp_size}: context parallelism is for "
+                f"pre-training; this stage needs parallel.cp_size=1")
         self.task = task
         if hasattr(task, "stop_check"):
             task.stop_check = self.should_stop

@@ -21,7 +21,8 @@ from tests.train.test_pretrain_e2e import ENV, FAST, REPO, _port, losses, run
 # 2 → 8 sequences over 2560 tokens (steps of 256-512 tokens): the batch grows at step 5, after
 # the resume point; the sequence stage at step 3 makes the resume land on a stage boundary
 RAMP = ["steps=6", "checkpoint.every=0", "batch.ramp_start=2", "batch.global_batch=8",
-        "batch.ramp_tokens=2560", "recipe.seq_len_stages=[{step:3,seq_len:64}]"]
+        "batch.ramp_tokens=2560", "recipe.seq_len_stages=[{step:3,seq_len:64}]",
+        "batch.per_stage=sequences"]  # the sequence count, not the tokens, kept across stages
 
 
 def rows(run_dir):

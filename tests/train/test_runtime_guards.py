@@ -187,10 +187,13 @@ def test_first_non_finite_eval_stops_and_a_later_one_is_reported():
 def test_replayed_tokens_of_old_checkpoints_match_the_ramp():
     """The tokens an old checkpoint (no `tokens_seen`) consumed, replayed from the config:
     the values the ramp e2e run logs (2 → 8 sequences over 2560 tokens, seq 128 then 64)."""
-    cfg = SimpleNamespace(batch=SimpleNamespace(ramp_start=2, global_batch=8, ramp_tokens=2560),
-                          data=SimpleNamespace(micro_batch=2))
-    trainer = SimpleNamespace(cfg=cfg, info=SimpleNamespace(world=1))
-    trainer.global_batch_at = lambda tokens: Trainer.global_batch_at(trainer, tokens)
+    cfg = SimpleNamespace(batch=SimpleNamespace(ramp_start=2, global_batch=8, ramp_tokens=2560,
+                                                per_stage="sequences"),
+                          data=SimpleNamespace(micro_batch=2, seq_len=128),
+                          recipe=SimpleNamespace(seq_len_stages=[]))
+    trainer = SimpleNamespace(cfg=cfg, info=SimpleNamespace(world=1), dp_world=1)
+    trainer.global_batch_at = lambda tokens, seq_len: Trainer.global_batch_at(trainer, tokens,
+                                                                              seq_len)
     trainer.phase_for = lambda step: SimpleNamespace(seq_len=128 if step < 3 else 64)
     assert [Trainer.replay_tokens(trainer, n) for n in range(7)] == \
         [0, 256, 512, 768, 896, 1152, 1408]

@@ -171,6 +171,20 @@ def test_torchrun_launcher(base_ckpt, tmp_path):
     assert (run / "checkpoints" / "step_00000002" / "trainer_rank1.pt").exists()
 
 
+def test_context_parallel_is_refused_with_one_line(base_ckpt, tmp_path):
+    """SFT rows are not cut into chunks: `parallel.cp_size=2` stops before the model is built."""
+    from tests.helpers.distributed import free_port
+
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(free_port()))
+    out = run_sft(base_ckpt, tmp_path / "cp", "steps=1", "sft.eval_n=0", "data.micro_batch=4",
+                  "sft.examples=64", "parallel.cp_size=2", launcher=launcher, timeout=300)
+    assert out.returncode != 0
+    assert ("error: parallel.cp_size=2: context parallelism is for pre-training; this stage "
+            "needs parallel.cp_size=1") in out.stdout + out.stderr
+    assert "sft_task.py\", line" not in out.stderr and "trainer.py\", line" not in out.stderr
+
+
 def test_bad_input_fails_before_any_work(tmp_path):
     for extra, message in [(["init_from=/nonexistent/ckpt"], "/nonexistent/ckpt"),
                            (["init_from=/x", "sft.domains=[nope]"], "unknown domain 'nope'")]:
