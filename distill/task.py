@@ -37,7 +37,6 @@ from model.config import ModelConfig
 from model.sampling import KeptSets
 from train.dist import DistInfo
 from train.memory import SectionPeak
-from train.recipe import Phase
 from train.rollout_batch import collate, kept_sets, route_list
 from train.rollout_task import RolloutTask, route_agreement
 from train.task import EvalResult, LossOutput
@@ -158,7 +157,7 @@ class DistillTask(RolloutTask):
     def count(self, batch: dict[str, Any]) -> float:
         return float(batch["loss_mask"].sum())
 
-    def loss(self, model, batch: dict[str, Any], phase: Phase) -> LossOutput:
+    def loss(self, model, batch: dict[str, Any]) -> LossOutput:
         cfg, d = self.model_cfg, self.d
         routes = route_list(batch, cfg.n_layers, cfg.n_mtp_layers)
         out = model(batch["input_ids"], token_mask=batch["token_mask"], routes=routes,
@@ -282,10 +281,10 @@ class DistillTask(RolloutTask):
         return out
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, model, step: int, phase: Phase) -> EvalResult:
+    def evaluate(self, model, step: int) -> EvalResult:
         from train.evaluate import stage_evaluation
 
-        result = super().evaluate(model, step, phase)
+        result = super().evaluate(model, step)
         if not self.d.eval_n:
             return result
         if self.teacher_scores is None:

@@ -48,7 +48,6 @@ import torch
 
 from model.config import ModelConfig
 from train.dist import DistInfo, all_reduce_sum
-from train.recipe import Phase
 from train.rollout_batch import collate, route_list
 from train.rollout_task import RolloutTask, route_agreement, token_logprobs
 from data.cache import atomic_write_text
@@ -216,7 +215,7 @@ class GRPOTask(RolloutTask):
     def count(self, batch: dict[str, Any]) -> float:
         return unit_count(batch["loss_mask"], self.g.loss_agg)
 
-    def loss(self, model, batch: dict[str, Any], phase: Phase) -> LossOutput:
+    def loss(self, model, batch: dict[str, Any]) -> LossOutput:
         cfg, g = self.model_cfg, self.g
         routes = route_list(batch, cfg.n_layers, cfg.n_mtp_layers)
         logp, ent, out = token_logprobs(model, batch, g.temperature, routes, entropy=True)

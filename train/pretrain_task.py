@@ -12,8 +12,8 @@ from model.config import ModelConfig
 from .config import TrainConfig
 from .context_parallel import data_rank
 from .dist import DistInfo, forwards_are_collective
-from .recipe import Phase
-from .task import EvalResult, LossOutput, held_out_loss, labelled_tokens, lm_objective
+from .recipe import RecipeSchedule
+from .task import EvalResult, LossOutput, Task, held_out_loss, labelled_tokens, lm_objective
 
 
 def data_config(cfg: TrainConfig):
@@ -27,8 +27,7 @@ def data_config(cfg: TrainConfig):
                       prefetch=d.prefetch, progress=cfg.logging.progress)
 
 
-class PretrainTask:
-    train_mtp = True
+class PretrainTask(Task):
     context_parallel = True  # parallel.cp_size > 1 runs (train/context_parallel.py)
 
     def __init__(self, cfg: TrainConfig, info: DistInfo, model_cfg: ModelConfig):
@@ -67,9 +66,12 @@ class PretrainTask:
                                 self.cfg.data.micro_batch, self.dp_rank, self.dp_world,
                                 self.cfg.seed + 1000 * stage)
 
-    def batches(self, step: int, n_micro: int, phase: Phase, model) -> list[dict[str, Any]]:
+    def make_schedule(self, lr_schedule) -> RecipeSchedule:
+        return RecipeSchedule(self.cfg, self.model_cfg, lr_schedule.decay_start)
+
+    def batches(self, step: int, n_micro: int, model) -> list[dict[str, Any]]:
         stage = sum(1 for s in self.cfg.recipe.seq_len_stages if step >= s.step)
-        key = (phase.seq_len, stage)
+        key = (self.phase.seq_len, stage)
         if self.loader_key != key:
             self.close()
             self.loader, self.loader_key = self.train_loader(*key), key
@@ -100,8 +102,8 @@ class PretrainTask:
         # group's counts add up to the rows' (the trainer only uses the global sum)
         return labelled_tokens(batch["labels"]) / self.cp_size
 
-    def loss(self, model, batch, phase: Phase) -> LossOutput:
-        return lm_objective(model, batch, phase, self.cfg.recipe, train_mtp=True)
+    def loss(self, model, batch) -> LossOutput:
+        return lm_objective(model, batch, self.phase, self.cfg.recipe, train_mtp=True)
 
     # ------------------------------------------------------------------ evaluation
     def val_loader(self, seq_len: int):
@@ -118,8 +120,8 @@ class PretrainTask:
         loss = held_out_loss(model, val, self.info.device)
         return {"val_loss": loss, "val_bpb": loss / math.log(2) / val.bytes_per_token}
 
-    def evaluate(self, model, step: int, phase: Phase) -> EvalResult:
-        metrics = self.held_out_loss(model, phase.seq_len)
+    def evaluate(self, model, step: int) -> EvalResult:
+        metrics = self.held_out_loss(model, self.phase.seq_len)
         messages = []
         if metrics:
             messages.append(f"step {step}: held-out loss {metrics['val_loss']:.4f}, "

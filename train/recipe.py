@@ -11,18 +11,10 @@ Being a function of the step, a resumed run lands in exactly the phase it left.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from .config import RecipeSection, raise_problems, recipe_problems
+from .schedule import Phase, StageSchedule
 
-
-@dataclass(frozen=True)
-class Phase:
-    csa_mode: str
-    indexer_loss: bool
-    indexer_only: bool
-    mtp_weight: float
-    seq_len: int
+__all__ = ["Phase", "RecipeSchedule", "phase_at", "validate_recipe"]
 
 
 def phase_at(step: int, recipe: RecipeSection, decay_start: int, base_seq_len: int) -> Phase:
@@ -45,3 +37,32 @@ def validate_recipe(recipe: RecipeSection) -> None:
     """The recipe's ranges and stage order (the launcher checks the whole config at start-up
     with `train.config.validate_config`, which includes these)."""
     raise_problems(recipe_problems(recipe))
+
+
+class RecipeSchedule(StageSchedule):
+    """The pre-training recipe as a stage schedule (`train.schedule.StageSchedule`'s hooks):
+    the phases above (the indexer warm-up trains only the indexer), the batch-size ramp and
+    `batch.per_stage` (`train.config.step_sequences`), and each sequence-length stage's layout
+    check under context parallelism (`train.context_parallel.stage_error`). `decay_start`: the
+    LR schedule's first decay step (the MTP weight drops there). SFT uses it too."""
+
+    def __init__(self, cfg, model_cfg, decay_start: int):
+        super().__init__(cfg)
+        self.model_cfg, self.decay_start = model_cfg, decay_start
+
+    def phase(self, step: int) -> Phase:
+        return phase_at(step, self.cfg.recipe, self.decay_start, self.cfg.data.seq_len)
+
+    def trainable(self, name: str, phase: Phase, train_mtp: bool) -> bool:
+        return ((not phase.indexer_only or ".attn.indexer." in name)
+                and super().trainable(name, phase, train_mtp))
+
+    def sequences(self, tokens_seen: int, phase: Phase, per_step: int) -> int:
+        from .config import step_sequences
+
+        return step_sequences(self.cfg, tokens_seen, phase.seq_len, per_step)
+
+    def layout_error(self, phase: Phase, step: int, world: int) -> Exception | None:
+        from .context_parallel import stage_error
+
+        return stage_error(self.model_cfg, self.cfg, world, phase.seq_len, step)

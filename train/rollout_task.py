@@ -38,10 +38,9 @@ from model.config import ModelConfig
 from model.sampling import SamplingParams, logprobs_over_kept, restricts
 
 from .dist import DistInfo, all_reduce_sum, any_rank, forwards_are_collective
-from .recipe import Phase
 from .rollout import RolloutParams, rollout
 from .rollout_batch import kept_sets
-from .task import EvalResult, StopRequested
+from .task import EvalResult, StopRequested, Task
 from .verify import timed_verify
 
 
@@ -144,7 +143,7 @@ def route_agreement(replayed: torch.Tensor, live: list) -> torch.Tensor:
     return torch.stack(parts).mean(0)[:, :-1]
 
 
-class RolloutTask:
+class RolloutTask(Task):
     """The shared part of an on-policy stage; subclasses give `to_batches`, `count`, `loss` and
     optionally `label`, `accept`, `refill_rounds`, `extra_rollout_metrics`."""
 
@@ -217,7 +216,7 @@ class RolloutTask:
         return [self.prompt(i) for i in range(lo, lo + self.local_prompts)]
 
     # ------------------------------------------------------------------ rollout
-    def batches(self, step: int, n_micro: int, phase: Phase, model) -> list[dict[str, Any]]:
+    def batches(self, step: int, n_micro: int, model) -> list[dict[str, Any]]:
         if not self.buffer:
             self.buffer = self.make_rollout(model, n_micro)
         return self.buffer.pop(0)
@@ -366,7 +365,10 @@ class RolloutTask:
         return m
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, model, step: int, phase: Phase) -> EvalResult:
+    def tokens(self, batch: dict[str, Any]) -> int:
+        return int(batch["token_mask"].sum())  # prompt and sample tokens, not the padding
+
+    def evaluate(self, model, step: int) -> EvalResult:
         from .evaluate import stage_evaluation
 
         if not self.section.eval_n:
@@ -387,4 +389,4 @@ class RolloutTask:
         self.pending_metrics = state.get("pending_metrics", {})
 
     def close(self) -> None:
-        pass
+        pass  # nothing open between rollouts

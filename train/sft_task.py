@@ -30,8 +30,8 @@ from model.config import ModelConfig
 
 from .config import SFTSection, TrainConfig
 from .dist import DistInfo
-from .recipe import Phase
-from .task import EvalResult, LossOutput, held_out_loss, labelled_tokens, lm_objective
+from .recipe import RecipeSchedule
+from .task import EvalResult, LossOutput, Task, held_out_loss, labelled_tokens, lm_objective
 
 
 def parse_domain_spec(entry: str, key: str = "sft") -> tuple[str, float]:
@@ -83,7 +83,7 @@ def build_domains(sft: SFTSection, key: str = "sft") -> list[tuple[Any, float]]:
     return built
 
 
-class SFTTask:
+class SFTTask(Task):
     def __init__(self, cfg: TrainConfig, info: DistInfo, model_cfg: ModelConfig,
                  tokenizer_file: str):
         from data.cache import rank0_first
@@ -126,8 +126,11 @@ class SFTTask:
         return [str(train)], [str(val)] if sft.val_examples else []
 
     # ------------------------------------------------------------------ data
-    def batches(self, step: int, n_micro: int, phase: Phase, model) -> list[dict[str, Any]]:
-        if phase.seq_len != self.cfg.data.seq_len:
+    def make_schedule(self, lr_schedule) -> RecipeSchedule:
+        return RecipeSchedule(self.cfg, self.model_cfg, lr_schedule.decay_start)
+
+    def batches(self, step: int, n_micro: int, model) -> list[dict[str, Any]]:
+        if self.phase.seq_len != self.cfg.data.seq_len:
             raise ValueError(f"recipe.seq_len_stages: SFT packs at data.seq_len="
                              f"{self.cfg.data.seq_len}; sequence-length stages are not supported")
         if self.pending is not None:
@@ -150,11 +153,11 @@ class SFTTask:
     def count(self, batch: dict[str, Any]) -> float:
         return labelled_tokens(batch["labels"])
 
-    def loss(self, model, batch, phase: Phase) -> LossOutput:
-        return lm_objective(model, batch, phase, self.cfg.recipe, train_mtp=self.train_mtp)
+    def loss(self, model, batch) -> LossOutput:
+        return lm_objective(model, batch, self.phase, self.cfg.recipe, train_mtp=self.train_mtp)
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, model, step: int, phase: Phase) -> EvalResult:
+    def evaluate(self, model, step: int) -> EvalResult:
         from .evaluate import stage_evaluation
 
         metrics: dict[str, float] = {}

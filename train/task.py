@@ -1,44 +1,51 @@
 """The seam between the trainer core and a training stage.
 
-Pre-training, SFT, GRPO and distillation are four `Task`s on one trainer (`train/trainer.py`).
-The trainer owns the run: engine, optimizer, the step loop, gradient accumulation, checkpoints,
-resume, signals, skipping of non-finite steps, expert parallelism, router-bias updates, logging.
-A task owns what is particular to its stage:
+Pre-training, SFT, GRPO and distillation are four `Task` subclasses on one trainer
+(`train/trainer.py`). The trainer owns the run: engine, optimizer, the step loop, gradient
+accumulation, checkpoints, resume, signals, skipping of non-finite steps, expert parallelism,
+router-bias updates, logging. A task owns what is particular to its stage. It must give:
 
-- `batches(step, n_micro, phase, model)`: this step's micro-batches, asked for at the step
-  boundary, so a stage can first roll out with the current weights (RL) and a stage's data
-  position is its own (`state_dict` / `load_state_dict`, stored in every checkpoint).
+- `batches(step, n_micro, model)`: this step's micro-batches, asked for at the step boundary,
+  so a stage can first roll out with the current weights (RL) and a stage's data position is
+  its own (`state_dict` / `load_state_dict`, stored in every checkpoint).
 - `count(batch)`: how many units the micro-batch's loss sums over (response tokens for SFT,
   sequences for a sequence-mean RL loss), known before the forward. The trainer sums it over
   micro-batches and ranks, so the gradient is that of (sum of all losses) / (global count), the
   same however the global batch is cut into micro-batches and ranks (torchtitan's rule; a mean
   per micro-batch would weight a micro-batch of 3 masked tokens like one of 300).
-- `loss(model, batch, phase)`: a `LossOutput` holding the loss as a sum, metric sums in the same
-  units (divided by the same global count for logging) and the router's expert counts.
-- `evaluate(model, step, phase)`: the stage's own evaluation (held-out loss, domain pass@1,
-  samples), called on every rank (under EP the forward is collective); an `EvalResult`.
-- `train_mtp`: whether the stage trains the MTP block; if not, the trainer freezes it and the
-  task's forward skips it (`model(..., mtp=False)`).
-- optional `update_router_bias` (default True): False keeps the routers' balancing biases fixed
-  (GRPO with replayed routes); optional `step_metrics(step_seconds)`: extra metrics logged with
-  the step (GRPO's rollout rewards, lengths and time split); optional `derive_metrics(metrics)`:
-  metrics computed from the logged ones (distillation's KL per domain, a ratio of two sums);
-  optional `attach_frozen(ep_groups)`: called once the policy is built, to load the stage's
-  frozen models sharded over the same expert-parallel groups (GRPO's reference, the teachers);
-  optional `carries_signal(batch)`: whether a micro-batch can teach anything beyond having units
-  to count (GRPO: a non-zero advantage); a step where no micro-batch on any rank does, or whose
-  global count is 0, is held: no update, no optimizer-state change, no schedule advance, counted
-  as `steps_without_signal` (`Trainer.signal_in`);
-  optional `stop_check`: the trainer sets it to a callable that says a stop signal arrived, so
-  long batch work (a rollout) can end early: the task restores its state to before the step
-  and raises `StopRequested`, every rank together, and the trainer checkpoints the last step.
+- `loss(model, batch)`: a `LossOutput` holding the loss as a sum, metric sums in the same units
+  (divided by the same global count for logging) and the router's expert counts.
+- `evaluate(model, step)`: the stage's own evaluation (held-out loss, domain pass@1, samples),
+  called on every rank (under EP the forward is collective); an `EvalResult`.
+
+And may override (the defaults in `Task` are what a stage without the feature wants):
+- `make_schedule(lr_schedule)`: what changes with the step (`train.schedule.StageSchedule`:
+  one phase and a fixed batch; pre-training and SFT use `train.recipe.RecipeSchedule`), and
+  `enter_phase(phase)`, told each new phase (kept as `self.phase`);
+- `train_mtp` (True): whether the stage trains the MTP block (if not, it is frozen and the
+  forward skips it); `update_router_bias` (True): False keeps the routers' balancing biases
+  fixed (GRPO with replayed routes); `context_parallel` (False): the stage runs under
+  `parallel.cp_size > 1`;
+- `tokens(batch)`: the tokens a micro-batch holds, for throughput and `tokens_seen`;
+- `step_metrics(step_seconds)`: extra metrics logged with the step (GRPO's rollout rewards,
+  lengths and time split); `derive_metrics(metrics)`: metrics computed from the logged ones
+  (distillation's KL per domain, a ratio of two sums);
+- `attach_frozen(ep_groups)`: called once the policy is built, to load the stage's frozen
+  models sharded over the same expert-parallel groups (GRPO's reference, the teachers);
+- `carries_signal(batch)`: whether a micro-batch can teach anything beyond having units to
+  count (GRPO: a non-zero advantage); a step where no micro-batch on any rank does, or whose
+  global count is 0, is held: no update, no optimizer-state change, no schedule advance,
+  counted as `steps_without_signal` (`Trainer.signal_in`);
+- `stop_check`: the trainer sets it to a callable that says a stop signal arrived, so long batch
+  work (a rollout) can end early: the task restores its state to before the step and raises
+  `StopRequested`, every rank together, and the trainer checkpoints the last step.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -46,7 +53,7 @@ from model.loss import LossWeights, token_sums
 
 from .config import RecipeSection
 from .dist import all_reduce_sum
-from .recipe import Phase
+from .schedule import Phase, StageSchedule
 
 
 class StopRequested(Exception):
@@ -75,28 +82,63 @@ class EvalResult:
     messages: list[str] = field(default_factory=list)        # printed by rank 0
 
 
-class Task(Protocol):
-    """What a training stage provides to the trainer core."""
+class Task:
+    """A training stage on the trainer core (module doc): subclasses give `batches`, `count`,
+    `loss` and `evaluate`, and override the other members where their stage differs."""
 
-    tokenizer_file: str | None  # bundled into every checkpoint
-    train_mtp: bool
+    tokenizer_file: str | None = None  # bundled into every checkpoint
+    train_mtp = True
+    update_router_bias = True
+    context_parallel = False
+    phase: Phase | None = None
 
-    def batches(self, step: int, n_micro: int, phase: Phase, model) -> list[dict[str, Any]]:
+    def stop_check(self) -> bool:  # replaced by the trainer's
+        return False
+
+    def make_schedule(self, lr_schedule) -> StageSchedule:
+        return StageSchedule(self.cfg)
+
+    def enter_phase(self, phase: Phase) -> None:
+        self.phase = phase
+
+    def batches(self, step: int, n_micro: int, model) -> list[dict[str, Any]]:
         """This rank's `n_micro` micro-batches for optimizer step `step` (tensors on any
         device; the trainer moves them)."""
+        raise NotImplementedError
 
     def count(self, batch: dict[str, Any]) -> float:
         """The number of units `loss(batch).total` sums over."""
+        raise NotImplementedError
 
-    def loss(self, model, batch: dict[str, Any], phase: Phase) -> LossOutput: ...
+    def loss(self, model, batch: dict[str, Any]) -> LossOutput:
+        raise NotImplementedError
 
-    def evaluate(self, model, step: int, phase: Phase) -> EvalResult: ...
+    def evaluate(self, model, step: int) -> EvalResult:
+        return EvalResult()
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def tokens(self, batch: dict[str, Any]) -> int:
+        return batch["input_ids"].numel()
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def carries_signal(self, batch: dict[str, Any]) -> bool:
+        return True
 
-    def close(self) -> None: ...
+    def step_metrics(self, step_seconds: float) -> dict[str, float]:
+        return {}
+
+    def derive_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        return {}
+
+    def attach_frozen(self, ep_groups) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def labelled_tokens(labels: torch.Tensor) -> float:

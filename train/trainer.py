@@ -42,12 +42,12 @@ from . import faults
 from . import guards
 from . import init
 from .activation import apply_activation_checkpointing
-from .config import TrainConfig, sequences_at, step_sequences, validate_config
+from .config import TrainConfig, sequences_at, validate_config
 from .engine_config import deepspeed_config
 from .dist import DistInfo, all_reduce_sum, any_rank, barrier, release_shm_workspace
 from .metrics import MetricsLogger, detect_peak_tflops, flops_per_token, memory_bytes
 from .plan import available_memory, make_plan
-from .recipe import Phase, phase_at
+from .schedule import Phase
 from .task import EvalResult, StopRequested, Task
 
 
@@ -97,8 +97,6 @@ class Trainer:
         self.good_steps_this_run = 0  # this process's finite steps: a first NaN step stops
         self.evals_this_run = 0
         self.grad_accum(cfg.batch.global_batch)
-        if cfg.batch.ramp_start is not None:
-            self.grad_accum(cfg.batch.ramp_start)
         check_zero_stage(cfg.parallel.zero_stage)
         ep.validate(model_cfg, info.world, cfg.parallel.ep_size, cfg.parallel.zero_stage)
         self.check_fit()
@@ -189,7 +187,7 @@ class Trainer:
         else:
             raise ValueError(f"optim.name={cfg.optim.name!r}: choose muon or adamw")
         self.scheduler = make_scheduler(self.optimizer, self.schedule)
-        self.gas = self.grad_accum(self.global_batch_at(0, self.phase_for(0).seq_len))
+        self.gas = self.grad_accum(self.global_batch_at(0, self.phase_for(0)))
         if self.ep is not None:
             ep.check_expert_marks(self.model, self.ep)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -206,37 +204,31 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.model_cfg, counts.activated, cfg.data.seq_len)
         self.peak_flops = (cfg.logging.peak_tflops or detect_peak_tflops(info.device) or 0) * 1e12
 
-    def global_batch_at(self, tokens_consumed: int, seq_len: int) -> int:
-        return step_sequences(self.cfg, tokens_consumed, seq_len,
-                              self.cfg.data.micro_batch * self.dp_world)
+    def global_batch_at(self, tokens_consumed: int, phase: Phase) -> int:
+        return self.stage.sequences(tokens_consumed, phase, self.cfg.data.micro_batch * self.dp_world)
 
     # ------------------------------------------------------------------ phases and data
     def enter_phase(self, phase: Phase) -> None:
-        self.model.set_csa_mode(phase.csa_mode, indexer_loss=phase.indexer_loss)
-        for name, p in self.model.named_parameters():
-            # indexer warm-up trains the indexer only; a stage that does not train the MTP
-            # block freezes it (DeepSpeed then reduces no gradient for it and the optimizer
-            # neither decays nor moves it)
-            p.requires_grad_((not phase.indexer_only or ".attn.indexer." in name)
-                             and (self.task.train_mtp or not name.startswith("mtp.")))
+        self.stage.enter(self.model, phase, self.task.train_mtp)
+        self.task.enter_phase(phase)
         self.phase = phase
 
-    def check_stage_layout(self, seq_len: int, save: bool) -> None:
-        """A stage this layout cannot run stops the run (after a checkpoint of this step when
+    def check_stage_layout(self, phase: Phase, save: bool) -> None:
+        """A phase this layout cannot run stops the run (after a checkpoint of this step when
         `save`: a switch mid-run; at start-up the resumed checkpoint is that one)."""
-        error = cp.stage_error(self.model_cfg, self.cfg, self.info.world, seq_len, self.step)
+        error = self.stage.layout_error(phase, self.step, self.info.world)
         if error is not None:
             if save:
                 self.save()
             raise error
 
     def phase_for(self, step: int) -> Phase:
-        return phase_at(step, self.cfg.recipe, self.schedule.decay_start, self.cfg.data.seq_len)
+        return self.stage.phase(step)
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> StepStats:
         """One optimizer step on the task's micro-batches for this step."""
-        batches = self.task.batches(self.step, self.gas, self.phase, self.model)
+        batches = self.task.batches(self.step, self.gas, self.model)
         if len(batches) != self.gas:
             raise RuntimeError(f"the task gave {len(batches)} micro-batches for step "
                                f"{self.step + 1}, the trainer asked for {self.gas}")
@@ -263,12 +255,12 @@ class Trainer:
         all_reduce_sum(counts)
         if not hold:
             self.scheduler.step()
-            if getattr(self.task, "update_router_bias", True):  # a stage may keep them fixed
+            if self.task.update_router_bias:  # a stage may keep them fixed
                 self.model.update_router_biases(counts, self.cfg.recipe.bias_update_speed)
         sums = all_reduce_sum(self.sums.to(info.device)).cpu()
         loss, *terms = (sums / max(self.global_count, 1.0)).tolist()
         self.last_ep_metrics = ep.dispatch_metrics(self.model, self.ep, counts)  # this step's
-        tokens = sum(b["input_ids"].numel() for b in batches)  # whole rows: once per CP group
+        tokens = sum(self.task.tokens(b) for b in batches)  # whole rows: once per CP group
         return StepStats(loss, dict(zip(self.metric_names, terms)), grad_norm, skip,
                          tokens * self.dp_world, no_signal=hold and not skip)
 
@@ -283,8 +275,7 @@ class Trainer:
         weights through momentum and decoupled weight decay)."""
         if self.global_count <= 0:
             return False
-        check = getattr(self.task, "carries_signal", None)
-        return check is None or any_rank(any(check(b) for b in batches), self.info.device)
+        return any_rank(any(self.task.carries_signal(b) for b in batches), self.info.device)
 
     def accumulate(self, batches: list[dict[str, Any]]) -> None:
         """Forward and backward over this step's micro-batches; afterwards the parameters hold
@@ -303,7 +294,7 @@ class Trainer:
             # restarts it) it would put the boundary mid-step
             last = i == len(batches) - 1
             engine.set_gradient_accumulation_boundary(last)
-            out = self.task.loss(engine, batch, self.phase)
+            out = self.task.loss(engine, batch)
             total = out.total
             if faults.nan_at(self.step + 1):
                 total = total * float("nan")
@@ -352,7 +343,7 @@ class Trainer:
         self.model.eval()
         try:
             with torch.no_grad():
-                return self.task.evaluate(self.model, self.step, self.phase)
+                return self.task.evaluate(self.model, self.step)
         finally:
             self.model.train(was_training)
 
@@ -401,11 +392,7 @@ class Trainer:
     def replay_tokens(self, steps: int) -> int:
         """Tokens consumed by `steps` optimizer steps, for checkpoints written before
         `tokens_seen` was saved: every step (skipped or not) consumes global_batch × seq_len."""
-        tokens = 0
-        for s in range(steps):
-            seq_len = self.phase_for(s).seq_len
-            tokens += self.global_batch_at(tokens, seq_len) * seq_len
-        return tokens
+        return self.stage.replay_tokens(steps, self.cfg.data.micro_batch * self.dp_world)
 
     def resume(self) -> None:
         # cleans crash leftovers, skips unusable checkpoints, sets later ones aside
@@ -443,36 +430,39 @@ class Trainer:
         rollout chunks, and raises `StopRequested`)."""
         return self.stop_requested
 
+    def attach(self, task: Task) -> None:
+        """The stage this trainer runs: its schedule (phases and batch per step) and the stop
+        check its long batch work polls."""
+        self.task = task
+        task.stop_check = self.should_stop
+        self.stage = task.make_schedule(self.schedule)
+
     def run(self, task: Task) -> None:
         cfg, info = self.cfg, self.info
-        if cfg.parallel.cp_size > 1 and not getattr(task, "context_parallel", False):
+        if cfg.parallel.cp_size > 1 and not task.context_parallel:
             raise cp.ContextParallelError(
                 f"parallel.cp_size={cfg.parallel.cp_size}: context parallelism is for "
                 f"pre-training; this stage needs parallel.cp_size=1")
-        self.task = task
-        if hasattr(task, "stop_check"):
-            task.stop_check = self.should_stop
+        self.attach(task)
         self.build()
-        attach = getattr(task, "attach_frozen", None)  # frozen models, sharded like the policy
-        if attach is not None:
-            attach(self.ep)
+        task.attach_frozen(self.ep)  # frozen models, sharded like the policy
         self.resume()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         self.logger = MetricsLogger(self.run_dir, info.is_main, cfg.steps, self.step,
                                     cfg.logging.wandb, OmegaConf.to_container(cfg, resolve=True),
                                     cfg.logging.progress)
-        self.check_stage_layout(self.phase_for(self.step).seq_len, save=False)
+        self.check_stage_layout(self.phase_for(self.step), save=False)
         self.enter_phase(self.phase_for(self.step))
         error = None
         try:
             while self.step < cfg.steps:
                 phase = self.phase_for(self.step)
                 if phase.seq_len != self.phase.seq_len:
-                    self.check_stage_layout(phase.seq_len, save=True)
+                    self.check_stage_layout(phase, save=True)
                 if phase != self.phase:
                     self.enter_phase(phase)
-                new_gas = self.grad_accum(self.global_batch_at(self.tokens_seen, phase.seq_len))
+                new_gas = self.grad_accum(self.global_batch_at(self.tokens_seen, phase))
                 if new_gas != self.gas:
                     self.gas = new_gas
                     self.engine.set_train_batch_size(cfg.data.micro_batch * new_gas * info.world)
@@ -562,12 +552,8 @@ class Trainer:
                    "expert_imbalance_max": max(imbalance),
                    **{f"expert_imbalance/layer{i}": v for i, v in enumerate(imbalance)}}
         metrics.update(self.last_ep_metrics)
-        step_metrics = getattr(self.task, "step_metrics", None)  # e.g. GRPO's rollout metrics
-        if step_metrics is not None:
-            metrics.update(step_metrics(seconds))
-        derive = getattr(self.task, "derive_metrics", None)  # e.g. distillation's KL per domain
-        if derive is not None:
-            metrics.update(derive(metrics))
+        metrics.update(self.task.step_metrics(seconds))  # e.g. GRPO's rollout metrics
+        metrics.update(self.task.derive_metrics(metrics))  # e.g. distillation's KL per domain
         if self.peak_flops:
             metrics["mfu"] = tps * self.flops_per_token / (self.peak_flops * self.info.world)
         self.logger.log(self.step, metrics)

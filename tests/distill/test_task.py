@@ -19,7 +19,6 @@ from omegaconf import OmegaConf
 from tests.inference.conftest import build_model, micro_config
 from tests.train._rollout_support import domain_tokenizer_file  # noqa: F401 (fixture)
 
-PHASE = None
 
 
 def distill_cfg(run_dir, **updates):
@@ -72,7 +71,7 @@ def test_each_row_reaches_its_own_teacher(tmp_path, models, domain_tokenizer_fil
     cfg = distill_cfg(tmp_path, **{"distill.keep_routing": False, "distill.prompts_per_step": 8,
                                    "distill.group_size": 1})
     task = make_task(cfg, domain_tokenizer_file, model_cfg, teachers)
-    batches = task.batches(0, 2, PHASE, student)
+    batches = task.batches(0, 2, student)
     seen = set()
     for batch in batches:
         sel = batch["gen_mask"] > 0
@@ -88,7 +87,7 @@ def test_each_row_reaches_its_own_teacher(tmp_path, models, domain_tokenizer_fil
             seen |= rows
         assert sorted(per_token_teacher) == list(range(int(sel.sum())))  # every token, once
         with torch.no_grad():
-            out = task.loss(student, batch, PHASE)
+            out = task.loss(student, batch)
             want = torch.zeros(int(sel.sum()))
             for name in task.teacher_names:
                 dense = dense_row_kl(student, teachers[name], batch)
@@ -105,9 +104,9 @@ def test_a_mixture_weights_the_teachers(tmp_path, models, domain_tokenizer_file)
     cfg = distill_cfg(tmp_path, **{"distill.keep_routing": False, "distill.domains": ["strings"],
                                    "distill.teacher_weights": mix})
     task = make_task(cfg, domain_tokenizer_file, model_cfg, teachers)
-    batch = task.batches(0, 2, PHASE, student)[0]
+    batch = task.batches(0, 2, student)[0]
     with torch.no_grad():
-        out = task.loss(student, batch, PHASE)
+        out = task.loss(student, batch)
         want = (0.25 * dense_row_kl(student, teachers["strings"], batch)
                 + 0.75 * dense_row_kl(student, teachers["arith"], batch))
     assert float(out.total) == pytest.approx(float(want.sum()), rel=1e-5)
@@ -124,9 +123,9 @@ def test_every_mode_and_term_runs(tmp_path, models, domain_tokenizer_file, updat
     model_cfg, student, teachers = models
     cfg = distill_cfg(tmp_path, **updates)
     task = make_task(cfg, domain_tokenizer_file, model_cfg, teachers)
-    for batch in task.batches(0, 2, PHASE, student):
+    for batch in task.batches(0, 2, student):
         student.zero_grad()
-        out = task.loss(student, batch, PHASE)
+        out = task.loss(student, batch)
         assert torch.isfinite(out.total)
         out.total.backward()
         grads = [p.grad for p in student.parameters() if p.grad is not None]

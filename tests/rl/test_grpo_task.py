@@ -30,7 +30,6 @@ from rl.grpo_task import MIN_VARIED_GROUPS
 from tests.inference.conftest import build_model, micro_config
 from tests.train._rollout_support import domain_tokenizer_file  # noqa: F401 (fixture)
 
-PHASE = None  # the task's loss does not read the phase
 
 
 def grpo_cfg(run_dir, **updates):
@@ -75,11 +74,11 @@ def test_first_update_reproduces_the_sampler(tmp_path, policy, domain_tokenizer_
     model_cfg, model = policy
     cfg = grpo_cfg(tmp_path, **{"grpo.recompute_old_logprobs": recompute})
     task = make_task(cfg, domain_tokenizer_file, model_cfg)
-    batches = task.batches(0, n_micro(cfg), PHASE, model)
+    batches = task.batches(0, n_micro(cfg), model)
     assert len(batches) == n_micro(cfg)
     for batch in batches:
         assert "kept_ids" in batch and "routes" in batch  # top-k/top-p: kept sets stored
-        out = task.loss(model, batch, PHASE)
+        out = task.loss(model, batch)
         count = task.count(batch)
         m = {k: float(v) / count for k, v in out.metrics.items()}
         if recompute:
@@ -99,12 +98,12 @@ def test_rollout_batches_line_up(tmp_path, policy, domain_tokenizer_file):  # no
     model_cfg, model = policy
     cfg = grpo_cfg(tmp_path, **{"grpo.updates": 2, "grpo.prompts_per_step": 4})
     task = make_task(cfg, domain_tokenizer_file, model_cfg)
-    first = task.batches(0, n_micro(cfg), PHASE, model)
+    first = task.batches(0, n_micro(cfg), model)
     assert len(task.buffer) == 1  # μ = 2: the second mini-batch waits for the next step
     metrics = task.step_metrics(1.0)
     assert metrics["rollout/index"] == 1 and 0 <= metrics["reward/mean"] <= 1
     assert task.step_metrics(1.0) == {}  # logged once
-    second = task.batches(1, n_micro(cfg), PHASE, model)
+    second = task.batches(1, n_micro(cfg), model)
     assert not task.buffer and task.rollouts == 1  # no new rollout for the second update
     advantages = []
     for batch in first + second:
@@ -146,7 +145,7 @@ def test_tool_results_are_context_not_targets(tmp_path, domain_tokenizer_file): 
     items = [probe.prompt(i)[1] for i in range(cfg.grpo.prompts_per_step)]
     task = make_task(cfg, domain_tokenizer_file, model_cfg, [(domain, 1.0)],
                      generate_fn=Oracle(tok, items))
-    (batch,) = task.batches(0, 1, PHASE, build_model(model_cfg))  # the oracle samples
+    (batch,) = task.batches(0, 1, build_model(model_cfg))  # the oracle samples
     assert "routes" not in batch and "kept_ids" not in batch
     for row in range(batch["input_ids"].shape[0]):
         ids = batch["input_ids"][row, 1:]
@@ -184,7 +183,7 @@ def test_verifier_errors_and_hangs_score_zero(tmp_path, policy, domain_tokenizer
     model_cfg, model = policy
     cfg = grpo_cfg(tmp_path, **{"grpo.reward_timeout": 0.05})
     task = make_task(cfg, domain_tokenizer_file, model_cfg, [(HangingStrings(), 1.0)])
-    task.batches(0, n_micro(cfg), PHASE, model)
+    task.batches(0, n_micro(cfg), model)
     m = task.step_metrics(1.0)
     assert m["rollout/verifier_timeouts"] == 8 and m["reward/mean"] == 0.0
 
@@ -201,14 +200,14 @@ def test_dynamic_sampling_refills_zero_variance_groups(tmp_path, policy,
     model_cfg, model = policy
     cfg = grpo_cfg(tmp_path, **{"grpo.dynamic_sampling": True, "grpo.max_refill_rounds": 2})
     task = make_task(cfg, domain_tokenizer_file, model_cfg, [(ZeroStrings(), 1.0)])
-    batches = task.batches(0, n_micro(cfg), PHASE, model)
+    batches = task.batches(0, n_micro(cfg), model)
     assert task.cursor == 3 * cfg.grpo.prompts_per_step  # the first round and two refills
     m = task.step_metrics(1.0)
     assert m["rollout/zero_var_frac"] == 1.0 and m["rollout/rounds"] == 3
     assert all((b["advantages"] == 0).all() for b in batches)
     plain = make_task(grpo_cfg(tmp_path), domain_tokenizer_file, model_cfg,
                       [(ZeroStrings(), 1.0)])
-    plain.batches(0, n_micro(cfg), PHASE, model)
+    plain.batches(0, n_micro(cfg), model)
     assert plain.cursor == cfg.grpo.prompts_per_step  # without it: one round
 
 
@@ -218,7 +217,7 @@ def test_prompts_longer_than_the_context_are_a_clear_error(tmp_path, domain_toke
     cfg = grpo_cfg(tmp_path)
     task = make_task(cfg, domain_tokenizer_file, model_cfg)
     with pytest.raises(RuntimeError, match="longer than the context"):
-        task.batches(0, n_micro(cfg), PHASE, model)
+        task.batches(0, n_micro(cfg), model)
 
 
 def test_config_errors_name_the_key(tmp_path):
@@ -306,11 +305,11 @@ def test_a_stop_signal_ends_the_rollout_between_chunks(tmp_path, policy,
     task.stop_check = lambda: len(calls) >= 1       # the signal arrives during chunk 1
     before = task.state_dict()
     with pytest.raises(StopRequested):
-        task.batches(0, n_micro(cfg), PHASE, model)
+        task.batches(0, n_micro(cfg), model)
     assert calls == [2]                             # one chunk of 2 rows, not 4
     assert task.state_dict() == before
     task.stop_check = lambda: False                 # resumed: the same prompts are drawn
-    task.batches(0, n_micro(cfg), PHASE, model)
+    task.batches(0, n_micro(cfg), model)
     assert task.cursor == cfg.grpo.prompts_per_step and len(calls) == 5
 
 
@@ -360,13 +359,13 @@ def test_first_error_of_each_kind_is_shown_and_a_dead_rollout_warns(tmp_path, po
     model_cfg, model = policy
     cfg = grpo_cfg(tmp_path)
     task = make_task(cfg, domain_tokenizer_file, model_cfg, [(RaisingStrings(), 1.0)])
-    task.batches(0, n_micro(cfg), PHASE, model)
+    task.batches(0, n_micro(cfg), model)
     err = capsys.readouterr().err
     assert err.count("first verifier RuntimeError") == 1, err
     assert "RuntimeError: verifier bug" in err and "item strings/" in err
     assert "no sample carries a learning signal (8 of 8 verifier errors" in err
     assert task.step_metrics(1.0)["rollout/no_signal"] == 1.0
-    task.batches(1, n_micro(cfg), PHASE, model)                  # the next rollout
+    task.batches(1, n_micro(cfg), model)                  # the next rollout
     assert "first verifier" not in capsys.readouterr().err        # shown once per run
 
 
@@ -375,7 +374,7 @@ def test_all_truncated_under_overlong_mask_warns(tmp_path, policy, capsys,
     model_cfg, model = policy  # a random model never ends within 2 tokens
     cfg = grpo_cfg(tmp_path, **{"grpo.max_new_tokens": 2, "grpo.overlong": "mask"})
     task = make_task(cfg, domain_tokenizer_file, model_cfg)
-    task.batches(0, n_micro(cfg), PHASE, model)
+    task.batches(0, n_micro(cfg), model)
     assert ("0 of 8 verifier errors or timeouts, 8 truncated and masked by grpo.overlong=mask; "
             "raise grpo.max_new_tokens") in capsys.readouterr().err
 
@@ -410,7 +409,7 @@ def test_band_check_fires_on_an_expert_that_solves_nothing_and_is_silent_in_the_
     model_cfg, model = policy
     cfg = grpo_cfg(tmp_path)
     dead = make_task(cfg, domain_tokenizer_file, model_cfg, [(ZeroStrings(), 1.0)])
-    dead.batches(0, n_micro(cfg), PHASE, model)
+    dead.batches(0, n_micro(cfg), model)
     err = capsys.readouterr().err
     assert "outside the band GRPO learns in: 0% of the first rollout's prompt groups" in err
     assert "it solves none of its samples" in err
@@ -418,7 +417,7 @@ def test_band_check_fires_on_an_expert_that_solves_nothing_and_is_silent_in_the_
     assert band["in_band"] is False and band["side"] == "solves none"
     assert band["varied_groups"] == 0.0 and band["mean_reward"] == 0.0
     live = make_task(cfg, domain_tokenizer_file, model_cfg, [(HalfStrings(), 1.0)])
-    live.batches(0, n_micro(cfg), PHASE, model)
+    live.batches(0, n_micro(cfg), model)
     assert "outside the band" not in capsys.readouterr().err
     band = json.loads((tmp_path / "band.json").read_text())
     assert band["in_band"] is True and band["varied_groups"] >= MIN_VARIED_GROUPS
@@ -433,6 +432,6 @@ def test_band_stop_declines_before_any_update(tmp_path, policy, domain_tokenizer
     cfg = grpo_cfg(tmp_path, **{"grpo.band": "stop"})
     dead = make_task(cfg, domain_tokenizer_file, model_cfg, [(ZeroStrings(), 1.0)])
     with pytest.raises(StageDeclined, match="outside the band .* nothing was trained"):
-        dead.batches(0, n_micro(cfg), PHASE, model)
+        dead.batches(0, n_micro(cfg), model)
     live = make_task(cfg, domain_tokenizer_file, model_cfg, [(HalfStrings(), 1.0)])
-    assert live.batches(0, n_micro(cfg), PHASE, model)
+    assert live.batches(0, n_micro(cfg), model)

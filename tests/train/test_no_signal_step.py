@@ -32,8 +32,8 @@ pytest.importorskip("deepspeed")
 class PlannedTask(MaskedSFTTask):
     """The seam test's batch per step, or the same rows with no target ("empty")."""
 
-    def __init__(self, seed: int):
-        super().__init__(0, 1)
+    def __init__(self, cfg, seed: int):
+        super().__init__(cfg, 0, 1)
         self.seed = seed
 
     def step_batches(self, kind: str, n_micro: int):
@@ -72,7 +72,7 @@ def run_plan(rank: int, world: int, plan: list[str], optim_name: str, run_dir: s
                        "optim.lr": 1e-2, "schedule.warmup_steps": 0}.items():
         OmegaConf.update(cfg, key, value, merge=False)
     trainer = Trainer(cfg, DistInfo(rank, world, rank, torch.device("cpu")), model_config())
-    trainer.task = PlannedTask(0)
+    trainer.attach(PlannedTask(cfg, 0))
     trainer.build()
     trainer.enter_phase(trainer.phase_for(0))
     out = []

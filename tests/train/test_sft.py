@@ -78,9 +78,9 @@ def test_loss_covers_exactly_the_assistant_answers(tmp_path, domain_tokenizer_fi
     task = SFTTask(cfg, info, micro_config(vocab_size=512), domain_tokenizer_file)
     answers = {item.reference_completion() for name in ("strings", "arith")
                for item in get_domain(name).generate("train", 64, cfg.seed)}
-    phase = Phase("sparse", True, False, 0.3, 128)
+    task.enter_phase(Phase("sparse", True, False, 0.3, 128))
     seen = 0
-    for batch in task.batches(0, 3, phase, None):
+    for batch in task.batches(0, 3, None):
         labels, docs = batch["labels"], batch["doc_ids"]
         assert task.count(batch) == float((labels != -100).sum()) > 0
         for row in range(labels.shape[0]):

@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from tests.helpers.distributed import run_distributed
+from train.task import Task
 
 pytest.importorskip("deepspeed")
 
@@ -56,16 +57,15 @@ def token_loss_sum(model, batch) -> torch.Tensor:
                                              reduction="sum"), out
 
 
-class MaskedSFTTask:
+class MaskedSFTTask(Task):
     """A minimal stage: this rank's rows of one fixed global batch, cut into micro-batches."""
 
-    tokenizer_file = None
     train_mtp = False
 
-    def __init__(self, rank: int, world: int):
-        self.rank, self.world = rank, world
+    def __init__(self, cfg, rank: int, world: int):
+        self.cfg, self.rank, self.world = cfg, rank, world
 
-    def batches(self, step, n_micro, phase, model):
+    def batches(self, step, n_micro, model):
         full = global_batch()
         mine = {k: v[self.rank::self.world] for k, v in full.items()}
         size = len(mine["input_ids"]) // n_micro
@@ -74,7 +74,7 @@ class MaskedSFTTask:
     def count(self, batch):
         return float((batch["labels"] != -100).sum())
 
-    def loss(self, model, batch, phase):
+    def loss(self, model, batch):
         from train.task import LossOutput
 
         total, out = token_loss_sum(model, batch)
@@ -98,11 +98,11 @@ def trainer_gradients(rank: int, world: int, micro_batch: int, run_dir: str):
         OmegaConf.update(cfg, key, value, merge=False)
     info = DistInfo(rank, world, rank, torch.device("cpu"))
     trainer = Trainer(cfg, info, model_config())
-    trainer.task = MaskedSFTTask(rank, world)
+    trainer.attach(MaskedSFTTask(cfg, rank, world))
     trainer.build()
     trainer.enter_phase(trainer.phase_for(0))
     initial = {k: v.detach().numpy().copy() for k, v in trainer.model.state_dict().items()}
-    trainer.accumulate(trainer.task.batches(0, trainer.gas, trainer.phase, trainer.model))
+    trainer.accumulate(trainer.task.batches(0, trainer.gas, trainer.model))
     grads = {n: None if p.grad is None else p.grad.detach().numpy().copy()
              for n, p in trainer.model.named_parameters()}
     return {"grads": grads, "gas": trainer.gas, "count": trainer.global_count,
