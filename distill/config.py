@@ -18,9 +18,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from data.domains.spec import parse_domain_spec
 from train.config import TrainConfig, _num, section_problems
 from train.rollout_task import rollout_batch_problems
-from train.sft_task import parse_domain_spec
 
 from distill.loss import KL_MODES
 

@@ -89,16 +89,16 @@ def pre_checks(cfg, model_cfg) -> None:
 
 def build_domains(cfg):
     """(Domain, weight) of the prompt mixture (`distill.domains`, default the teachers')."""
-    from types import SimpleNamespace
-
-    from train.sft_task import build_domains as build
+    from data.domains.spec import build_domains as build
 
     from distill.config import domain_specs
 
     d = cfg.distill
     specs = [f"{n}:{w}" for n, w in domain_specs(d)]
-    return build(SimpleNamespace(domains=specs, domain_options=d.domain_options,
-                                 thinking_mode=d.thinking_mode), "distill")
+    built = build(specs, d.domain_options, d.thinking_mode, "distill")
+    if not built:
+        raise ValueError("distill.domains=[]: give at least one domain")
+    return built
 
 
 def frozen_models(cfg, model_cfg) -> list:

@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from data.domains.spec import parse_domain_spec
 from train.config import TrainConfig, _num, section_problems
 from train.rollout_task import rollout_batch_problems
-from train.sft_task import parse_domain_spec
 
 from rl.objective import ADV_NORMS, LOSS_AGGS
 

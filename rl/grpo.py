@@ -37,11 +37,11 @@ def pre_checks(cfg, model_cfg) -> None:
     from train.config import raise_problems
     from train.init import check_fits, check_tokenizer, inspect, stage_tokenizer
     from train.rollout_task import reply_budget_warnings
-    from train.sft_task import build_domains
+    from data.domains.spec import section_domains
 
     world = (cfg.world_size if cfg.dry_run else None) or int(os.environ.get("WORLD_SIZE", "1"))
     raise_problems(stage_problems(cfg, world))
-    domains = build_domains(cfg.grpo, "grpo")  # unknown domains, bad options
+    domains = section_domains(cfg.grpo, "grpo")  # unknown domains, bad options
     g = cfg.grpo
     if cfg.dry_run:  # a plan needs no weights or tokenizer
         return
@@ -84,8 +84,8 @@ def frozen_models(cfg, model_cfg) -> list:
 
 
 def make_task(cfg, info, model_cfg):
+    from data.domains.spec import section_domains
     from train.init import load_frozen_model, stage_tokenizer
-    from train.sft_task import build_domains
 
     from rl.grpo_task import GRPOTask
 
@@ -97,7 +97,7 @@ def make_task(cfg, info, model_cfg):
             return load_frozen_model(ref, info.device, ref_dtype(cfg, bf16), ep_groups=ep_groups,
                                      what="grpo.ref").model
     return GRPOTask(cfg, info, model_cfg, stage_tokenizer(cfg, "GRPO"),
-                    build_domains(cfg.grpo, "grpo"), ref_loader=loader)
+                    section_domains(cfg.grpo, "grpo"), ref_loader=loader)
 
 
 def main() -> None:

@@ -21,11 +21,11 @@ same greedy tokens, so all ranks run the same number of generation rounds).
 
 from __future__ import annotations
 
-import math
 import shutil
 from pathlib import Path
 from typing import Any
 
+from data.domains import spec
 from model.config import ModelConfig
 
 from .config import SFTSection, TrainConfig
@@ -34,52 +34,17 @@ from .recipe import RecipeSchedule
 from .task import EvalResult, LossOutput, Task, held_out_loss, labelled_tokens, lm_objective
 
 
-def parse_domain_spec(entry: str, key: str = "sft") -> tuple[str, float]:
-    """"strings" -> ("strings", 1.0); "arith:2" -> ("arith", 2.0); "rg:task:0.5" keeps the
-    reasoning-gym name whole."""
-    name, sep, weight = entry.rpartition(":")
-    if sep:
-        try:
-            value = float(weight)
-        except ValueError:
-            return entry, 1.0
-        if not (value >= 0 and math.isfinite(value)):
-            raise ValueError(f"{key}.domains: {entry!r}: the weight must be a number >= 0")
-        return name, value
-    return entry, 1.0
-
-
-def build_domains(sft: SFTSection, key: str = "sft") -> list[tuple[Any, float]]:
-    """(Domain, weight) for each `<key>.domains` entry; an unknown name or a bad option is a
-    ValueError naming it (checked at start-up, before any data or model work). `sft` is any
-    section with `domains`, `domain_options`, `thinking_mode` (and `files`): SFT's or GRPO's."""
-    from data.domains import get_domain
-
-    files = list(getattr(sft, "files", []) or [])
-    specs = [parse_domain_spec(str(e), key) for e in sft.domains]
-    names = [n for n, _ in specs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"{key}.domains={list(sft.domains)}: each domain at most once")
-    unknown = sorted(set(sft.domain_options) - set(names))
-    if unknown:
-        raise ValueError(f"{key}.domain_options: {unknown} not in {key}.domains={names}")
-    built = []
-    for name, weight in specs:
-        options = dict(sft.domain_options.get(name, {}))
-        options.setdefault("thinking_mode", sft.thinking_mode)
-        try:
-            built.append((get_domain(name, **options), weight))
-        except (ValueError, ImportError) as e:
-            raise ValueError(f"{key}.domains: {e}") from None
+def build_domains(sft: SFTSection) -> list[tuple[Any, float]]:
+    """(Domain, weight) for each `sft.domains` entry (`data.domains.spec`), and `sft.files`
+    checked: SFT needs domains or files."""
+    built = spec.build_domains(sft.domains, sft.domain_options, sft.thinking_mode, "sft")
+    files = list(sft.files or [])
     if not built and not files:
-        raise ValueError(f"{key}.domains=[]" + (" and sft.files=[]: give domains (e.g. "
-                         "sft.domains=[strings]) or V4 chat JSONL files to train on"
-                         if key == "sft" else ": give at least one domain"))
-    if built and sum(w for _, w in built) <= 0:
-        raise ValueError(f"{key}.domains={list(sft.domains)}: the weights sum to 0")
+        raise ValueError("sft.domains=[] and sft.files=[]: give domains (e.g. "
+                         "sft.domains=[strings]) or V4 chat JSONL files to train on")
     for f in files:
         if not Path(f).is_file():
-            raise ValueError(f"{key}.files: {f}: no such file")
+            raise ValueError(f"sft.files: {f}: no such file")
     return built
 
 

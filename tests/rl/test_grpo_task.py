@@ -50,9 +50,9 @@ def grpo_cfg(run_dir, **updates):
 def make_task(cfg, tokenizer_file, model_cfg, domains=None, generate_fn=None):
     from rl.grpo_task import GRPOTask
     from train.dist import DistInfo
-    from train.sft_task import build_domains
+    from data.domains.spec import section_domains
 
-    domains = domains if domains is not None else build_domains(cfg.grpo, "grpo")
+    domains = domains if domains is not None else section_domains(cfg.grpo, "grpo")
     return GRPOTask(cfg, DistInfo(0, 1, 0, torch.device("cpu")), model_cfg, tokenizer_file,
                     domains, generate_fn=generate_fn)
 

@@ -46,7 +46,8 @@ def sft_config(run_dir, **updates):
 
 
 def test_domain_specs_and_errors(tmp_path):
-    from train.sft_task import build_domains, parse_domain_spec
+    from data.domains.spec import parse_domain_spec
+    from train.sft_task import build_domains
 
     assert parse_domain_spec("strings") == ("strings", 1.0)
     assert parse_domain_spec("arith:2") == ("arith", 2.0)
