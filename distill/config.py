@@ -16,48 +16,32 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict
 
 from data.domains.spec import parse_domain_spec
 from train.config import TrainConfig, _num, section_problems
-from train.rollout_task import rollout_batch_problems
 
 from distill.loss import KL_MODES
+from rl.rollout_config import RolloutSection, rollout_batch_problems
 
 
 @dataclass
-class DistillSection:
+class DistillSection(RolloutSection):
+    """The rollout keys (`rl.rollout_config.RolloutSection`; here the student samples, and
+    `domains` empty means the teachers' domains, weight 1 each) and distillation's own."""
+
     teachers: Dict[str, str] = field(default_factory=dict)  # domain -> teacher checkpoint
-    # prompt mixture, "name" or "name:weight"; empty: the teachers' domains, weight 1 each
-    domains: List[str] = field(default_factory=list)
-    domain_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     teacher_weights: Dict[str, Dict[str, float]] = field(default_factory=dict)
-    thinking_mode: str = "chat"
-    # --- one rollout (the student samples)
-    prompts_per_step: int = _num(16, ">= 1")  # B, prompts per rollout (all ranks together)
-    group_size: int = _num(1, ">= 1")         # G, samples per prompt
-    updates: int = _num(1, ">= 1")            # μ, optimizer steps per rollout
-    temperature: float = _num(1.0, "> 0")
-    top_p: float = _num(1.0, "(0, 1]")
-    top_k: int = _num(0, ">= 0")
-    max_new_tokens: int = _num(64, ">= 1")
-    max_tool_turns: Optional[int] = _num(None, ">= 0")
-    rollout_batch_size: int = _num(64, ">= 1")
-    speculative: bool = False                 # MTP speculative decoding in rollouts
-    reward_timeout: float = _num(10.0, "> 0")
-    keep_routing: bool = True
+    prompts_per_step: int = _num(16, ">= 1")
+    group_size: int = _num(1, ">= 1")
     # --- loss (distill/loss.py)
     kl: str = "full"                          # full | topk | sampled
     topk: int = _num(32, ">= 1")              # kl=topk: the teacher's top-k plus a tail bucket
     kl_chunk: int = _num(1024, ">= 1")        # tokens per [tokens, vocab] chunk
     reward_coef: float = _num(0.0, ">= 0")    # + coef x GRPO-style task-reward term (G >= 2)
     mtp_weight: float = _num(0.0, ">= 0")     # > 0: distil the MTP block too (trains it)
-    opsm_delta: Optional[float] = _num(None, "> 0")  # μ > 1: drop stale sequences
     teacher_dtype: str = "auto"               # auto (the student's) | fp32 | bf16
-    # --- evaluation (every logging.eval_every and at the end), test split, greedy; the
-    # teachers are measured once, at the first evaluation
-    eval_n: int = _num(64, ">= 0")
-    eval_max_new_tokens: int = _num(64, ">= 1")
+    # the teachers are evaluated once, at the first evaluation (`eval_n` > 0)
     eval_teachers: bool = True
 
 

@@ -68,7 +68,7 @@ def check_teacher(name: str, path: str, model_cfg, tokenizer: str | None):
 def pre_checks(cfg, model_cfg) -> None:
     from train.config import raise_problems
     from train.init import inspect, stage_tokenizer
-    from train.rollout_task import reply_budget_warnings
+    from rl.rollout_config import reply_budget_warnings
 
     world = (cfg.world_size if cfg.dry_run else None) or int(os.environ.get("WORLD_SIZE", "1"))
     raise_problems(stage_problems(cfg, world))
@@ -161,15 +161,12 @@ def open_dict_overrides(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    from omegaconf import OmegaConf
-
     from train.launch import hydra_main
-    from train.rollout_task import samples_per_step
 
     from distill.config import DistillTrainConfig
+    from rl.rollout_config import register_resolver
 
-    if not OmegaConf.has_resolver("rollout_samples_per_step"):
-        OmegaConf.register_new_resolver("rollout_samples_per_step", samples_per_step)
+    register_resolver()  # conf/distill.yaml derives batch.global_batch from the section
     sys.argv[1:] = open_dict_overrides(sys.argv[1:])
     hydra_main("distill", make_task, pre_checks, schema=("distill_schema", DistillTrainConfig),
                stage_problems=stage_problems, frozen_models=frozen_models)

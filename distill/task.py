@@ -1,11 +1,11 @@
 """Multi-teacher on-policy distillation as a `Task` for the trainer core: the batches are the
-student's own rollouts (`train/rollout_task.py`, shared with GRPO), the loss its divergence from
+student's own rollouts (`rl/rollout_task.py`, shared with GRPO), the loss its divergence from
 the teacher of each prompt's domain (`distill/loss.py`).
 
 Per rollout, after the student sampled and the verifiers scored (scores are logged, and used
 only by the optional task-reward term):
 
-    samples → micro-batches (`train/rollout_batch.py`; tool-result tokens have loss_mask 0)
+    samples → micro-batches (`rl/rollout_batch.py`; tool-result tokens have loss_mask 0)
     → every teacher whose weight on a row is > 0 reads that row once, frozen, at temperature 1,
       with its own routing: `kl=full|topk` keep its head inputs at the response positions
       (`teacher_hidden/<name>` [N_k, dim_T], with `teacher_tokens/<name>` [N_k] their indices
@@ -37,8 +37,9 @@ from model.config import ModelConfig
 from model.sampling import KeptSets
 from train.dist import DistInfo
 from train.memory import SectionPeak
-from train.rollout_batch import collate, kept_sets, route_list
-from train.rollout_task import RolloutTask, route_agreement
+from rl.logprobs import route_agreement
+from rl.rollout_batch import collate, kept_sets, route_list
+from rl.rollout_task import RolloutTask
 from train.task import EvalResult, LossOutput
 
 from distill.config import teacher_weights

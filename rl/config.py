@@ -16,32 +16,20 @@ from typing import Any, Dict, List, Optional
 
 from data.domains.spec import parse_domain_spec
 from train.config import TrainConfig, _num, section_problems
-from train.rollout_task import rollout_batch_problems
 
 from rl.objective import ADV_NORMS, LOSS_AGGS
+from rl.rollout_config import RolloutSection, rollout_batch_problems
 
 OVERLONG = ("mask", "penalty", "none")
 
 
 @dataclass
-class GRPOSection:
-    # verifiable domains (data/domains), "name" or "name:weight"
+class GRPOSection(RolloutSection):
+    """The rollout keys (`rl.rollout_config.RolloutSection`: domains, B, G, μ, sampling,
+    verification, routing replay, off-policy masking, evaluation) and GRPO's own."""
+
     domains: List[str] = field(default_factory=lambda: ["strings"])
-    domain_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
-    thinking_mode: str = "chat"
-    # --- one rollout
-    prompts_per_step: int = _num(8, ">= 1")   # B, prompts per rollout (all ranks together)
-    group_size: int = _num(8, ">= 1")         # G, samples per prompt (>= 2: a group needs peers)
-    updates: int = _num(1, ">= 1")            # μ, optimizer steps (mini-batches) per rollout
-    temperature: float = _num(1.0, "> 0")
-    top_p: float = _num(1.0, "(0, 1]")
-    top_k: int = _num(0, ">= 0")              # 0 = off
-    max_new_tokens: int = _num(64, ">= 1")    # per assistant turn
-    max_tool_turns: Optional[int] = _num(None, ">= 0")  # None: the domain's own
-    rollout_batch_size: int = _num(64, ">= 1")  # rows per generate call
-    speculative: bool = False                  # MTP speculative decoding in rollouts
-    # --- rewards
-    reward_timeout: float = _num(10.0, "> 0")  # seconds per verification; a hang scores 0
+    # --- rewards (group_size >= 2: a group needs peers)
     length_penalty: float = _num(0.0, ">= 0")  # reward -= this x generated / max_new_tokens
     overlong: str = "mask"                     # truncated samples: mask | penalty (DAPO) | none
     overlong_buffer: int = _num(16, ">= 1")    # DAPO soft-penalty window (tokens)
@@ -59,17 +47,12 @@ class GRPOSection:
     beta: float = _num(0.0, ">= 0")            # KL to the reference; 0 skips the reference model
     beta_per_domain: Dict[str, float] = field(default_factory=dict)  # domain -> β override
     kl_unbiased: bool = True                   # V3.2's ratio-weighted k3; false: plain k3
-    opsm_delta: Optional[float] = _num(None, "> 0")  # off-policy sequence masking; None = off
     recompute_old_logprobs: bool = False       # π_old from a forward before the first update
-    keep_routing: bool = True                  # replay the sampled routes in training
     ref: Optional[str] = None                  # reference weights; None: init_from
     ref_dtype: str = "auto"                    # auto (the policy's) | fp32 | bf16
     # --- MoE and MTP during RL
     router_bias_updates: bool = False
     train_mtp: bool = False
-    # --- evaluation (every logging.eval_every and at the end), test split, greedy
-    eval_n: int = _num(64, ">= 0")
-    eval_max_new_tokens: int = _num(64, ">= 1")
 
 
 @dataclass

@@ -36,7 +36,7 @@ def stage_problems(cfg, world: int) -> list[str]:
 def pre_checks(cfg, model_cfg) -> None:
     from train.config import raise_problems
     from train.init import check_fits, check_tokenizer, inspect, stage_tokenizer
-    from train.rollout_task import reply_budget_warnings
+    from rl.rollout_config import reply_budget_warnings
     from data.domains.spec import section_domains
 
     world = (cfg.world_size if cfg.dry_run else None) or int(os.environ.get("WORLD_SIZE", "1"))
@@ -101,17 +101,12 @@ def make_task(cfg, info, model_cfg):
 
 
 def main() -> None:
-    from omegaconf import OmegaConf
-
     from train.launch import hydra_main
 
-    from train.rollout_task import samples_per_step
-
     from rl.config import GRPOTrainConfig
+    from rl.rollout_config import register_resolver
 
-    # conf/grpo.yaml derives batch.global_batch from the grpo section
-    if not OmegaConf.has_resolver("rollout_samples_per_step"):
-        OmegaConf.register_new_resolver("rollout_samples_per_step", samples_per_step)
+    register_resolver()  # conf/grpo.yaml derives batch.global_batch from the grpo section
 
     hydra_main("grpo", make_task, pre_checks, schema=("grpo_schema", GRPOTrainConfig),
                stage_problems=stage_problems, frozen_models=frozen_models)

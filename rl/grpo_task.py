@@ -3,12 +3,12 @@ current weights, the loss is DeepSeek-V3.2's objective (`rl/objective.py`).
 
 The rollout machinery (prompts by domain weight, G samples each with the current weights,
 verifier scores under a time limit, refills, μ mini-batches, resumable state) is the trainer's
-`train/rollout_task.py`, shared with distillation. GRPO adds, per rollout:
+`rl/rollout_task.py`, shared with distillation. GRPO adds, per rollout:
 
     rewards (`rl/rewards.py`: format-gated correctness, optional length / overlong shaping)
     → group advantages; dynamic sampling (optional) refills zero-variance groups
     → overlong handling; π_ref log-probs (β > 0); π_old recomputed (optional)
-    → shuffled, cut into μ mini-batches × n_micro micro-batches (`train/rollout_batch.py`)
+    → shuffled, cut into μ mini-batches × n_micro micro-batches (`rl/rollout_batch.py`)
 
 Each optimizer step then takes the next mini-batch. The training forward replays the sampled
 routes (Keep Routing: expert ids fixed, routing weights from the live router, which keeps its
@@ -48,8 +48,9 @@ import torch
 
 from model.config import ModelConfig
 from train.dist import DistInfo, all_reduce_sum
-from train.rollout_batch import collate, route_list
-from train.rollout_task import RolloutTask, route_agreement, token_logprobs
+from rl.logprobs import route_agreement, token_logprobs
+from rl.rollout_batch import collate, route_list
+from rl.rollout_task import RolloutTask
 from data.cache import atomic_write_text
 from train.task import LossOutput, StageDeclined
 

@@ -380,7 +380,7 @@ def test_all_truncated_under_overlong_mask_warns(tmp_path, policy, capsys,
 
 
 def test_max_new_tokens_beyond_the_context_or_seq_len_is_warned(domain_tokenizer_file):  # noqa: F811
-    from train.rollout_task import reply_budget_warnings
+    from rl.rollout_config import reply_budget_warnings
 
     domains = [(StringsDomain(), 1.0)]
     assert reply_budget_warnings("grpo", 8, 256, 256, domain_tokenizer_file, domains) == []

@@ -18,10 +18,8 @@ Each optimizer step takes the next mini-batch. The task's state (prompt cursor, 
 and the not-yet-used mini-batches of the current rollout) is saved with every checkpoint on
 every rank, so a resumed run continues with the mini-batches an uninterrupted one would use.
 
-`section` is the stage's config section (`cfg.grpo`, `cfg.distill`) with the rollout fields:
-prompts_per_step, group_size, updates, temperature, top_p, top_k, max_new_tokens,
-max_tool_turns, rollout_batch_size, reward_timeout, keep_routing, eval_n, eval_max_new_tokens
-(and optionally train_mtp).
+`section` is the stage's config section (`cfg.grpo`, `cfg.distill`), a
+`rl.rollout_config.RolloutSection` (and optionally train_mtp).
 """
 
 from __future__ import annotations
@@ -35,112 +33,11 @@ import torch
 
 from data.domains.base import draw_rng
 from model.config import ModelConfig
-from model.sampling import SamplingParams, logprobs_over_kept, restricts
-
-from .dist import DistInfo, all_reduce_sum, any_rank, forwards_are_collective
-from .rollout import RolloutParams, rollout
-from .rollout_batch import kept_sets
-from .task import EvalResult, StopRequested, Task
-from .verify import timed_verify
-
-
-def samples_per_step(prompts_per_step: int, group_size: int, updates: int) -> int:
-    """batch.global_batch of an on-policy run: one rollout's samples over its updates (the
-    `rollout_samples_per_step` resolver of conf/grpo.yaml and conf/distill.yaml)."""
-    return int(prompts_per_step) * int(group_size) // max(int(updates), 1)
-
-
-def rollout_batch_problems(s: Any, prefix: str, cfg: Any, world: int,
-                           stage: str) -> list[str]:
-    """The batch arithmetic of a rollout section `s`: B prompts per rollout split over the ranks,
-    B·G samples cut into μ mini-batches of `batch.global_batch`, each a whole number of
-    micro-batches on every rank. `stage` names it in messages ("GRPO")."""
-    problems = []
-    samples = s.prompts_per_step * s.group_size
-    if s.prompts_per_step % world:
-        problems.append(f"{prefix}prompts_per_step={s.prompts_per_step}: must be a multiple of "
-                        f"the world size {world} (each rank rolls out its share)")
-    if samples % s.updates:
-        problems.append(f"{prefix}updates={s.updates}: must divide prompts_per_step x "
-                        f"group_size = {samples} (one mini-batch per update)")
-    elif cfg.batch.global_batch != samples // s.updates:
-        problems.append(f"batch.global_batch={cfg.batch.global_batch}: {stage} takes "
-                        f"prompts_per_step x group_size / updates = {samples // s.updates} "
-                        f"samples per step (leave batch.global_batch to "
-                        f"conf/{prefix.rstrip('.')}.yaml)")
-    elif (samples // s.updates) % (cfg.data.micro_batch * world):
-        problems.append(f"{prefix.rstrip('.')}: prompts_per_step x group_size / updates = "
-                        f"{samples // s.updates} samples per step must be a multiple of "
-                        f"data.micro_batch={cfg.data.micro_batch} x world size {world}")
-    if getattr(s, "speculative", False) and forwards_are_collective(cfg):
-        problems.append(f"{prefix}speculative=true: MTP speculative decoding does not run "
-                        f"with collective forwards yet (parallel.ep_size="
-                        f"{cfg.parallel.ep_size}, parallel.zero_stage="
-                        f"{cfg.parallel.zero_stage}); drop one of them")
-    return problems
-
-
-def reply_budget_warnings(prefix: str, max_new_tokens: int, seq_len: int, max_seq_len: int,
-                          tokenizer_file: str, domains, probe: int = 16) -> list[str]:
-    """Start-up warnings when `<prefix>.max_new_tokens` does not fit: generation stops at the
-    model's context (`max_seq_len`), so a prompt of P tokens leaves max_seq_len - P for the
-    reply whatever max_new_tokens says; and `data.seq_len` is the sequence length the memory
-    plan assumes, which a prompt plus a full reply should not exceed. P is the longest of the
-    first `probe` train prompts of each domain (tokenised, as the rollout does)."""
-    from encoding.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(tokenizer_file)
-    prompt = max(len(tokenizer.encode(domain.sample("train", i).prompt_text(),
-                                      add_special_tokens=False))
-                 for domain, _ in domains for i in range(probe))
-    out = []
-    if prompt + max_new_tokens > max_seq_len:
-        out.append(f"{prefix}.max_new_tokens={max_new_tokens}: prompts of up to {prompt} tokens "
-                   f"leave {max(max_seq_len - prompt, 0)} for a reply in the model's context "
-                   f"(max_seq_len={max_seq_len}); longer replies are cut there (finish "
-                   f"'length')")
-    if prompt + max_new_tokens > seq_len:
-        out.append(f"{prefix}.max_new_tokens={max_new_tokens}: a prompt ({prompt} tokens) and a "
-                   f"full reply exceed data.seq_len={seq_len}, the length the memory plan "
-                   f"assumes; set data.seq_len >= {prompt + max_new_tokens} or lower "
-                   f"{prefix}.max_new_tokens")
-    return out
-
-
-def token_logprobs(model, batch: dict[str, Any], temperature: float, routes=None,
-                   entropy: bool = False):
-    """(log π [b, L-1] fp32 at the generated positions (0 elsewhere), renormalised over the kept
-    sets at `temperature`; entropy [b, L-1] of that distribution over the full vocabulary, or
-    None; the forward's output)."""
-    out = model(batch["input_ids"], token_mask=batch["token_mask"], routes=routes, mtp=False)
-    logits = out.logits[:, :-1]                                  # [b, L-1, vocab]
-    sel = batch["gen_mask"] > 0                                  # [b, L-1]
-    targets = batch["input_ids"][:, 1:][sel]                     # [N]
-    picked = logits[sel]                                         # [N, vocab]
-    lp = logprobs_over_kept(picked, targets, kept_sets(batch), temperature)  # [N] fp32
-    logp = torch.zeros(sel.shape, dtype=torch.float32, device=lp.device)
-    logp = logp.masked_scatter(sel, lp)
-    ent = None
-    if entropy:
-        with torch.no_grad():
-            z = torch.log_softmax(picked.float() / temperature, dim=-1)  # [N, vocab]
-            ent = torch.zeros_like(logp).masked_scatter(sel, -(z.exp() * z).sum(-1))
-    return logp, ent, out
-
-
-def route_agreement(replayed: torch.Tensor, live: list) -> torch.Tensor:
-    """[b, L-1]: per input position, the fraction of replayed (layer, expert) picks the live
-    router also picks, over the layers that were replayed."""
-    parts = []
-    for layer, lv in enumerate(live[:replayed.shape[2]]):
-        if lv is None:
-            continue
-        r = replayed[:, :, layer].long()                          # [b, L, k]
-        hit = (r[..., :, None] == lv[..., None, :]).any(-1)        # [b, L, k]
-        parts.append(hit.float().mean(-1))
-    if not parts:
-        return torch.ones(replayed.shape[0], replayed.shape[1] - 1, device=replayed.device)
-    return torch.stack(parts).mean(0)[:, :-1]
+from model.sampling import SamplingParams, restricts
+from train.dist import DistInfo, all_reduce_sum, any_rank
+from train.rollout import RolloutParams, rollout
+from train.task import EvalResult, StopRequested, Task
+from train.verify import timed_verify
 
 
 class RolloutTask(Task):
@@ -369,7 +266,7 @@ class RolloutTask(Task):
         return int(batch["token_mask"].sum())  # prompt and sample tokens, not the padding
 
     def evaluate(self, model, step: int) -> EvalResult:
-        from .evaluate import stage_evaluation
+        from train.evaluate import stage_evaluation
 
         if not self.section.eval_n:
             return EvalResult()
