@@ -38,6 +38,7 @@ from model.sampling import KeptSets
 from train.dist import DistInfo
 from train.memory import SectionPeak
 from rl.logprobs import route_agreement
+from rl.objective import stale_keep, surrogate
 from rl.rollout_batch import collate, kept_sets, route_list
 from rl.rollout_task import RolloutTask
 from train.task import EvalResult, LossOutput
@@ -181,14 +182,14 @@ class DistillTask(RolloutTask):
         else:
             per_token = self.measured(self.teacher_kl, hidden, head, batch, kept, row_of_token)
             kl = per_token.detach()
-        if d.reward_coef:
+        if d.reward_coef:  # GRPO's policy-gradient term, unclipped (rl/objective.py)
             adv = batch["advantages"][row_of_token]
-            per_token = per_token - d.reward_coef * torch.exp(logp - old) * adv
+            per_token = per_token - d.reward_coef * surrogate(torch.exp(logp - old), adv)
         if d.opsm_delta:  # μ > 1: a sequence whose prefix went stale teaches the wrong policy
             stale = torch.zeros(sel.shape[0], device=hidden.device)
             stale = stale.index_add(0, row_of_token, (old - logp).detach())
             stale = stale / sel.sum(1).clamp_min(1)
-            weight = weight * (stale[row_of_token] <= d.opsm_delta)
+            weight = weight * stale_keep(stale, d.opsm_delta)[row_of_token]
         total = (per_token * weight).sum()
         metrics = {"kl": (kl * weight).sum()}
         if self.train_mtp:

@@ -210,8 +210,27 @@ def off_policy_mask(advantages: Tensor, sampler_logp: Tensor, logp: Tensor, mask
     with torch.no_grad():
         gap = _clean(sampler_logp, m) - _clean(logp.detach(), m)        # [S, T], 0 at padding
         mean_gap = gap.sum(1) / m.sum(1).clamp_min(1)                   # [S]
-        drop = (advantages.detach().float() < 0) & (mean_gap > delta)   # [S]
-        return (~drop).float()
+        return stale_keep(mean_gap, delta, advantages)
+
+
+def stale_keep(mean_gap: Tensor, delta: float, advantages: Tensor | None = None) -> Tensor:
+    """The off-policy sequence mask's rule, shared by GRPO and distillation: keep [S] fp32 in
+    {0, 1}, 0 where a sequence's mean log(π_old/π_θ) over its trained tokens (`mean_gap` [S])
+    exceeds δ, and, given `advantages` [S] (GRPO), only where its advantage is negative (a stale
+    sample that is reinforced still teaches the right direction)."""
+    drop = mean_gap > delta
+    if advantages is not None:
+        drop = (advantages.detach().float() < 0) & drop
+    return (~drop).float()
+
+
+def surrogate(ratio: Tensor, advantages: Tensor, clip: tuple[float, float] | None = None):
+    """The importance-weighted policy-gradient objective per token: ratio·Â, or PPO's clipped
+    min(ratio·Â, clip(ratio, lo, hi)·Â) with `clip` = (lo, hi). GRPO clips; distillation's
+    task-reward term (`distill.reward_coef`) does not."""
+    if clip is None:
+        return ratio * advantages
+    return torch.minimum(ratio * advantages, ratio.clamp(*clip) * advantages)
 
 
 def kl_penalty(logp: Tensor, ref_logp: Tensor, old_logp: Tensor, unbiased: bool = True) -> Tensor:
@@ -302,8 +321,7 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, sampler_logp: Tensor, ref_logp: Te
 
     lo, hi = 1.0 - cfg.clip_low, 1.0 + cfg.clip_high
     ratio = torch.exp(lp - old)                                  # [S, T], exactly 1 at padding
-    surrogate = torch.minimum(ratio * adv, ratio.clamp(lo, hi) * adv)        # [S, T]
-    pg = -surrogate * keep                                       # [S, T]
+    pg = -surrogate(ratio, adv, (lo, hi)) * keep                 # [S, T]
     per_token = pg
     if ref_logp is None:
         kl = torch.zeros_like(lp)
