@@ -28,7 +28,6 @@ compare π_θ with the sampler's log-probs, so they need temperature 1 (checked 
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 import torch
@@ -39,7 +38,7 @@ from train.dist import DistInfo
 from train.memory import SectionPeak
 from rl.logprobs import route_agreement
 from rl.objective import stale_keep, surrogate
-from rl.rollout_batch import collate, kept_sets, route_list
+from rl.rollout_batch import kept_sets, route_list
 from rl.rollout_task import RolloutTask
 from train.task import EvalResult, LossOutput
 
@@ -102,17 +101,9 @@ class DistillTask(RolloutTask):
             for s in grp:
                 samples.append(s)
                 advantages.append(s.reward - mean if self.d.reward_coef else 0.0)
-        order = list(range(len(samples)))
-        random.Random(f"{self.cfg.seed}/{self.rollouts}/{self.info.rank}").shuffle(order)
-        cfg, micro = self.model_cfg, self.cfg.data.micro_batch
         batches = []
-        for m in range(0, len(order), micro):
-            idx = order[m:m + micro]
-            batch = collate([samples[i] for i in idx], [advantages[i] for i in idx],
-                            [0.0] * len(idx), self.tokenizer.eos_token_id, cfg.n_layers,
-                            cfg.n_activated_experts, self.d.keep_routing)
-            batch["gen_mask"] = batch["loss_mask"].clone()
-            names = [samples[i].domain for i in idx]
+        for batch, mine in self.collate_shuffled(samples, advantages, [0.0] * len(samples)):
+            names = [s.domain for s in mine]
             batch["domain_id"] = torch.tensor([self.domain_names.index(n) for n in names])
             batch["teacher_w"] = torch.tensor([[self.mix[n].get(t, 0.0)
                                                 for t in self.teacher_names] for n in names])

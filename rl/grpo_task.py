@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import sys
 from typing import Any
 
@@ -49,7 +48,7 @@ import torch
 from model.config import ModelConfig
 from train.dist import DistInfo, all_reduce_sum
 from rl.logprobs import route_agreement, token_logprobs
-from rl.rollout_batch import collate, route_list
+from rl.rollout_batch import route_list
 from rl.rollout_task import RolloutTask
 from data.cache import atomic_write_text
 from train.task import LossOutput, StageDeclined
@@ -174,19 +173,10 @@ class GRPOTask(RolloutTask):
                 samples.append(s)
                 advantages.append(value)
                 betas.append(g.beta_per_domain.get(s.domain, g.beta))
-        order = list(range(len(samples)))
-        random.Random(f"{self.cfg.seed}/{self.rollouts}/{self.info.rank}").shuffle(order)
-        micro = self.cfg.data.micro_batch
-        pad = self.tokenizer.eos_token_id
         batches = []
-        for m in range(0, len(order), micro):
-            idx = order[m:m + micro]
-            batch = collate([samples[i] for i in idx], [advantages[i] for i in idx],
-                            [betas[i] for i in idx], pad, cfg.n_layers, cfg.n_activated_experts,
-                            g.keep_routing)
-            batch["gen_mask"] = batch["loss_mask"].clone()
+        for batch, mine in self.collate_shuffled(samples, advantages, betas):
             if g.overlong == "mask":  # DAPO overlong filtering: truncated samples teach nothing
-                cut = torch.tensor([samples[i].truncated for i in idx])
+                cut = torch.tensor([s.truncated for s in mine])
                 batch["loss_mask"][cut] = 0.0
             batches.append(batch)
         device = self.info.device

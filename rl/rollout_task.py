@@ -25,6 +25,7 @@ every rank, so a resumed run continues with the mini-batches an uninterrupted on
 from __future__ import annotations
 
 import math
+import random
 import sys
 import time
 from typing import Any
@@ -34,6 +35,7 @@ import torch
 from data.domains.base import draw_rng
 from model.config import ModelConfig
 from model.sampling import SamplingParams, restricts
+from rl.rollout_batch import collate
 from train.dist import DistInfo, all_reduce_sum, any_rank
 from train.rollout import RolloutParams, rollout
 from train.task import EvalResult, StopRequested, Task
@@ -207,6 +209,24 @@ class RolloutTask(Task):
                     rank = f"rank {self.info.rank}: " if self.info.world > 1 else ""
                     print(f"{rank}warning: {self.stage}: first {kind} ({s.domain} item "
                           f"{s.item_id}): {error}", file=sys.stderr, flush=True)
+
+    def collate_shuffled(self, samples: list, advantages: list[float],
+                         betas: list[float]) -> list[tuple[dict, list]]:
+        """This rollout's samples in a seeded shuffled order (seed, rollout, rank), collated
+        into micro-batches of `data.micro_batch` (`rl.rollout_batch.collate`; `gen_mask` = the
+        loss mask before the stage masks anything): [(batch, the batch's samples)]."""
+        order = list(range(len(samples)))
+        random.Random(f"{self.cfg.seed}/{self.rollouts}/{self.info.rank}").shuffle(order)
+        cfg, micro = self.model_cfg, self.cfg.data.micro_batch
+        out = []
+        for m in range(0, len(order), micro):
+            idx = order[m:m + micro]
+            batch = collate([samples[i] for i in idx], [advantages[i] for i in idx],
+                            [betas[i] for i in idx], self.tokenizer.eos_token_id, cfg.n_layers,
+                            cfg.n_activated_experts, self.section.keep_routing)
+            batch["gen_mask"] = batch["loss_mask"].clone()
+            out.append((batch, [samples[i] for i in idx]))
+        return out
 
     def split_updates(self, batches: list[dict], n_micro: int) -> list[list[dict]]:
         """One rollout's micro-batches (in training order) → μ mini-batches of n_micro."""
