@@ -16,7 +16,6 @@ counts it, `train/plan.py`).
 
 from __future__ import annotations
 
-import os
 import sys
 
 
@@ -45,10 +44,6 @@ def teacher_dtype(cfg, student_bf16: bool):
     return torch.float32
 
 
-def _bf16(cfg, cuda: bool) -> bool:
-    return cfg.dtype == "bf16" or (cfg.dtype == "auto" and (cfg.dry_run or cuda))
-
-
 def check_teacher(name: str, path: str, model_cfg, tokenizer: str | None):
     """A teacher that is missing, not a model checkpoint, or of another vocabulary or
     tokenizer: an error naming it, before any weights are read. Returns its InitSource."""
@@ -65,13 +60,11 @@ def check_teacher(name: str, path: str, model_cfg, tokenizer: str | None):
     return src
 
 
-def pre_checks(cfg, model_cfg) -> None:
-    from train.config import raise_problems
+def pre_checks(cfg, model_cfg, world: int) -> None:
     from train.init import inspect, stage_tokenizer
+
     from rl.rollout_config import reply_budget_warnings
 
-    world = (cfg.world_size if cfg.dry_run else None) or int(os.environ.get("WORLD_SIZE", "1"))
-    raise_problems(stage_problems(cfg, world))
     domains = build_domains(cfg)  # unknown domains, bad options
     if cfg.dry_run:  # a plan needs no weights or tokenizer
         return
@@ -104,12 +97,10 @@ def build_domains(cfg):
 def frozen_models(cfg, model_cfg) -> list:
     """The teachers, for the memory plan: each with its own config when its checkpoint can be
     read (a dry run may plan teachers that do not exist yet: the student's shapes then)."""
-    import torch
-
     from train.init import InitFromError, inspect
+    from train.stage import cuda_requested, uses_bf16
 
-    cuda = torch.cuda.is_available() and cfg.device != "cpu"
-    dtype = teacher_dtype(cfg, _bf16(cfg, cuda))
+    dtype = teacher_dtype(cfg, uses_bf16(cfg, cuda_requested(cfg)))
     planned = []
     for name, path in sorted(cfg.distill.teachers.items()):
         try:
@@ -124,10 +115,11 @@ def frozen_models(cfg, model_cfg) -> list:
 
 def make_task(cfg, info, model_cfg):
     from train.init import load_frozen_model, stage_tokenizer
+    from train.stage import uses_bf16
 
     from distill.task import DistillTask
 
-    dtype = teacher_dtype(cfg, _bf16(cfg, info.device.type == "cuda") and not cfg.dry_run)
+    dtype = teacher_dtype(cfg, uses_bf16(cfg, info.device.type == "cuda"))
 
     def loader(name: str, path: str):
         def load(ep_groups):  # once the student is built, sharded over its EP groups
@@ -161,15 +153,15 @@ def open_dict_overrides(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    from train.launch import hydra_main
+    from train.stage import Stage
 
     from distill.config import DistillTrainConfig
     from rl.rollout_config import register_resolver
 
-    register_resolver()  # conf/distill.yaml derives batch.global_batch from the section
-    sys.argv[1:] = open_dict_overrides(sys.argv[1:])
-    hydra_main("distill", make_task, pre_checks, schema=("distill_schema", DistillTrainConfig),
-               stage_problems=stage_problems, frozen_models=frozen_models)
+    # conf/distill.yaml derives batch.global_batch from the distill section (the resolver)
+    Stage("distill", make_task, schema=("distill_schema", DistillTrainConfig),
+          problems=stage_problems, checks=pre_checks, frozen=frozen_models,
+          resolvers=register_resolver, argv=open_dict_overrides).main()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ loop, `rl/grpo_task.py` supplies the rollouts and the loss (`rl/objective.py`).
 
 from __future__ import annotations
 
-import os
 import sys
 
 
@@ -33,14 +32,12 @@ def stage_problems(cfg, world: int) -> list[str]:
     return grpo_problems(cfg, world)
 
 
-def pre_checks(cfg, model_cfg) -> None:
-    from train.config import raise_problems
-    from train.init import check_fits, check_tokenizer, inspect, stage_tokenizer
-    from rl.rollout_config import reply_budget_warnings
+def pre_checks(cfg, model_cfg, world: int) -> None:
     from data.domains.spec import section_domains
+    from train.init import check_fits, check_tokenizer, inspect, stage_tokenizer
 
-    world = (cfg.world_size if cfg.dry_run else None) or int(os.environ.get("WORLD_SIZE", "1"))
-    raise_problems(stage_problems(cfg, world))
+    from rl.rollout_config import reply_budget_warnings
+
     domains = section_domains(cfg.grpo, "grpo")  # unknown domains, bad options
     g = cfg.grpo
     if cfg.dry_run:  # a plan needs no weights or tokenizer
@@ -74,24 +71,23 @@ def ref_dtype(cfg, policy_bf16: bool):
 def frozen_models(cfg, model_cfg) -> list:
     """The reference policy (β > 0), for the memory plan: same shapes as the policy, in the
     dtype the trainer will use (a dry run plans bf16 unless dtype=fp32, as for the policy)."""
-    import torch
+    from train.stage import cuda_requested, uses_bf16
 
     if max(_betas(cfg.grpo)) <= 0:  # planned even before its weights exist (dry runs)
         return []
-    cuda = torch.cuda.is_available() and cfg.device != "cpu"
-    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and (cfg.dry_run or cuda))
-    return [("reference", model_cfg, ref_dtype(cfg, bf16))]
+    return [("reference", model_cfg, ref_dtype(cfg, uses_bf16(cfg, cuda_requested(cfg))))]
 
 
 def make_task(cfg, info, model_cfg):
     from data.domains.spec import section_domains
     from train.init import load_frozen_model, stage_tokenizer
+    from train.stage import uses_bf16
 
     from rl.grpo_task import GRPOTask
 
     loader, ref = None, reference_path(cfg)
     if ref is not None:  # loaded once the policy is built, sharded over its EP groups
-        bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and info.device.type == "cuda")
+        bf16 = uses_bf16(cfg, info.device.type == "cuda")
 
         def loader(ep_groups):
             return load_frozen_model(ref, info.device, ref_dtype(cfg, bf16), ep_groups=ep_groups,
@@ -101,15 +97,14 @@ def make_task(cfg, info, model_cfg):
 
 
 def main() -> None:
-    from train.launch import hydra_main
+    from train.stage import Stage
 
     from rl.config import GRPOTrainConfig
     from rl.rollout_config import register_resolver
 
-    register_resolver()  # conf/grpo.yaml derives batch.global_batch from the grpo section
-
-    hydra_main("grpo", make_task, pre_checks, schema=("grpo_schema", GRPOTrainConfig),
-               stage_problems=stage_problems, frozen_models=frozen_models)
+    # conf/grpo.yaml derives batch.global_batch from the grpo section (the resolver)
+    Stage("grpo", make_task, schema=("grpo_schema", GRPOTrainConfig), problems=stage_problems,
+          checks=pre_checks, frozen=frozen_models, resolvers=register_resolver).main()
 
 
 if __name__ == "__main__":

@@ -14,17 +14,15 @@ from omegaconf import OmegaConf
 from model.config import ModelConfig
 
 from .config import TrainConfig, sequences_at
+from .stage import Stage, launch_world, uses_bf16
 
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
 
-def hydra_main(config_name: str, make_task: Callable, pre_checks: Callable | None = None,
-               schema: tuple[str, type] | None = None,
-               stage_problems: Callable | None = None,
-               frozen_models: Callable | None = None) -> None:
-    """Runs `launch` under Hydra with `conf/<config_name>.yaml` and the typed schema (the
-    trainer's `train_schema`, plus a stage's own `(name, dataclass)` when given, e.g. GRPO's
+def hydra_main(stage: Stage) -> None:
+    """Runs `launch` under Hydra with `conf/<stage.config>.yaml` and the typed schema (the
+    trainer's `train_schema`, plus the stage's own `(name, dataclass)` when given, e.g. GRPO's
     `grpo_schema`); DeepSpeed's `--local_rank` is stripped first so Hydra sees only its
     overrides."""
     import hydra
@@ -32,16 +30,17 @@ def hydra_main(config_name: str, make_task: Callable, pre_checks: Callable | Non
     from .config import register
     from .dist import strip_launcher_args
 
-    sys.argv = [sys.argv[0], *strip_launcher_args(sys.argv[1:])]
+    args = strip_launcher_args(sys.argv[1:])
+    sys.argv = [sys.argv[0], *(stage.argv(args) if stage.argv else args)]
     register()
-    if schema is not None:
+    if stage.schema is not None:
         from hydra.core.config_store import ConfigStore
 
-        ConfigStore.instance().store(name=schema[0], node=schema[1])
+        ConfigStore.instance().store(name=stage.schema[0], node=stage.schema[1])
 
-    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=stage.config)
     def main(cfg: TrainConfig) -> None:
-        launch(cfg, make_task, pre_checks, stage_problems, frozen_models)
+        launch(cfg, stage)
 
     main()
 
@@ -66,28 +65,22 @@ def stage_sizes(cfg: TrainConfig) -> list[tuple[int, int]]:
     return [(n, sequences_at(cfg, cfg.batch.global_batch, n) or 1) for n in lengths]
 
 
-def launch(cfg: TrainConfig, make_task: Callable, pre_checks: Callable | None = None,
-           stage_problems: Callable | None = None, frozen_models: Callable | None = None
-           ) -> None:
-    """`make_task(cfg, info, model_cfg)` builds the stage's Task after the trainer's checks;
-    `pre_checks(cfg, model_cfg)` validates the stage's own keys before anything else runs (raise
-    ValueError naming the key); `stage_problems(cfg, world)` lists problems with the stage's own
-    section, reported before the trainer's (they are usually the cause: a bad GRPO group size
-    also makes the derived batch size invalid); `frozen_models(cfg, model_cfg)` lists the
-    (name, ModelConfig, dtype) of the models the stage holds besides the policy (GRPO's
-    reference, distillation's teachers), planned by `dry_run=true` and the fit check."""
+def launch(cfg: TrainConfig, stage: Stage) -> None:
+    """Runs one `Stage` (train/stage.py): the stage's problems, then the trainer's, then the
+    stage's checks, all before any data or model work; then a plan or a training run."""
     from .config import ConfigError, raise_problems, validate_config
-    world = (cfg.world_size if cfg.dry_run else None) or int(os.environ.get("WORLD_SIZE", "1"))
+
+    world = launch_world(cfg)
     try:  # every key's range and the rules between keys, before any data or model work
-        if stage_problems is not None:
-            raise_problems(stage_problems(cfg, world))
+        if stage.problems is not None:
+            raise_problems(stage.problems(cfg, world))
         model_cfg = model_config(cfg)
         validate_config(cfg, world, model_cfg)
-        if pre_checks is not None:
-            pre_checks(cfg, model_cfg)
+        if stage.checks is not None:
+            stage.checks(cfg, model_cfg, world)
     except (ConfigError, ValueError) as e:
         raise _fail(f"{e}") from None
-    frozen = list(frozen_models(cfg, model_cfg)) if frozen_models is not None else []
+    frozen = list(stage.frozen(cfg, model_cfg)) if stage.frozen is not None else []
     if cfg.dry_run:
         _dry_run(cfg, model_cfg, world, frozen)
         return
@@ -99,7 +92,7 @@ def launch(cfg: TrainConfig, make_task: Callable, pre_checks: Callable | None = 
     except RunDirLocked as e:
         raise _fail(f"error: {e}") from None
     try:
-        code = _train(cfg, make_task, model_cfg, frozen)
+        code = _train(cfg, stage.task, model_cfg, frozen)
     finally:
         if lock is not None:
             lock.release()
@@ -114,7 +107,7 @@ def _dry_run(cfg: TrainConfig, model_cfg: ModelConfig, world: int, frozen: list)
     from .plan import make_plan
     from .plan_cp import stage_lines
 
-    bf16 = cfg.dtype != "fp32"
+    bf16 = uses_bf16(cfg, cuda=True)  # a plan is of the GPU run
     try:
         plan = make_plan(model_cfg, world, cfg.parallel.ep_size, cfg.data.micro_batch,
                          cfg.data.seq_len,

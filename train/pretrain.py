@@ -22,6 +22,6 @@ def make_task(cfg, info, model_cfg):
 
 
 if __name__ == "__main__":
-    from train.launch import hydra_main
+    from train.stage import Stage
 
-    hydra_main("pretrain", make_task)
+    Stage("pretrain", make_task).main()

@@ -22,7 +22,7 @@ def tokenizer_for(cfg) -> str:
     return stage_tokenizer(cfg, "SFT")
 
 
-def pre_checks(cfg, model_cfg) -> None:
+def pre_checks(cfg, model_cfg, world: int) -> None:
     from train.sft_task import build_domains
 
     from train.init import inspect
@@ -42,6 +42,6 @@ def make_task(cfg, info, model_cfg):
 
 
 if __name__ == "__main__":
-    from train.launch import hydra_main
+    from train.stage import Stage
 
-    hydra_main("sft", make_task, pre_checks)
+    Stage("sft", make_task, checks=pre_checks).main()

@@ -48,6 +48,7 @@ from .dist import DistInfo, all_reduce_sum, any_rank, barrier, release_shm_works
 from .metrics import MetricsLogger, detect_peak_tflops, flops_per_token, memory_bytes
 from .plan import available_memory, make_plan
 from .schedule import Phase
+from .stage import uses_bf16
 from .task import EvalResult, StopRequested, Task
 
 
@@ -81,7 +82,7 @@ class Trainer:
         # context parallelism: ranks of one CP group read the same rows (train/context_parallel)
         self.dp_rank, self.dp_world = cp.data_rank(info.rank, info.world, cfg.parallel.cp_size)
         self.run_dir = Path(cfg.run_dir)
-        self.bf16 = (cfg.dtype == "bf16" or (cfg.dtype == "auto" and info.device.type == "cuda"))
+        self.bf16 = uses_bf16(cfg, info.device.type == "cuda")
         self.sharded = sharded_state(cfg.parallel.zero_stage)
         if cfg.dtype not in ("auto", "bf16", "fp32"):
             raise ValueError(f"dtype={cfg.dtype!r}: choose auto, bf16 or fp32")
