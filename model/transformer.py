@@ -14,6 +14,26 @@ Incremental decoding uses the same forward with a cache (`model/INFERENCE.md`):
 Packed sequences: `doc_ids` `[batch, seq]` separates documents inside a row; positions restart
 per document (derived from doc_ids when not given). No attention, compression group, indexer
 choice or MTP input crosses a document boundary.
+
+The forward's arguments (`forward` reads as: inputs → blocks → head → MTP → output):
+- `routes` replays expert ids (one `[batch, seq, topk]` per block, MTP blocks last; an entry may
+  be None) instead of the routers' own top-k; the routers still score every token (the routing
+  weights, and so the router gradient, come from those scores) and report their own pick as
+  `live_routes`.
+- With `cache` (from `new_cache`): the tokens continue each row at `cache.lengths`
+  (`positions`, if given, must equal that), `token_mask` marks each row's real tokens (a
+  prefix; the rest is right padding, computed but not cached), the attention layers append to
+  the cache, and the MTP blocks are skipped (`mtp_logits` is empty).
+- `logits_index` `[batch, k]` computes logits only at those sequence indices (`[batch, k,
+  vocab]`), e.g. each row's last real token in a prefill.
+- `mtp=False` skips the MTP blocks (a post-training stage that does not train them saves their
+  compute; `mtp_logits` is then empty and `expert_counts` has main-layer rows only).
+- `head=False` stops before the output head: `logits` is None and `hidden` (and `mtp_hidden`)
+  hold the normed head inputs, so a vocabulary-sized loss can apply the head in token chunks
+  (distillation's full-vocabulary KL) instead of materialising `[batch, seq, vocab]`.
+- `keep_streams=True` also returns the last block's streams (`streams`, every position).
+- Under context parallelism (`context_parallel` set, no cache) the rows are whole and every
+  output is this rank's tokens (`model/context_parallel.py`).
 """
 
 from __future__ import annotations
@@ -179,25 +199,40 @@ class Transformer(nn.Module):
                 token_mask: torch.Tensor | None = None, cache: ModelCache | None = None,
                 logits_index: torch.Tensor | None = None, mtp: bool = True,
                 head: bool = True, keep_streams: bool = False) -> ModelOutput:
-        """input_ids `[batch, seq]`; `routes` replays expert ids (one `[batch, seq, topk]` per
-        block, MTP blocks last; an entry may be None) instead of the routers' own top-k; the
-        routers still score every token (the routing weights, and so the router gradient, come
-        from those scores) and report their own pick as `live_routes`.
-
-        With `cache` (from `new_cache`): the tokens continue each row at `cache.lengths`
-        (`positions`, if given, must equal that), `token_mask` marks each row's real tokens
-        (a prefix; the rest is right padding, computed but not cached), the attention layers
-        append to the cache, and the MTP blocks are skipped (`mtp_logits` is empty).
-        `logits_index` `[batch, k]` computes logits only at those sequence indices
-        (`[batch, k, vocab]`), e.g. each row's last real token in a prefill. `mtp=False` skips
-        the MTP blocks (a post-training stage that does not train them saves their compute;
-        `mtp_logits` is then empty and `expert_counts` has main-layer rows only). `head=False`
-        stops before the output head: `logits` is None and `hidden` (and `mtp_hidden`) hold the
-        normed head inputs, so a vocabulary-sized loss can apply the head in token chunks
-        (distillation's full-vocabulary KL) instead of materialising `[batch, seq, vocab]`.
-        `keep_streams=True` also returns the last block's streams (`streams`, every position)."""
+        """input_ids `[batch, seq]` → `ModelOutput`; training, prefill and decode alike (the
+        arguments: "The forward's arguments" in the module docstring)."""
+        run = self._inputs(input_ids, doc_ids, positions, routes, token_mask, cache,
+                           logits_index, mtp)
+        x, auxes = self._blocks(run)                          # [batch, seq, hc, dim]
+        hidden, logits = self._head(x, logits_index, head)  # [batch, seq|k, dim], logits
+        mtp_logits, mtp_hidden = self._mtp(x, run, head, auxes) if run.next_ids is not None \
+            else ([], [])
         cfg = self.cfg
-        batch, seq = input_ids.shape
+        routed = [a.balance_loss for i, a in enumerate(auxes) if i >= cfg.n_hash_layers]
+        csa = [a.indexer_loss for a, b in zip(auxes, [*self.layers, *self.mtp])
+               if b.attn.kind == "csa"]
+        zero = hidden.new_zeros((), dtype=torch.float32)
+        # under context parallelism each rank reports its share: the group's shares add up
+        cp_size = 1 if run.ctx.shard is None else run.ctx.shard.size
+        return ModelOutput(
+            logits=logits,
+            mtp_logits=mtp_logits,
+            balance_loss=torch.stack(routed).mean() / cp_size if routed else zero,
+            indexer_loss=torch.stack(csa).mean() if csa else zero,
+            expert_counts=torch.stack([a.counts for a in auxes]),
+            routes=[a.routes for a in auxes],
+            live_routes=[a.live_routes for a in auxes],
+            hidden=None if head else hidden,
+            mtp_hidden=mtp_hidden,
+            streams=x if keep_streams else None,
+        )
+
+    def _inputs(self, input_ids, doc_ids, positions, routes, token_mask, cache, logits_index,
+                mtp) -> "ForwardInputs":
+        """Checks the arguments and builds the attention context: the cache step (prefill,
+        decode), default documents and positions, the MTP block's next-token ids, and this
+        rank's chunks under context parallelism."""
+        cfg = self.cfg
         step = None
         if cache is not None:
             if doc_ids is not None:
@@ -225,48 +260,51 @@ class Transformer(nn.Module):
         indexer_loss = self.compute_indexer_loss and torch.is_grad_enabled() and cache is None
         ctx = AttentionContext(doc_ids, positions, freqs, self.csa_mode, indexer_loss,
                                cache=cache, step=step, shard=shard)
+        return ForwardInputs(input_ids, token_mask, routes, ctx, next_ids)
 
-        h = self.embed(input_ids)  # [batch, seq, dim]
-        x = h[:, :, None].expand(-1, -1, cfg.hc_mult, -1).contiguous()  # [batch, seq, hc, dim]
+    def _blocks(self, run: "ForwardInputs"):
+        """Embedding → hc streams → the main blocks (the cache step committed after the last)."""
+        h = self.embed(run.input_ids)  # [batch, seq, dim]
+        x = h[:, :, None].expand(-1, -1, self.cfg.hc_mult, -1).contiguous()  # [b, s, hc, dim]
         auxes = []
         for i, block in enumerate(self.layers):
-            x, aux = block(x, ctx, input_ids, None if routes is None else routes[i], token_mask)
+            route = None if run.routes is None else run.routes[i]
+            x, aux = block(x, run.ctx, run.input_ids, route, run.token_mask)
             auxes.append(aux)
-        if cache is not None:
-            cache.commit(step)
-        head_in = x
+        if run.ctx.cache is not None:
+            run.ctx.cache.commit(run.ctx.step)
+        return x, auxes
+
+    def _head(self, x: torch.Tensor, logits_index: torch.Tensor | None, head: bool):
+        """Streams → (normed head input `[batch, seq|k, dim]`, logits or None)."""
+        cfg = self.cfg
         if logits_index is not None:  # [batch, k]: collapse, norm and head only where needed
-            head_in = x.gather(1, logits_index[..., None, None].expand(-1, -1, *x.shape[2:]))
-        y = hc_head(head_in, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, cfg.hc_eps,
+            x = x.gather(1, logits_index[..., None, None].expand(-1, -1, *x.shape[2:]))
+        y = hc_head(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, cfg.hc_eps,
                     cfg.norm_eps)
-        hidden = self.norm(y)                                       # [batch, seq, dim]
-        logits = self.head(hidden) if head else None
+        hidden = self.norm(y)
+        return hidden, self.head(hidden) if head else None
 
-        mtp_logits, mtp_hidden = [], []
-        if run_mtp:
-            next_embeds = self.embed(next_ids)
-            for k, block in enumerate(self.mtp):
-                r = None if routes is None else routes[cfg.n_layers + k]
-                lg, aux = block.predict(x, next_embeds, ctx, next_ids,
-                                        self.head if head else None, r, token_mask)
-                (mtp_logits if head else mtp_hidden).append(lg)
-                auxes.append(aux)
+    def _mtp(self, x: torch.Tensor, run: "ForwardInputs", head: bool, auxes: list):
+        """The MTP blocks on the last block's streams: (logits per depth, or with `head=False`
+        the normed head inputs per depth); their BlockAux appended to `auxes`."""
+        next_embeds = self.embed(run.next_ids)
+        logits, hidden = [], []
+        for k, block in enumerate(self.mtp):
+            r = None if run.routes is None else run.routes[self.cfg.n_layers + k]
+            lg, aux = block.predict(x, next_embeds, run.ctx, run.next_ids,
+                                    self.head if head else None, r, run.token_mask)
+            (logits if head else hidden).append(lg)
+            auxes.append(aux)
+        return logits, hidden
 
-        routed = [a.balance_loss for i, a in enumerate(auxes) if i >= cfg.n_hash_layers]
-        csa = [a.indexer_loss for a, b in zip(auxes, [*self.layers, *self.mtp])
-               if b.attn.kind == "csa"]
-        zero = hidden.new_zeros((), dtype=torch.float32)
-        # under context parallelism each rank reports its share: the group's shares add up
-        cp_size = 1 if shard is None else shard.size
-        return ModelOutput(
-            logits=logits,
-            mtp_logits=mtp_logits,
-            balance_loss=torch.stack(routed).mean() / cp_size if routed else zero,
-            indexer_loss=torch.stack(csa).mean() if csa else zero,
-            expert_counts=torch.stack([a.counts for a in auxes]),
-            routes=[a.routes for a in auxes],
-            live_routes=[a.live_routes for a in auxes],
-            hidden=None if head else hidden,
-            mtp_hidden=mtp_hidden,
-            streams=x if keep_streams else None,
-        )
+
+@dataclass
+class ForwardInputs:
+    """One forward's inputs after `Transformer._inputs` (this rank's tokens under CP)."""
+
+    input_ids: torch.Tensor              # [batch, seq]
+    token_mask: torch.Tensor | None      # [batch, seq] bool
+    routes: list | None                  # per block, [batch, seq, topk] or None
+    ctx: AttentionContext
+    next_ids: torch.Tensor | None        # [batch, seq]: the MTP block's input (None: no MTP)

@@ -334,20 +334,27 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, sampler_logp: Tensor, ref_logp: Te
             with torch.no_grad():
                 kl = kl_penalty(lp.detach(), ref, old, cfg.kl_unbiased)
     total = _agg_sum(per_token, m, mode, norm_len)
-    count = unit_count(m, mode)
+    metrics = _diagnostics(lp, smp, ratio, adv, keep, pg, kl, m, cfg)
+    return ObjectiveOutput(total=total, count=unit_count(m, mode), metrics=metrics)
 
-    with torch.no_grad():
-        mean_mode = _mean_mode(mode)
-        d = lp.detach() - smp                                    # [S, T] log(π_θ/π_sampler)
-        r = ratio.detach()
-        diagnostics = {
-            "clip_low_frac": ((adv < 0) & (r < lo)).float(),
-            "clip_high_frac": ((adv > 0) & (r > hi)).float(),
-            "ratio": r,
-            "opsm_masked": (1.0 - keep).expand_as(r),
-            "mismatch_kl": torch.expm1(d) - d,
-        }
-        metrics = {"pg_loss": _agg_sum(pg.detach(), m, mode, norm_len),
-                   "kl": _agg_sum(kl.detach(), m, mode, norm_len)}
-        metrics.update({k: _agg_sum(v, m, mean_mode, norm_len) for k, v in diagnostics.items()})
-    return ObjectiveOutput(total=total, count=count, metrics=metrics)
+
+@torch.no_grad()
+def _diagnostics(lp, smp, ratio, adv, keep, pg, kl, m, cfg: ObjectiveConfig) -> dict:
+    """grpo_loss's metric sums: the policy-gradient and KL terms in the loss's units, and the
+    per-token means of clipping, the ratio, OPSM's masking and the sampler mismatch."""
+    mode, norm_len = cfg.loss_agg, cfg.norm_len
+    lo, hi = 1.0 - cfg.clip_low, 1.0 + cfg.clip_high
+    d = lp.detach() - smp                                        # [S, T] log(π_θ/π_sampler)
+    r = ratio.detach()
+    diagnostics = {
+        "clip_low_frac": ((adv < 0) & (r < lo)).float(),
+        "clip_high_frac": ((adv > 0) & (r > hi)).float(),
+        "ratio": r,
+        "opsm_masked": (1.0 - keep).expand_as(r),
+        "mismatch_kl": torch.expm1(d) - d,
+    }
+    metrics = {"pg_loss": _agg_sum(pg.detach(), m, mode, norm_len),
+               "kl": _agg_sum(kl.detach(), m, mode, norm_len)}
+    mean_mode = _mean_mode(mode)
+    metrics.update({k: _agg_sum(v, m, mean_mode, norm_len) for k, v in diagnostics.items()})
+    return metrics

@@ -353,32 +353,10 @@ def frozen_weight_bytes(cfg: ModelConfig, ep: int, dtype_bytes: int) -> tuple[in
     return resident, nbytes
 
 
-def make_plan(cfg: ModelConfig, world: int, ep: int, micro_batch: int, seq_len: int,
-              global_batch: int, bf16: bool, checkpointing: str,
-              frozen_models: list | tuple = (), links: Links = Links(),
-              zero_stage: int = 0, cp: int = 1, csa_dense: bool = False) -> Plan:
-    """`frozen_models`: (name, ModelConfig, dtype) per frozen model a stage holds besides the
-    policy, dtype "bf16" | "fp32" (or a torch dtype); planned as weights only. `links`: the
-    bandwidths of the communication estimate. `zero_stage`: 0 to 3 (`optim.zero`). `cp`:
-    context parallelism (world = data-parallel x cp; parameters, gradients and optimizer state
-    are shared over all `world` ranks as without it, activations are seq_len / cp tokens per
-    row, plus the attention exchange of `train.plan_cp`). `csa_dense`: the dense-CSA phase."""
-    from .plan_cp import cp_comm_term
-
-    if zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"parallel.zero_stage={zero_stage}: choose 0, 1, 2 or 3")
-    if ep < 1 or world % ep:
-        raise ValueError(f"parallel.ep_size={ep} must divide the world size {world}")
-    if cfg.n_routed_experts % ep:
-        raise ValueError(f"parallel.ep_size={ep} must divide n_routed_experts="
-                         f"{cfg.n_routed_experts}")
-    if cp < 1 or world % cp:
-        raise ValueError(f"parallel.cp_size={cp} must divide the world size {world}")
-    dp = world  # the ranks sharing every parameter (data- and context-parallel alike)
-    if global_batch % (micro_batch * (world // cp)):
-        raise ValueError(f"batch.global_batch={global_batch} must be a multiple of "
-                         f"data.micro_batch={micro_batch} x data-parallel size {world // cp}")
-    total, activated, resident, muon, adamw, expert_muon, expert_local = _counts(cfg, ep)
+def _state_bytes(cfg: ModelConfig, dp: int, ep: int, zero_stage: int, bf16: bool):
+    """Per-rank (weights, gradients, optimizer, gradients held in the optimizer step, block
+    parameters stage 3 gathers: dense, experts) at `zero_stage` (module doc)."""
+    _, _, resident, muon, adamw, expert_muon, expert_local = _counts(cfg, ep)
     w_bytes = 2 if bf16 else 4
     edp = dp // ep
     owned = (resident - expert_local) / dp + expert_local / edp
@@ -409,6 +387,38 @@ def make_plan(cfg: ModelConfig, world: int, ep: int, micro_batch: int, seq_len: 
         grads = resident * w_bytes + (local + owned) * 4 + min(BUCKET, owned) * 4
         step_grads = owned * 4                          # the owners' reduced fp32 gradients
         optimizer = muon * 4 / dp + expert_muon * 4 / edp + adamw * 8 / dp
+    return weights, grads, optimizer, step_grads, block_dense, block_experts
+
+
+def make_plan(cfg: ModelConfig, world: int, ep: int, micro_batch: int, seq_len: int,
+              global_batch: int, bf16: bool, checkpointing: str,
+              frozen_models: list | tuple = (), links: Links = Links(),
+              zero_stage: int = 0, cp: int = 1, csa_dense: bool = False) -> Plan:
+    """`frozen_models`: (name, ModelConfig, dtype) per frozen model a stage holds besides the
+    policy, dtype "bf16" | "fp32" (or a torch dtype); planned as weights only. `links`: the
+    bandwidths of the communication estimate. `zero_stage`: 0 to 3 (`optim.zero`). `cp`:
+    context parallelism (world = data-parallel x cp; parameters, gradients and optimizer state
+    are shared over all `world` ranks as without it, activations are seq_len / cp tokens per
+    row, plus the attention exchange of `train.plan_cp`). `csa_dense`: the dense-CSA phase."""
+    from .plan_cp import cp_comm_term
+
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"parallel.zero_stage={zero_stage}: choose 0, 1, 2 or 3")
+    if ep < 1 or world % ep:
+        raise ValueError(f"parallel.ep_size={ep} must divide the world size {world}")
+    if cfg.n_routed_experts % ep:
+        raise ValueError(f"parallel.ep_size={ep} must divide n_routed_experts="
+                         f"{cfg.n_routed_experts}")
+    if cp < 1 or world % cp:
+        raise ValueError(f"parallel.cp_size={cp} must divide the world size {world}")
+    dp = world  # the ranks sharing every parameter (data- and context-parallel alike)
+    if global_batch % (micro_batch * (world // cp)):
+        raise ValueError(f"batch.global_batch={global_batch} must be a multiple of "
+                         f"data.micro_batch={micro_batch} x data-parallel size {world // cp}")
+    total, activated, resident, muon, adamw, expert_muon, expert_local = _counts(cfg, ep)
+    w_bytes = 2 if bf16 else 4
+    weights, grads, optimizer, step_grads, block_dense, block_experts = _state_bytes(
+        cfg, dp, ep, zero_stage, bf16)
     acts = activation_bytes(cfg, micro_batch, seq_len // cp, w_bytes, checkpointing, seq_len,
                             csa_dense)
     frozen = []
@@ -529,6 +539,26 @@ if __name__ == "__main__":  # python -m train.plan: the sizing tables of train/R
     print(ep_table())
     print()
     print(fit_table())
+
+
+def check_fit(cfg, model_cfg: ModelConfig, info, bf16: bool, frozen_models=()) -> None:
+    """Stops a training run before it allocates when its plan cannot fit this machine's
+    devices (90 % of `available_memory`), printing the plan and what to change."""
+    from .config import sequences_at
+
+    plan = make_plan(model_cfg, info.world, cfg.parallel.ep_size, cfg.data.micro_batch,
+                     cfg.data.seq_len, sequences_at(cfg, cfg.batch.global_batch,
+                                                    cfg.data.seq_len) or cfg.batch.global_batch,
+                     bf16, cfg.activation_checkpointing, frozen_models=frozen_models,
+                     zero_stage=cfg.parallel.zero_stage, cp=cfg.parallel.cp_size)
+    limit = available_memory(info.device)
+    if plan.total > 0.9 * limit:
+        raise SystemExit(
+            f"{plan.format()}\n\nconf={cfg.run_name} needs ~{plan.total / 2**30:.1f} GiB per "
+            f"rank but this {info.device.type} rank has {limit / 2**30:.1f} GiB. Use more ranks "
+            f"or expert parallelism (parallel.ep_size), parallel.zero_stage=2, "
+            f"activation_checkpointing, a smaller data.micro_batch, or a smaller preset. "
+            f"`dry_run=true` prints this plan.")
 
 
 def available_memory(device) -> float:

@@ -42,11 +42,11 @@ from . import faults
 from . import guards
 from . import init
 from .activation import apply_activation_checkpointing
-from .config import TrainConfig, sequences_at, validate_config
+from .config import TrainConfig, validate_config
 from .engine_config import deepspeed_config
 from .dist import DistInfo, all_reduce_sum, any_rank, barrier, release_shm_workspace
 from .metrics import MetricsLogger, detect_peak_tflops, flops_per_token, memory_bytes
-from .plan import available_memory, make_plan
+from .plan import check_fit
 from .schedule import Phase
 from .stage import uses_bf16
 from .task import EvalResult, StopRequested, Task
@@ -100,7 +100,7 @@ class Trainer:
         self.grad_accum(cfg.batch.global_batch)
         check_zero_stage(cfg.parallel.zero_stage)
         ep.validate(model_cfg, info.world, cfg.parallel.ep_size, cfg.parallel.zero_stage)
-        self.check_fit()
+        check_fit(cfg, model_cfg, info, self.bf16, self.frozen_models)
         # the checkpoint to resume is complete, of this layout and model (no side effects yet)
         resuming = ckpt.check_resume(cfg.checkpoint.resume, self.run_dir, info.world,
                                      cfg.parallel.ep_size, model_cfg) is not None
@@ -115,24 +115,6 @@ class Trainer:
                              f"data.micro_batch={self.cfg.data.micro_batch} x data-parallel "
                              f"size {self.dp_world}")
         return global_batch // per_step
-
-    def check_fit(self) -> None:
-        """Stops before allocating when the plan cannot fit this machine's devices."""
-        cfg = self.cfg
-        plan = make_plan(self.model_cfg, self.info.world, cfg.parallel.ep_size,
-                         cfg.data.micro_batch, cfg.data.seq_len,
-                         sequences_at(cfg, cfg.batch.global_batch, cfg.data.seq_len)
-                         or cfg.batch.global_batch, self.bf16, cfg.activation_checkpointing,
-                         frozen_models=self.frozen_models, zero_stage=cfg.parallel.zero_stage,
-                         cp=cfg.parallel.cp_size)
-        limit = available_memory(self.info.device)
-        if plan.total > 0.9 * limit:
-            raise SystemExit(
-                f"{plan.format()}\n\nconf={cfg.run_name} needs ~{plan.total / 2**30:.1f} GiB per "
-                f"rank but this {self.info.device.type} rank has {limit / 2**30:.1f} GiB. Use more "
-                f"ranks or expert parallelism (parallel.ep_size), parallel.zero_stage=2, "
-                f"activation_checkpointing, a smaller data.micro_batch, or a smaller preset. "
-                f"`dry_run=true` prints this plan.")
 
     def build(self) -> None:
         cfg, info = self.cfg, self.info
@@ -163,30 +145,7 @@ class Trainer:
             # (stage 3's gather/release hooks change storages under the compiled block)
             for block in [*self.model.layers, *self.model.mtp]:
                 block.compile()
-        if cfg.optim.name == "muon":
-            self.optimizer = build_optimizer(
-                self.model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                muon_momentum=cfg.optim.muon_momentum,
-                ns_coefficients=cfg.optim.ns_coefficients,
-                adamw_betas=tuple(cfg.optim.adamw_betas), adamw_eps=cfg.optim.adamw_eps,
-                model_config=self.model_cfg,
-                expert_process_group=ep.optimizer_shard_group(self.ep) if self.ep else None,
-                zero_stage=cfg.parallel.zero_stage)
-        elif cfg.optim.name == "adamw":
-            # our optimizer with every parameter in one AdamW group (the same update as
-            # torch.optim.AdamW), so a non-finite step is skipped as under Muon
-            named = list(self.model.named_parameters())
-            groups = [{"params": [p for _, p in named], "param_names": [n for n, _ in named],
-                       "use_muon": False}]
-            if self.ep is not None:  # experts' state is owned within their expert-DP group
-                groups = split_expert_groups(groups, ep.optimizer_shard_group(self.ep),
-                                             include_adamw=True)
-            self.optimizer = MuonAdamW(
-                groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.adamw_betas),
-                eps=cfg.optim.adamw_eps, weight_decay=cfg.optim.weight_decay,
-                zero_stage=cfg.parallel.zero_stage)
-        else:
-            raise ValueError(f"optim.name={cfg.optim.name!r}: choose muon or adamw")
+        self.optimizer = self.build_optimizer()
         self.scheduler = make_scheduler(self.optimizer, self.schedule)
         self.gas = self.grad_accum(self.global_batch_at(0, self.phase_for(0)))
         if self.ep is not None:
@@ -204,6 +163,35 @@ class Trainer:
         counts = count_parameters(self.model_cfg)
         self.flops_per_token = flops_per_token(self.model_cfg, counts.activated, cfg.data.seq_len)
         self.peak_flops = (cfg.logging.peak_tflops or detect_peak_tflops(info.device) or 0) * 1e12
+
+    def build_optimizer(self):
+        """MuonAdamW for `optim.name=muon` (Muon on matrices, AdamW on the rest) or `adamw`
+        (every parameter in one AdamW group: the same update as torch.optim.AdamW, with our
+        non-finite-step skipping), expert state owned within its expert-data-parallel group."""
+        cfg = self.cfg
+        if cfg.optim.name == "muon":
+            return build_optimizer(
+                self.model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                muon_momentum=cfg.optim.muon_momentum,
+                ns_coefficients=cfg.optim.ns_coefficients,
+                adamw_betas=tuple(cfg.optim.adamw_betas), adamw_eps=cfg.optim.adamw_eps,
+                model_config=self.model_cfg,
+                expert_process_group=ep.optimizer_shard_group(self.ep) if self.ep else None,
+                zero_stage=cfg.parallel.zero_stage)
+        if cfg.optim.name == "adamw":
+            # our optimizer with every parameter in one AdamW group (the same update as
+            # torch.optim.AdamW), so a non-finite step is skipped as under Muon
+            named = list(self.model.named_parameters())
+            groups = [{"params": [p for _, p in named], "param_names": [n for n, _ in named],
+                       "use_muon": False}]
+            if self.ep is not None:  # experts' state is owned within their expert-DP group
+                groups = split_expert_groups(groups, ep.optimizer_shard_group(self.ep),
+                                             include_adamw=True)
+            return MuonAdamW(
+                groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.adamw_betas),
+                eps=cfg.optim.adamw_eps, weight_decay=cfg.optim.weight_decay,
+                zero_stage=cfg.parallel.zero_stage)
+        raise ValueError(f"optim.name={cfg.optim.name!r}: choose muon or adamw")
 
     def global_batch_at(self, tokens_consumed: int, phase: Phase) -> int:
         return self.stage.sequences(tokens_consumed, phase, self.cfg.data.micro_batch * self.dp_world)
@@ -457,42 +445,8 @@ class Trainer:
         self.enter_phase(self.phase_for(self.step))
         error = None
         try:
-            while self.step < cfg.steps:
-                phase = self.phase_for(self.step)
-                if phase.seq_len != self.phase.seq_len:
-                    self.check_stage_layout(phase, save=True)
-                if phase != self.phase:
-                    self.enter_phase(phase)
-                new_gas = self.grad_accum(self.global_batch_at(self.tokens_seen, phase))
-                if new_gas != self.gas:
-                    self.gas = new_gas
-                    self.engine.set_train_batch_size(cfg.data.micro_batch * new_gas * info.world)
-                t0 = time.perf_counter()
-                try:
-                    stats = self.train_step()
-                except StopRequested:  # mid-batch (a rollout): its state was rolled back
-                    self.stop_now()
-                    break
-                dt = time.perf_counter() - t0
-                self.tokens_seen += stats.tokens
-                self.step += 1
-                faults.maybe_sigterm(self.step)
-                self.count_outcome(stats)
-                self.log_step(stats, dt)
-                if self.due(cfg.logging.eval_every) or self.step == cfg.steps:
-                    self.eval_and_sample()
-                gone = info.launcher.gone() if info.launcher is not None else None
-                if gone and not self.stop_requested:
-                    self.stop_requested = True
-                    print(f"rank {info.rank}: {gone}; stopping as on SIGTERM", flush=True)
-                stop = any_rank(self.stop_requested, info.device)
-                # never checkpoint inside a streak of skipped steps: the last good one stays
-                if self.bad_in_a_row == 0 and (self.due(cfg.checkpoint.every) or stop
-                                               or self.step == cfg.steps):
-                    self.save()
-                if stop:
-                    self.stopped_message()
-                    break
+            while self.step < cfg.steps and self.run_step():
+                pass
         except BaseException as e:
             error = e
             raise
@@ -501,6 +455,46 @@ class Trainer:
             guards.finish([("closing the task's data", self.task.close),
                            ("closing the metrics logger", self.logger.close)], error)
         barrier()
+
+    def run_step(self) -> bool:
+        """One optimizer step of the loop and what follows it (logs, evaluation, checkpoint);
+        False when the run stops here (a signal, or a stop mid-batch)."""
+        cfg, info = self.cfg, self.info
+        phase = self.phase_for(self.step)
+        if phase.seq_len != self.phase.seq_len:
+            self.check_stage_layout(phase, save=True)
+        if phase != self.phase:
+            self.enter_phase(phase)
+        new_gas = self.grad_accum(self.global_batch_at(self.tokens_seen, phase))
+        if new_gas != self.gas:
+            self.gas = new_gas
+            self.engine.set_train_batch_size(cfg.data.micro_batch * new_gas * info.world)
+        t0 = time.perf_counter()
+        try:
+            stats = self.train_step()
+        except StopRequested:  # mid-batch (a rollout): its state was rolled back
+            self.stop_now()
+            return False
+        dt = time.perf_counter() - t0
+        self.tokens_seen += stats.tokens
+        self.step += 1
+        faults.maybe_sigterm(self.step)
+        self.count_outcome(stats)
+        self.log_step(stats, dt)
+        if self.due(cfg.logging.eval_every) or self.step == cfg.steps:
+            self.eval_and_sample()
+        gone = info.launcher.gone() if info.launcher is not None else None
+        if gone and not self.stop_requested:
+            self.stop_requested = True
+            print(f"rank {info.rank}: {gone}; stopping as on SIGTERM", flush=True)
+        stop = any_rank(self.stop_requested, info.device)
+        # never checkpoint inside a streak of skipped steps: the last good one stays
+        if self.bad_in_a_row == 0 and (self.due(cfg.checkpoint.every) or stop
+                                       or self.step == cfg.steps):
+            self.save()
+        if stop:
+            self.stopped_message()
+        return not stop
 
     def count_outcome(self, stats: StepStats) -> None:
         """Skipped-step bookkeeping: a first step of this process that is non-finite stops the

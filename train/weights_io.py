@@ -118,21 +118,8 @@ def save_weights(model, directory: Path, info: DistInfo, ep_groups=None,
         files, buffered = files + 1, 0
 
     for name, local in state.items():
-        writer, pieces = writers[name], holders[name]
-        if pieces == [-1]:
-            pieces = [writer]
-        parts = []
-        for holder in pieces:
-            if me == writer:
-                if holder == me:
-                    parts.append(local.detach().cpu().clone())
-                else:
-                    buf = torch.empty_like(local, device=local.device)
-                    dist.recv(buf, src=holder)
-                    parts.append(buf.cpu())
-            elif me == holder:
-                dist.send(local.detach().contiguous(), dst=writer)
-        if me != writer:
+        parts = _gather_to_writer(local, me, writers[name], holders[name])
+        if me != writers[name]:
             continue
         buffer[name] = (parts[0] if len(parts) == 1 else torch.cat(parts)).contiguous()
         buffered += buffer[name].numel() * buffer[name].element_size()
@@ -155,6 +142,24 @@ def save_weights(model, directory: Path, info: DistInfo, ep_groups=None,
         write_config(directory, config)
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, directory / "tokenizer.json")
+
+
+def _gather_to_writer(local: torch.Tensor, me: int, writer: int,
+                      pieces: list[int]) -> list[torch.Tensor]:
+    """The writer receives every holder's piece of one tensor (in holder order; [-1]: the
+    writer's own copy), the holders send theirs; on the writer, the pieces on CPU."""
+    parts = []
+    for holder in ([writer] if pieces == [-1] else pieces):
+        if me == writer:
+            if holder == me:
+                parts.append(local.detach().cpu().clone())
+            else:
+                buf = torch.empty_like(local, device=local.device)
+                dist.recv(buf, src=holder)
+                parts.append(buf.cpu())
+        elif me == holder:
+            dist.send(local.detach().contiguous(), dst=writer)
+    return parts
 
 
 def _full_bytes(local: torch.Tensor, pieces: list[int]) -> int:
