@@ -28,54 +28,57 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable, TextIO
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional, TextIO
 
-DEFAULTS: dict[str, Any] = dict(
-    ckpt=None, prompt=None, input_file=None, interactive=False, max_new_tokens=256,
-    temperature=0.6, top_p=1.0, top_k=0, seed=None, tokenizer=None, device=None, dtype=None,
-    chat=False, bos=True, mode="chat", reasoning_effort=None, stop=None, batch_size=16,
-    csa_mode=None, speculative=False,
-)
-_INTS = ("max_new_tokens", "top_k", "seed", "batch_size")
-_FLOATS = ("temperature", "top_p")
-_BOOLS = ("interactive", "chat", "bos", "speculative")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from train.config import _num  # noqa: E402
+
+
+@dataclass
+class GenerateConfig:
+    ckpt: Optional[str] = None
+    prompt: Optional[str] = None
+    input_file: Optional[str] = None
+    interactive: bool = False
+    max_new_tokens: int = _num(256, ">= 1")
+    temperature: float = _num(0.6, ">= 0")
+    top_p: float = _num(1.0, "(0, 1]")
+    top_k: int = _num(0, ">= 0")
+    seed: Optional[int] = None
+    tokenizer: Optional[str] = None
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+    chat: bool = False
+    bos: bool = True
+    mode: str = "chat"
+    reasoning_effort: Optional[str] = None
+    stop: Optional[str] = None
+    batch_size: int = _num(16, ">= 1")
+    csa_mode: Optional[str] = None
+    speculative: bool = False
 
 
 def parse_overrides(argv: list[str]) -> dict[str, Any]:
-    """`key=value` arguments over DEFAULTS, typed; unknown keys and bad values raise ValueError."""
-    opts = dict(DEFAULTS)
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        key = key.lstrip("-").replace("-", "_")
-        if not sep:
-            raise ValueError(f"argument {arg!r}: expected key=value")
-        if key not in DEFAULTS:
-            raise ValueError(f"unknown option {key!r}; options: {', '.join(sorted(DEFAULTS))}")
-        try:
-            if key in _INTS:
-                opts[key] = int(value)
-            elif key in _FLOATS:
-                opts[key] = float(value)
-            elif key in _BOOLS:
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                opts[key] = value.lower() in ("true", "1", "yes")
-            else:
-                opts[key] = value
-        except ValueError:
-            raise ValueError(f"option {key}={value!r}: not a valid "
-                             f"{'integer' if key in _INTS else 'number' if key in _FLOATS else 'boolean'}"
-                             ) from None
+    """Typed `key=value` overrides over GenerateConfig (`train.cli.parse_cli`: every bad key at
+    once, `--help`), then the rules between keys; ValueError naming them."""
+    from train.cli import parse_cli
+
+    opts = asdict(parse_cli(GenerateConfig, argv, __doc__))
+    problems = []
     if opts["ckpt"] is None:
-        raise ValueError("ckpt=PATH is required")
+        problems.append("ckpt=PATH is required")
     modes = (opts["prompt"] is not None) + bool(opts["input_file"]) + bool(opts["interactive"])
     if modes != 1:
-        raise ValueError("give exactly one of prompt=..., input_file=PATH, interactive=true")
+        problems.append("give exactly one of prompt=..., input_file=PATH, interactive=true")
     if opts["prompt"] is not None and not opts["prompt"].strip():
-        raise ValueError(f"prompt={opts['prompt']!r} is empty: give the text to continue, e.g. "
-                         f"prompt=\"Once upon a time\"")
+        problems.append(f"prompt={opts['prompt']!r} is empty: give the text to continue, e.g. "
+                        f"prompt=\"Once upon a time\"")
     if opts["mode"] not in ("chat", "thinking"):
-        raise ValueError(f"mode={opts['mode']!r}: choose chat or thinking")
+        problems.append(f"mode={opts['mode']!r}: choose chat or thinking")
+    if problems:
+        raise ValueError("\n  ".join(problems))
     return opts
 
 

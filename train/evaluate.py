@@ -46,6 +46,7 @@ from data.domains import get_domain
 from data.domains.base import SPLITS, Domain, Score
 from model.generation import generate
 
+from .config import _num
 from .rollout import FINISH_REASONS, RolloutParams, RolloutResult, rollout
 
 
@@ -263,21 +264,21 @@ def _cell(value: Any) -> str:
 class EvalConfig:
     ckpt: Optional[str] = None
     domains: List[str] = field(default_factory=lambda: ["strings"])
-    n: int = 200
-    k: int = 4
-    samples: Optional[int] = None  # draws per item for pass@k; None = k
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    n: int = _num(200, ">= 1")
+    k: int = _num(4, ">= 0")
+    samples: Optional[int] = _num(None, ">= 1")  # draws per item for pass@k; None = k
+    temperature: float = _num(1.0, ">= 0")
+    top_p: float = _num(1.0, "(0, 1]")
+    top_k: int = _num(0, ">= 0")
     difficulty: Optional[int] = None  # every domain; None = each domain's default
     thinking_mode: str = "chat"
     options: Dict[str, Any] = field(default_factory=dict)  # options.<domain>.<key>=value
     split: str = "test"
     seed: int = 0
-    max_new_tokens: int = 64
-    max_tool_turns: Optional[int] = None
-    batch_size: int = 64
-    examples: int = 0  # greedy transcripts kept per domain in the JSON (`examples`)
+    max_new_tokens: int = _num(64, ">= 1")
+    max_tool_turns: Optional[int] = _num(None, ">= 0")
+    batch_size: int = _num(64, ">= 1")
+    examples: int = _num(0, ">= 0")  # greedy transcripts kept per domain in the JSON
     out: Optional[str] = None
     device: str = "auto"
     dtype: Optional[str] = None
@@ -285,31 +286,21 @@ class EvalConfig:
 
 
 def parse_config(argv: list[str]) -> EvalConfig:
-    """Typed `key=value` overrides over EvalConfig; ValueError for unknown keys or bad values."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    """Typed `key=value` overrides over EvalConfig (`train.cli.parse_cli`: every bad key at
+    once, `--help`), then the rules between keys; ValueError naming them."""
+    from .cli import parse_cli
 
-    bad = [a for a in argv if "=" not in a]
-    if bad:
-        raise ValueError(f"argument {bad[0]!r}: expected key=value")
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(EvalConfig), OmegaConf.from_dotlist(argv))
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None)
-        raise ValueError(f"bad override{f' {key}' if key else ''}: "
-                         f"{str(e).splitlines()[0]}") from None
-    cfg = OmegaConf.to_object(cfg)
+    cfg = parse_cli(EvalConfig, argv, __doc__)
+    problems = []
     if cfg.ckpt is None:
-        raise ValueError("ckpt=PATH is required")
-    for key, low in (("n", 1), ("k", 0), ("max_new_tokens", 1), ("batch_size", 1),
-                     ("examples", 0)):
-        if getattr(cfg, key) < low:
-            raise ValueError(f"{key}={getattr(cfg, key)}: must be >= {low}")
+        problems.append("ckpt=PATH is required")
     if cfg.k and cfg.samples is not None and cfg.samples < cfg.k:
-        raise ValueError(f"samples={cfg.samples}: must be >= k={cfg.k}")
+        problems.append(f"samples={cfg.samples}: must be >= k={cfg.k}")
     unknown = set(cfg.options) - set(cfg.domains)
     if unknown:
-        raise ValueError(f"options.{sorted(unknown)[0]}: not one of domains={cfg.domains}")
+        problems.append(f"options.{sorted(unknown)[0]}: not one of domains={cfg.domains}")
+    if problems:
+        raise ValueError("\n  ".join(problems))
     return cfg
 
 
@@ -328,6 +319,7 @@ def build_domains(cfg: EvalConfig) -> list[Domain]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .cli import fail
     from .loading import checkpoint_dir, load_model_and_tokenizer, tokenizer_path
 
     try:
@@ -343,8 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                                   max_tool_turns=cfg.max_tool_turns, batch_size=cfg.batch_size,
                                   examples=cfg.examples)
     except (FileNotFoundError, ValueError, ImportError) as e:
-        sys.stderr.write(f"error: {e}\n")
-        return 2
+        return fail(str(e))
     result["settings"]["ckpt"] = cfg.ckpt
     for note in capped_notes(result):
         sys.stderr.write(note + "\n")
