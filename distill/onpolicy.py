@@ -161,7 +161,7 @@ def main() -> None:
     # conf/distill.yaml derives batch.global_batch from the distill section (the resolver)
     Stage("distill", make_task, schema=("distill_schema", DistillTrainConfig),
           problems=stage_problems, checks=pre_checks, frozen=frozen_models,
-          resolvers=register_resolver, argv=open_dict_overrides).main()
+          resolvers=register_resolver, argv=open_dict_overrides, recipe=False).main()
 
 
 if __name__ == "__main__":

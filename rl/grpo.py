@@ -104,7 +104,8 @@ def main() -> None:
 
     # conf/grpo.yaml derives batch.global_batch from the grpo section (the resolver)
     Stage("grpo", make_task, schema=("grpo_schema", GRPOTrainConfig), problems=stage_problems,
-          checks=pre_checks, frozen=frozen_models, resolvers=register_resolver).main()
+          checks=pre_checks, frozen=frozen_models, resolvers=register_resolver,
+          recipe=False).main()
 
 
 if __name__ == "__main__":

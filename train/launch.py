@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from model.config import ModelConfig
 
 from .config import TrainConfig, sequences_at
-from .stage import Stage, launch_world, uses_bf16
+from .stage import Stage, fixed_schedule, launch_world, uses_bf16
 
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
@@ -71,6 +71,8 @@ def launch(cfg: TrainConfig, stage: Stage) -> None:
     from .config import ConfigError, raise_problems, validate_config
 
     world = launch_world(cfg)
+    if not stage.recipe:
+        fixed_schedule(cfg)
     try:  # every key's range and the rules between keys, before any data or model work
         if stage.problems is not None:
             raise_problems(stage.problems(cfg, world))

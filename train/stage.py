@@ -34,6 +34,16 @@ def cuda_requested(cfg: Any) -> bool:
     return torch.cuda.is_available() and cfg.device != "cpu"
 
 
+def fixed_schedule(cfg: Any) -> None:
+    """A post-training run's config as it runs (`train.schedule.StageSchedule`): from a
+    trained checkpoint, sparse CSA from the first step, no indexer warm-up, no sequence-length
+    stages, no batch ramp; what the validation, the memory plan and the saved config then see."""
+    cfg.recipe.csa_dense_until = 0
+    cfg.recipe.indexer_warmup_steps = 0
+    cfg.recipe.seq_len_stages = []
+    cfg.batch.ramp_start = None
+
+
 @dataclass
 class Stage:
     """`config`: conf/<config>.yaml. `task(cfg, info, model_cfg)`: the stage's `Task`, built
@@ -44,7 +54,10 @@ class Stage:
     `frozen(cfg, model_cfg)`: (name, ModelConfig, dtype) of the models held besides the policy
     (GRPO's reference, distillation's teachers), planned by `dry_run=true` and the fit check.
     `resolvers()`: OmegaConf resolvers the stage's YAML uses. `argv(args)`: rewrites the
-    command line before Hydra reads it."""
+    command line before Hydra reads it. `recipe`: the stage follows the pre-training recipe
+    (phases, batch ramp, sequence-length stages: pre-training, SFT); False (GRPO,
+    distillation): one phase and a fixed batch, so a preset's recipe keys (`conf=flash`'s
+    stages and ramp) are set aside before anything reads them (`fixed_schedule`)."""
 
     config: str
     task: Callable
@@ -54,6 +67,7 @@ class Stage:
     frozen: Callable | None = None
     resolvers: Callable | None = None
     argv: Callable | None = None
+    recipe: bool = True
 
     def main(self) -> None:
         from .launch import hydra_main
