@@ -60,7 +60,7 @@ def check_teacher(name: str, path: str, model_cfg, tokenizer: str | None):
     return src
 
 
-def pre_checks(cfg, model_cfg, world: int) -> None:
+def pre_checks(cfg, model_cfg, world: int) -> dict | None:
     from train.init import inspect, stage_tokenizer
 
     from rl.rollout_config import reply_budget_warnings
@@ -78,6 +78,7 @@ def pre_checks(cfg, model_cfg, world: int) -> None:
         print(f"warning: {warning}", file=sys.stderr)
     for name, path in cfg.distill.teachers.items():
         check_teacher(name, path, model_cfg, tokenizer)
+    return {"tokenizer_file": tokenizer, "domains": domains}
 
 
 def build_domains(cfg):
@@ -113,7 +114,7 @@ def frozen_models(cfg, model_cfg) -> list:
     return planned
 
 
-def make_task(cfg, info, model_cfg):
+def make_task(cfg, info, model_cfg, tokenizer_file: str | None = None, domains=None):
     from train.init import load_frozen_model, stage_tokenizer
     from train.stage import uses_bf16
 
@@ -128,8 +129,9 @@ def make_task(cfg, info, model_cfg):
         return load
 
     loaders = {name: loader(name, path) for name, path in cfg.distill.teachers.items()}
-    return DistillTask(cfg, info, model_cfg, stage_tokenizer(cfg, "distillation"),
-                       build_domains(cfg), teacher_loaders=loaders)
+    return DistillTask(cfg, info, model_cfg,
+                       tokenizer_file or stage_tokenizer(cfg, "distillation"),
+                       domains or build_domains(cfg), teacher_loaders=loaders)
 
 
 # dict-valued keys a user sets whole (`distill.teachers='{a: P, b: Q}'`, or `teachers=...` as

@@ -32,7 +32,7 @@ def stage_problems(cfg, world: int) -> list[str]:
     return grpo_problems(cfg, world)
 
 
-def pre_checks(cfg, model_cfg, world: int) -> None:
+def pre_checks(cfg, model_cfg, world: int) -> dict | None:
     from data.domains.spec import section_domains
     from train.init import check_fits, check_tokenizer, inspect, stage_tokenizer
 
@@ -57,6 +57,7 @@ def pre_checks(cfg, model_cfg, world: int) -> None:
         check_tokenizer(src.tokenizer_file, tokenizer, "grpo.ref")
     elif max(_betas(g)) > 0:
         raise ValueError("grpo.beta > 0 needs a reference policy: give init_from or grpo.ref")
+    return {"tokenizer_file": tokenizer, "domains": domains}
 
 
 def ref_dtype(cfg, policy_bf16: bool):
@@ -78,7 +79,7 @@ def frozen_models(cfg, model_cfg) -> list:
     return [("reference", model_cfg, ref_dtype(cfg, uses_bf16(cfg, cuda_requested(cfg))))]
 
 
-def make_task(cfg, info, model_cfg):
+def make_task(cfg, info, model_cfg, tokenizer_file: str | None = None, domains=None):
     from data.domains.spec import section_domains
     from train.init import load_frozen_model, stage_tokenizer
     from train.stage import uses_bf16
@@ -92,8 +93,8 @@ def make_task(cfg, info, model_cfg):
         def loader(ep_groups):
             return load_frozen_model(ref, info.device, ref_dtype(cfg, bf16), ep_groups=ep_groups,
                                      what="grpo.ref").model
-    return GRPOTask(cfg, info, model_cfg, stage_tokenizer(cfg, "GRPO"),
-                    section_domains(cfg.grpo, "grpo"), ref_loader=loader)
+    return GRPOTask(cfg, info, model_cfg, tokenizer_file or stage_tokenizer(cfg, "GRPO"),
+                    domains or section_domains(cfg.grpo, "grpo"), ref_loader=loader)
 
 
 def main() -> None:

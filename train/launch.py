@@ -5,6 +5,7 @@ entry points differ only in the Task they build (and checks of their own section
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Callable
@@ -78,8 +79,8 @@ def launch(cfg: TrainConfig, stage: Stage) -> None:
             raise_problems(stage.problems(cfg, world))
         model_cfg = model_config(cfg)
         validate_config(cfg, world, model_cfg)
-        if stage.checks is not None:
-            stage.checks(cfg, model_cfg, world)
+        # what the checks built (domains, the tokenizer) goes to the task: built once
+        prepared = (stage.checks(cfg, model_cfg, world) if stage.checks else None) or {}
     except (ConfigError, ValueError) as e:
         raise _fail(f"{e}") from None
     frozen = list(stage.frozen(cfg, model_cfg)) if stage.frozen is not None else []
@@ -94,7 +95,7 @@ def launch(cfg: TrainConfig, stage: Stage) -> None:
     except RunDirLocked as e:
         raise _fail(f"error: {e}") from None
     try:
-        code = _train(cfg, stage.task, model_cfg, frozen)
+        code = _train(cfg, functools.partial(stage.task, **prepared), model_cfg, frozen)
     finally:
         if lock is not None:
             lock.release()

@@ -22,7 +22,7 @@ def tokenizer_for(cfg) -> str:
     return stage_tokenizer(cfg, "SFT")
 
 
-def pre_checks(cfg, model_cfg, world: int) -> None:
+def pre_checks(cfg, model_cfg, world: int) -> dict:
     from train.sft_task import build_domains
 
     from train.init import inspect
@@ -32,13 +32,13 @@ def pre_checks(cfg, model_cfg, world: int) -> None:
         inspect(cfg.init_from)  # a readable checkpoint (headers only), named when it is not
     else:
         print("warning: no init_from: SFT starts from random weights", file=sys.stderr)
-    tokenizer_for(cfg)
+    return {"tokenizer_file": tokenizer_for(cfg)}
 
 
-def make_task(cfg, info, model_cfg):
+def make_task(cfg, info, model_cfg, tokenizer_file: str | None = None):
     from train.sft_task import SFTTask
 
-    return SFTTask(cfg, info, model_cfg, tokenizer_for(cfg))
+    return SFTTask(cfg, info, model_cfg, tokenizer_file or tokenizer_for(cfg))
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ class Stage:
     after the trainer's checks. `schema`: the stage's own (name, dataclass) next to the
     trainer's `train_schema`. `problems(cfg, world)`: the stage section's problems, reported
     before the trainer's (they are usually the cause). `checks(cfg, model_cfg, world)`: files,
-    checkpoints and tokenizers, before any work (raise ValueError naming the key).
+    checkpoints and tokenizers, before any work (raise ValueError naming the key); what they
+    build (a dict: the domains, the tokenizer file) is passed on to `task` as keywords.
     `frozen(cfg, model_cfg)`: (name, ModelConfig, dtype) of the models held besides the policy
     (GRPO's reference, distillation's teachers), planned by `dry_run=true` and the fit check.
     `resolvers()`: OmegaConf resolvers the stage's YAML uses. `argv(args)`: rewrites the
