@@ -251,7 +251,7 @@ def test_a_reference_that_does_not_match_the_policy_is_named(tmp_path,
     cfg = grpo_cfg(tmp_path, **{"init_from": str(base), "grpo.ref": str(other),
                                 "grpo.beta": 0.1, "model.preset": str(base / "config.json")})
     with pytest.raises(InitFromError, match="grpo.ref=") as e:
-        pre_checks(cfg, policy_cfg)
+        pre_checks(cfg, policy_cfg, 1)
     # the hint is a fix that works: the policy's model is fixed by init_from, so the reference
     # must change (a preset or data.tokenizer override would not help)
     assert "give a checkpoint trained from the same base as init_from (leave grpo.ref unset" \
@@ -264,10 +264,10 @@ def test_a_reference_that_does_not_match_the_policy_is_named(tmp_path,
     save_pretrained(build_model(policy_cfg), tmp_path / "retok" / "model", other_tok)
     OmegaConf.update(cfg, "grpo.ref", str(tmp_path / "retok" / "model"), merge=False)
     with pytest.raises(InitFromError, match="tokenizer mismatch") as e:
-        pre_checks(cfg, policy_cfg)
+        pre_checks(cfg, policy_cfg, 1)
     assert "leave grpo.ref unset" in str(e.value) and "data.tokenizer=" not in str(e.value)
     OmegaConf.update(cfg, "grpo.beta", 0.0, merge=False)
-    pre_checks(cfg, policy_cfg)  # β = 0: no reference is read at all
+    pre_checks(cfg, policy_cfg, 1)  # β = 0: no reference is read at all
 
 
 def test_score_type_is_the_domains(tmp_path):

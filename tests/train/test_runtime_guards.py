@@ -187,13 +187,16 @@ def test_first_non_finite_eval_stops_and_a_later_one_is_reported():
 def test_replayed_tokens_of_old_checkpoints_match_the_ramp():
     """The tokens an old checkpoint (no `tokens_seen`) consumed, replayed from the config:
     the values the ramp e2e run logs (2 → 8 sequences over 2560 tokens, seq 128 then 64)."""
+    from train.recipe import RecipeSchedule
+
+    stages = [SimpleNamespace(step=3, seq_len=64)]
     cfg = SimpleNamespace(batch=SimpleNamespace(ramp_start=2, global_batch=8, ramp_tokens=2560,
                                                 per_stage="sequences"),
                           data=SimpleNamespace(micro_batch=2, seq_len=128),
-                          recipe=SimpleNamespace(seq_len_stages=[]))
-    trainer = SimpleNamespace(cfg=cfg, info=SimpleNamespace(world=1), dp_world=1)
-    trainer.global_batch_at = lambda tokens, seq_len: Trainer.global_batch_at(trainer, tokens,
-                                                                              seq_len)
-    trainer.phase_for = lambda step: SimpleNamespace(seq_len=128 if step < 3 else 64)
+                          recipe=SimpleNamespace(seq_len_stages=stages, csa_dense_until=0,
+                                                 indexer_warmup_steps=0, mtp_weight=0.3,
+                                                 mtp_weight_after_decay=0.1))
+    trainer = SimpleNamespace(cfg=cfg, info=SimpleNamespace(world=1), dp_world=1,
+                              stage=RecipeSchedule(cfg, None, decay_start=10))
     assert [Trainer.replay_tokens(trainer, n) for n in range(7)] == \
         [0, 256, 512, 768, 896, 1152, 1408]
