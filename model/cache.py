@@ -199,6 +199,22 @@ class ModelCache:
                     setattr(layer, f.name, CompressorState(value.kv.index_select(0, rows),
                                                            value.gate.index_select(0, rows)))
 
+    def extend(self, other: "ModelCache") -> None:
+        """Appends `other`'s rows after this cache's (same model, `max_len`, dtype, device):
+        a continuous batch takes in newly prefilled requests."""
+        if other.max_len != self.max_len or other.layer_ids != self.layer_ids:
+            raise ValueError(f"extend: caches differ (max_len {other.max_len} vs {self.max_len})")
+        self.lengths = torch.cat((self.lengths, other.lengths))
+        for i, layer in self.layers.items():
+            theirs = other.layers[i]
+            for f in fields(layer):
+                mine, value = getattr(layer, f.name), getattr(theirs, f.name)
+                if isinstance(mine, torch.Tensor):
+                    setattr(layer, f.name, torch.cat((mine, value)))
+                elif isinstance(mine, CompressorState):
+                    setattr(layer, f.name, CompressorState(torch.cat((mine.kv, value.kv)),
+                                                           torch.cat((mine.gate, value.gate))))
+
     def nbytes(self) -> dict[str, int]:
         """Bytes held, by part: 'window', 'entries', 'index_keys' (grow with context) and
         'state' (compressor tails, fixed per sequence). Excludes the one write-sink slot."""
