@@ -55,7 +55,10 @@ class Engine:
         self.params.validate()
         cfg = model.cfg
         self.pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
-        self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
+        # the cache rows' size: given, or set at the first admission to what the queued
+        # requests need (a cache sized to the model context would make every row fork and
+        # retirement copy mostly empty slots)
+        self.max_len = min(max_len, cfg.max_seq_len) if max_len else None
         self.device = model.embed.weight.device
         self.gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None \
             else None
@@ -76,7 +79,7 @@ class Engine:
             raise ValueError(f"n={n}: must be in [1, max_batch={self.max_batch}]")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
-        if len(prompt) >= self.max_len:
+        if self.max_len is not None and len(prompt) >= self.max_len:
             raise ValueError(f"prompt of {len(prompt)} tokens: no room in max_len={self.max_len}")
         self.requests.append(_Request(list(prompt), n, max_new_tokens))
         self.queue.append(len(self.requests) - 1)
@@ -148,6 +151,10 @@ class Engine:
     def admit(self) -> None:
         """Prefills the queued requests whose samples fit in the free rows, once per prompt,
         forks each prompt's row to its samples and appends them to the running batch."""
+        if self.max_len is None:
+            need = max(len(r.prompt) + r.max_new_tokens for r in map(self.requests.__getitem__,
+                                                                       self.queue))
+            self.max_len = min(need + 1, self.model.cfg.max_seq_len)
         taken, free = [], self.max_batch - len(self.active)
         while self.queue and self.requests[self.queue[0]].n <= free:
             taken.append(self.queue.popleft())
