@@ -15,6 +15,10 @@ sample independently). The new rows join the running batch (`ModelCache.extend`)
 finishes (EOS, a stop sequence, its length limit) leaves at once, so its place is taken at the
 next step instead of waiting for the longest row of a batch.
 
+Cache rows are `max_len` tokens: given, or at the first admission what the queued requests
+need (prompt + max_new_tokens); a request added later that needs more is cut at `max_len`
+(finish "length").
+
 Per-token outputs are those of `generate` (`model.generation.emit_step`): the drawn tokens and,
 with `return_logprobs`, their log-probs under the sampling distribution and the model's own.
 Sampling parameters are the engine's (one distribution per step, as in `generate`); draws come
