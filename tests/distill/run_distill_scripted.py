@@ -25,8 +25,8 @@ if __name__ == "__main__":
 
     real_make_task = entry.make_task
 
-    def make_task(cfg, info, model_cfg):
-        task = real_make_task(cfg, info, model_cfg)
+    def make_task(cfg, info, model_cfg, **prepared):
+        task = real_make_task(cfg, info, model_cfg, **prepared)
         task.generate_fn = scripted_generate
         return task
 
