@@ -21,11 +21,12 @@ need (prompt + max_new_tokens); a request added later that needs more is cut at 
 
 Per-token outputs are those of `generate` (`model.generation.emit_step`): the drawn tokens and,
 with `return_logprobs`, their log-probs under the sampling distribution and the model's own.
-Sampling parameters are the engine's (one distribution per step, as in `generate`); draws come
-from one generator (`seed`), so sampled tokens depend on which rows share a step, while greedy
-decoding equals `generate`'s token for token. Not yet here (the rest of #38): per-request
-sampling parameters, routes and kept sets, tool turns, a static-shape compiled decode step,
-the server.
+Sampling parameters are the engine's unless a request gives its own (rows are grouped by
+parameters each step). Draws come from the engine's generator (`seed`), so they depend on which
+rows share a step, unless a request gives its own `seed`: its samples then draw from their own
+generators and do not depend on the other requests. Greedy decoding equals `generate`'s token
+for token. Not yet here (the rest of #38): routes and kept sets, tool turns, a static-shape
+compiled decode step, the server.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class _Request:
     prompt: list[int]
     n: int
     max_new_tokens: int
+    params: tuple[float, float, int]   # (temperature, top_p, top_k)
+    seed: int | None
     rows: list[_Row] = field(default_factory=list)  # one per sample, once admitted
 
 
@@ -71,13 +74,24 @@ class Engine:
         self.queue: deque[int] = deque()
         self.requests: list[_Request] = []
         self.rows: list[_Row] = []        # every sample's row, admitted or finished
+        self.row_params: list[tuple] = []  # per row: (temperature, top_p, top_k)
+        self.row_gen: list[torch.Generator | None] = []  # per row: its own draws (seeded)
         self.active: list[int] = []       # cache row -> index into self.rows
         self.cache = None
         self.logits: torch.Tensor | None = None  # [active, vocab]: each row's next-token logits
         self.stats = {"prefill_tokens": 0.0, "decode_tokens": 0.0, "steps": 0.0}
 
-    def add(self, prompt: list[int], n: int = 1, max_new_tokens: int = 256) -> int:
-        """Queues a request of `n` samples of `prompt`; returns its id."""
+    def add(self, prompt: list[int], n: int = 1, max_new_tokens: int = 256,
+            temperature: float | None = None, top_p: float | None = None,
+            top_k: int | None = None, seed: int | None = None) -> int:
+        """Queues a request of `n` samples of `prompt`; returns its id. Sampling parameters
+        default to the engine's; with `seed` the request's samples draw from their own
+        generators (seed, sample index), so they do not depend on the other requests."""
+        base = self.params
+        params = SamplingParams(base.temperature if temperature is None else temperature,
+                                base.top_p if top_p is None else top_p,
+                                base.top_k if top_k is None else top_k)
+        params.validate()
         _check_prompts([prompt], self.model.cfg)
         if not 1 <= n <= self.max_batch:
             raise ValueError(f"n={n}: must be in [1, max_batch={self.max_batch}]")
@@ -85,7 +99,8 @@ class Engine:
             raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
         if self.max_len is not None and len(prompt) >= self.max_len:
             raise ValueError(f"prompt of {len(prompt)} tokens: no room in max_len={self.max_len}")
-        self.requests.append(_Request(list(prompt), n, max_new_tokens))
+        self.requests.append(_Request(list(prompt), n, max_new_tokens,
+                                      (params.temperature, params.top_p, params.top_k), seed))
         self.queue.append(len(self.requests) - 1)
         return len(self.requests) - 1
 
@@ -121,8 +136,7 @@ class Engine:
         self.retire([i for i, r in enumerate(self.active) if self.rows[r].limit == 0], "length")
         if not self.active:
             return
-        logp, kept = sampling_distribution(self.logits, self.params)
-        tok = self.logits.float().argmax(-1) if self.params.greedy else draw(logp, self.gen)
+        logp, kept, tok = self.sample()
         emit_step(self.rows, self.active, [True] * len(self.active), tok, logp, kept,
                   self.logits, self.finish, None, self.return_logprobs, False)
         self.stats["decode_tokens"] += len(self.active)
@@ -132,6 +146,39 @@ class Engine:
         if self.active:
             tok = tok[torch.as_tensor(keep, dtype=torch.long, device=self.device)]
             self.logits = self.model(tok[:, None], cache=self.cache).logits[:, 0]
+
+    def sample(self):
+        """(log-probs, kept mask, drawn tokens) `[active, vocab]`, `[active, vocab]`, `[active]`
+        for the running rows, each under its request's parameters; rows of one parameter set
+        are processed together, and rows without a generator of their own share the engine's
+        (one draw over them, as `generate` does)."""
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(self.active):
+            groups.setdefault(self.row_params[r], []).append(i)
+        logits = self.logits
+        if len(groups) == 1:
+            (key, pos), = groups.items()
+            logp, kept = sampling_distribution(logits, SamplingParams(*key))
+        else:
+            logp = torch.empty_like(logits, dtype=torch.float32)
+            kept = torch.empty_like(logits, dtype=torch.bool)
+        tok = torch.empty(len(self.active), dtype=torch.long, device=self.device)
+        for key, pos in groups.items():
+            index = torch.as_tensor(pos, dtype=torch.long, device=self.device)
+            params = SamplingParams(*key)
+            if len(groups) > 1:
+                logp[index], kept[index] = sampling_distribution(logits[index], params)
+            if params.greedy:
+                tok[index] = logits[index].float().argmax(-1)
+                continue
+            own = [i for i in pos if self.row_gen[self.active[i]] is not None]
+            shared = [i for i in pos if self.row_gen[self.active[i]] is None]
+            if shared:
+                at = torch.as_tensor(shared, dtype=torch.long, device=self.device)
+                tok[at] = draw(logp[at], self.gen)
+            for i in own:
+                tok[i] = draw(logp[i:i + 1], self.row_gen[self.active[i]])[0]
+        return logp, kept, tok
 
     def finish(self, row: _Row) -> str | None:
         return _finish_reason(row, self.eos_id, self.stops, None, None)
@@ -174,11 +221,14 @@ class Engine:
         limit = self.model.cfg.max_seq_len
         for i in taken:
             req = self.requests[i]
-            for _ in range(req.n):
+            for j in range(req.n):
                 req.rows.append(_Row(len(req.prompt), min(req.max_new_tokens,
                                                           limit - len(req.prompt),
                                                           self.max_len - len(req.prompt))))
                 self.rows.append(req.rows[-1])
+                self.row_params.append(req.params)
+                self.row_gen.append(None if req.seed is None else torch.Generator(
+                    device=self.device).manual_seed(req.seed * 1_000_003 + j))
                 self.active.append(len(self.rows) - 1)
         if self.cache is None:
             self.cache, self.logits = cache, logits

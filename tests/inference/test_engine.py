@@ -63,3 +63,24 @@ def test_sampled_rows_are_reproducible_and_bad_requests_rejected(micro_model):
         engine.add([])
     with pytest.raises(ValueError, match="max_new_tokens=-1"):
         engine.add([0, 1], max_new_tokens=-1)
+
+
+def test_per_request_parameters_and_seeds(micro_model):
+    """A request's own seed makes its samples independent of what else runs; a greedy request
+    among sampled ones still equals `generate`'s greedy output."""
+    def seeded(others: int):
+        engine = Engine(micro_model, max_batch=8, temperature=1.0, seed=11)
+        mine = engine.add(PROMPTS[0], n=2, max_new_tokens=8, temperature=0.8, top_k=20, seed=5)
+        greedy = engine.add(PROMPTS[1], max_new_tokens=8, temperature=0.0)
+        for p in PROMPTS[2:2 + others]:
+            engine.add(p, n=2, max_new_tokens=8)
+        out = engine.run()
+        return out[mine].tokens, out[greedy].tokens[0]
+
+    alone, greedy_alone = seeded(0)
+    crowded, greedy_crowded = seeded(3)
+    assert alone == crowded and alone[0] != alone[1]
+    ref = generate(micro_model, [PROMPTS[1]], max_new_tokens=8, temperature=0.0)
+    assert greedy_alone == greedy_crowded == ref.tokens[0]
+    with pytest.raises(ValueError, match="top_p=0"):
+        Engine(micro_model).add([0, 1], top_p=0.0)
