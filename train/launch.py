@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import time
 from typing import Callable
 
 from omegaconf import OmegaConf
@@ -53,8 +54,13 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
 
 
 def _fail(message: str) -> SystemExit:
-    # the message once, from rank 0; no traceback
-    return SystemExit(message if int(os.environ.get("RANK", "0")) == 0 else 1)
+    """The message once, from rank 0; no traceback. The other ranks exit a moment later: a
+    launcher (torchrun) stops every rank when the first one exits, which must not be one that
+    exits before rank 0 has printed."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        return SystemExit(message)
+    time.sleep(3.0)
+    return SystemExit(1)
 
 
 STAGE_BUDGET_GIB = 120  # the dry run's per-rank budget for its stage lines (an H200 with room)
@@ -149,7 +155,7 @@ def _train(cfg: TrainConfig, make_task: Callable, model_cfg: ModelConfig, frozen
         trainer = Trainer(cfg, info, model_cfg, frozen_models=frozen)
         trainer.run(make_task(cfg, info, model_cfg))
     except (CheckpointError, DataError, FileNotFoundError, ContextParallelError) as e:
-        raise SystemExit(f"error: {e}" if info.is_main else 1) from None
+        raise _fail(f"error: {e}") from None
     except StageDeclined as e:  # nothing trained, nothing saved: say why, plainly
         if info.is_main:
             print(f"declined: {e}", file=sys.stderr, flush=True)
