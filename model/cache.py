@@ -215,6 +215,58 @@ class ModelCache:
                     setattr(layer, f.name, CompressorState(torch.cat((mine.kv, value.kv)),
                                                            torch.cat((mine.gate, value.gate))))
 
+    # ------------------------------------------------------------------ slots (model/engine.py)
+    def rows(self, start: int, stop: int) -> "ModelCache":
+        """A cache over rows [start, stop) that shares this one's storage: a forward through it
+        writes these rows in place (every write is a scatter into the cache tensors). Its
+        `lengths` is its own tensor (a forward replaces it): copy it back with
+        `set_lengths`."""
+        view = object.__new__(ModelCache)
+        view.cfg, view.max_len, view.dtype, view.layer_ids = (self.cfg, self.max_len,
+                                                              self.dtype, self.layer_ids)
+        view.lengths = self.lengths[start:stop].clone()
+        view.layers = {i: _map_layer(layer, lambda t: t[start:stop])
+                       for i, layer in self.layers.items()}
+        return view
+
+    def set_lengths(self, start: int, lengths: torch.Tensor) -> None:
+        self.lengths[start:start + lengths.shape[0]] = lengths
+
+    def copy_rows(self, src: list[int], dst: list[int]) -> None:
+        """Row dst[j] becomes a copy of row src[j] (a prompt's state forked to its samples, a
+        running row moved into a freed slot). Rows of `src` are read before any is written."""
+        if not src:
+            return
+        device = self.lengths.device
+        src_t = torch.as_tensor(src, dtype=torch.long, device=device)
+        dst_t = torch.as_tensor(dst, dtype=torch.long, device=device)
+        for t in self._all_tensors():
+            t.index_copy_(0, dst_t, t.index_select(0, src_t))
+
+    def grow(self, max_len: int) -> None:
+        """Reallocates for rows of up to `max_len` tokens, keeping what every row holds (the
+        compressed entries and indexer keys grow; the window and the compressor tails do
+        not depend on it)."""
+        if max_len <= self.max_len:
+            return
+        bigger = ModelCache(self.cfg, self.batch, max_len, self.dtype, self.lengths.device,
+                            self.layer_ids)
+        for i, layer in self.layers.items():
+            for name in ("entries", "index_keys"):
+                old = getattr(layer, name)
+                if old is not None:  # the last slot is the write sink: not copied
+                    getattr(bigger.layers[i], name)[:, :old.shape[1] - 1] = old[:, :-1]
+            for name in ("window", "state", "index_state"):
+                setattr(bigger.layers[i], name, getattr(layer, name))
+        bigger.lengths = self.lengths
+        self.__dict__.update(bigger.__dict__)
+
+    def _all_tensors(self) -> list[torch.Tensor]:
+        out = [self.lengths]
+        for layer in self.layers.values():
+            _map_layer(layer, out.append)
+        return out
+
     def nbytes(self) -> dict[str, int]:
         """Bytes held, by part: 'window', 'entries', 'index_keys' (grow with context) and
         'state' (compressor tails, fixed per sequence). Excludes the one write-sink slot."""
@@ -224,6 +276,18 @@ class ModelCache:
                 part = "state" if "state" in name else name
                 out[part] += (t.shape[1] - 1) * t[:, :1].numel() * t.element_size()
         return out
+
+
+def _map_layer(layer: LayerCache, fn) -> LayerCache:
+    """A LayerCache of `fn(t)` for each of `layer`'s tensors (compressor states included)."""
+    def state(value: CompressorState | None):
+        return None if value is None else CompressorState(fn(value.kv), fn(value.gate))
+
+    return LayerCache(window=fn(layer.window),
+                      entries=None if layer.entries is None else fn(layer.entries),
+                      state=state(layer.state),
+                      index_keys=None if layer.index_keys is None else fn(layer.index_keys),
+                      index_state=state(layer.index_state))
 
 
 @dataclass

@@ -1,44 +1,55 @@
 """A rollout engine: continuous batching and shared prompt prefixes over the training model's
-cached forward (issue #38, first part; `generate` remains the batch-synchronous API).
+cached forward (issue #38; `generate` remains the batch-synchronous API, and under expert
+parallelism the only one).
 
     engine = Engine(model, max_batch=32, eos_id=1, temperature=0.0)
     a = engine.add([0, 17, 4], n=8, max_new_tokens=64)   # one prompt, eight samples
     b = engine.add([0, 9], max_new_tokens=16)
     results = engine.run()          # {request id: GenerationOutput with one row per sample}
+    # or drive it: `for rid in engine.step(): ...` (the requests that finished in that step),
+    # adding requests between steps (a sample's next turn after a tool result, a server's
+    # new client)
 
-Requests wait in a queue. Before every decode step the engine admits queued requests while
-their samples fit in the free rows (`max_batch` rows in all; FIFO, so a large request is not
-starved by small ones behind it): their prompts are prefilled together once
-(`model/prefill.py`), and each prompt's cache row is forked to its n samples
-(`ModelCache.select` with the row repeated: the samples share the prompt's computation and then
-sample independently). The new rows join the running batch (`ModelCache.extend`); a row that
-finishes (EOS, a stop sequence, its length limit) leaves at once, so its place is taken at the
-next step instead of waiting for the longest row of a batch.
+Slots. The cache is allocated once for `max_batch` rows (`ModelCache`, grown only when a
+request needs longer rows than any before). The running rows are slots 0..k-1: a decode step
+is one forward over a view of the first k slots (`ModelCache.rows`: shared storage, writes in
+place), and a row that finishes is replaced by the last running row (one row copied), so the
+running rows stay contiguous and no step copies the whole cache.
 
-Cache rows are `max_len` tokens: given, or at the first admission what the queued requests
-need (prompt + max_new_tokens); a request added later that needs more is cut at `max_len`
-(finish "length").
+Admission. Before every step the engine admits queued requests while their samples fit in the
+free slots (FIFO, so a large request is not starved by small ones behind it). Their prompts are
+prefilled together once (`model/prefill.py`) into the next free slots, and each prompt's slot
+is copied to its other n-1 samples (`ModelCache.copy_rows`): the samples share the prompt's
+computation and then sample independently. A finished row (EOS, a stop sequence or string, its
+length limit, `cancel`) leaves at once, so its slot is taken at the next step instead of
+waiting for the longest row of a batch.
 
-Per-token outputs are those of `generate` (`model.generation.emit_step`): the drawn tokens and,
-with `return_logprobs`, their log-probs under the sampling distribution and the model's own.
+Outputs are those of `generate` (`model.generation.emit_step`): the drawn tokens, and with
+`return_logprobs` their log-probs under the sampling distribution and the model's own; with
+`return_routes` the routes of the prompt (from the prefill, shared by the forked samples) and
+of every generated token (the last one is fed once more, as `generate` does); with
+`return_sampling_mask` the kept sets (None for a request whose parameters keep the whole
+vocabulary). Greedy decoding equals `generate`'s token for token.
+
 Sampling parameters are the engine's unless a request gives its own (rows are grouped by
 parameters each step). Draws come from the engine's generator (`seed`), so they depend on which
-rows share a step, unless a request gives its own `seed`: its samples then draw from their own
-generators and do not depend on the other requests. Greedy decoding equals `generate`'s token
-for token. Not yet here (the rest of #38): routes and kept sets, tool turns, a static-shape
-compiled decode step, the server.
+rows share a step (the schedule is deterministic, so a run is reproducible), unless a request
+gives its own `seed`: its samples then draw from their own generators and do not depend on the
+other requests.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
-from .generation import GenerationOutput, _check_prompts, _finish_reason, _Row, _stack, emit_step
+from .generation import GenerationOutput, _check_prompts, _finish_reason, _kept_sets, _Row, \
+    _stack, emit_step
 from .prefill import DEFAULT_CHUNK, prefill
-from .sampling import SamplingParams, draw, sampling_distribution
+from .sampling import SamplingParams, draw, restricts, sampling_distribution
 
 
 @dataclass
@@ -46,47 +57,65 @@ class _Request:
     prompt: list[int]
     n: int
     max_new_tokens: int
-    params: tuple[float, float, int]   # (temperature, top_p, top_k)
+    params: SamplingParams
     seed: int | None
-    rows: list[_Row] = field(default_factory=list)  # one per sample, once admitted
+    stops: list[list[int]]
+    stop_strings: list[str]
+    on_token: Callable[[int, int], None] | None  # (sample index, token id)
+    rows: list[int] = field(default_factory=list)  # row ids, one per sample, once admitted
+    retired: int = 0                               # samples done and out of the batch
+
+
+@dataclass
+class _EngineRow(_Row):
+    request: int = -1
+    sample: int = 0
+    gen: torch.Generator | None = None
 
 
 class Engine:
     def __init__(self, model, max_batch: int = 32, eos_id: int | None = None,
                  pad_id: int | None = None, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, return_logprobs: bool = False,
-                 stop_token_sequences=None, max_len: int | None = None,
-                 prefill_chunk: int | None = DEFAULT_CHUNK):
+                 return_routes: bool = False, return_sampling_mask: bool = False,
+                 stop_token_sequences=None, decode: Callable[[list[int]], str] | None = None,
+                 max_len: int | None = None, prefill_chunk: int | None = DEFAULT_CHUNK):
+        """`max_len`: the cache rows' initial size (default: what the first admitted requests
+        need; grown when a later request needs more, up to the model context). `decode` (ids
+        -> text) is needed for requests with stop strings."""
+        if max_batch < 1:
+            raise ValueError(f"max_batch={max_batch}: must be >= 1")
         self.model, self.max_batch, self.eos_id = model, max_batch, eos_id
         self.params = SamplingParams(temperature, top_p, top_k)
         self.params.validate()
-        cfg = model.cfg
         self.pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
-        # the cache rows' size: given, or set at the first admission to what the queued
-        # requests need (a cache sized to the model context would make every row fork and
-        # retirement copy mostly empty slots)
-        self.max_len = min(max_len, cfg.max_seq_len) if max_len else None
+        self.max_len = min(max_len, model.cfg.max_seq_len) if max_len else None
         self.device = model.embed.weight.device
         self.gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None \
             else None
-        self.return_logprobs, self.prefill_chunk = return_logprobs, prefill_chunk
+        self.return_logprobs, self.return_routes = return_logprobs, return_routes
+        self.store_kept, self.prefill_chunk, self.decode = return_sampling_mask, prefill_chunk, \
+            decode
         self.stops = [list(s) for s in (stop_token_sequences or []) if len(s)]
         self.queue: deque[int] = deque()
         self.requests: list[_Request] = []
-        self.rows: list[_Row] = []        # every sample's row, admitted or finished
-        self.row_params: list[tuple] = []  # per row: (temperature, top_p, top_k)
-        self.row_gen: list[torch.Generator | None] = []  # per row: its own draws (seeded)
-        self.active: list[int] = []       # cache row -> index into self.rows
+        self.rows: list[_EngineRow] = []   # every sample's row, admitted or finished
+        self.active: list[int] = []        # slot -> row id, for the running slots 0..k-1
         self.cache = None
-        self.logits: torch.Tensor | None = None  # [active, vocab]: each row's next-token logits
+        self.logits: torch.Tensor | None = None  # [k, vocab]: each slot's next-token logits
+        self.finished: list[int] = []      # requests done since the last `step` returned
         self.stats = {"prefill_tokens": 0.0, "decode_tokens": 0.0, "steps": 0.0}
 
+    # ------------------------------------------------------------------ requests
     def add(self, prompt: list[int], n: int = 1, max_new_tokens: int = 256,
             temperature: float | None = None, top_p: float | None = None,
-            top_k: int | None = None, seed: int | None = None) -> int:
+            top_k: int | None = None, seed: int | None = None, stop=None,
+            stop_strings=None, on_token: Callable[[int, int], None] | None = None) -> int:
         """Queues a request of `n` samples of `prompt`; returns its id. Sampling parameters
         default to the engine's; with `seed` the request's samples draw from their own
-        generators (seed, sample index), so they do not depend on the other requests."""
+        generators (seed, sample index). `stop`: token sequences ending a sample (besides the
+        engine's); `stop_strings`: texts (needs the engine's `decode`); `on_token(sample,
+        id)` is called for each token as it is drawn."""
         base = self.params
         params = SamplingParams(base.temperature if temperature is None else temperature,
                                 base.top_p if top_p is None else top_p,
@@ -97,154 +126,245 @@ class Engine:
             raise ValueError(f"n={n}: must be in [1, max_batch={self.max_batch}]")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
-        if self.max_len is not None and len(prompt) >= self.max_len:
-            raise ValueError(f"prompt of {len(prompt)} tokens: no room in max_len={self.max_len}")
-        self.requests.append(_Request(list(prompt), n, max_new_tokens,
-                                      (params.temperature, params.top_p, params.top_k), seed))
+        if stop_strings and self.decode is None:
+            raise ValueError("stop_strings: the engine needs `decode` (ids -> text)")
+        stops = self.stops + [list(s) for s in (stop or []) if len(s)]
+        self.requests.append(_Request(list(prompt), n, max_new_tokens, params, seed, stops,
+                                      list(stop_strings or []), on_token))
         self.queue.append(len(self.requests) - 1)
         return len(self.requests) - 1
 
+    def cancel(self, request: int) -> None:
+        """Ends a request now: queued, it never runs; running, its rows leave at the next step
+        (finish "cancelled")."""
+        req = self.requests[request]
+        if request in self.queue:
+            self.queue.remove(request)
+            self.finished.append(request)
+            return
+        for r in req.rows:
+            if self.rows[r].finish is None:
+                self.rows[r].finish = "cancelled"
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue or self.active)
+
     def run(self) -> dict[int, GenerationOutput]:
         """Steps until every request has finished; one output per request."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                while self.queue or self.active:
-                    self.step()
-        finally:
-            self.model.train(was_training)
+        with self.inference():
+            while self.busy:
+                self.step()
         return {i: self.output(i) for i in range(len(self.requests))}
 
+    def inference(self):
+        """Context for stepping by hand: eval mode and no_grad, training flag restored."""
+        return _Inference(self.model)
+
     def output(self, request: int) -> GenerationOutput:
-        rows = self.requests[request].rows
+        req = self.requests[request]
+        rows = [self.rows[r] for r in req.rows]
         out = GenerationOutput(tokens=[r.tokens for r in rows],
                                finish_reasons=[r.finish or "length" for r in rows],
                                stats=dict(self.stats))
         if self.return_logprobs:
             out.logprobs = [_stack(r.logprobs) for r in rows]
             out.raw_logprobs = [_stack(r.raw) for r in rows]
+        if self.return_routes:
+            out.routes = [torch.cat(r.routes) for r in rows]
+        if self.store_kept:
+            keeps = restricts(req.params, self.model.cfg.vocab_size)
+            out.kept_sets = [_kept_sets(r.kept_ids) if keeps else None for r in rows]
         return out
 
     # ------------------------------------------------------------------ one step
-    def step(self) -> None:
-        """Admits what fits, draws one token for every running row, retires finished rows,
-        and runs the forward that gives the remaining rows their next logits."""
+    def step(self) -> list[int]:
+        """Admits what fits, draws one token for every running row, retires finished rows and
+        runs the forward that gives the remaining rows their next logits. -> the requests that
+        finished (all their samples done) since the last call. Call under `inference()`."""
         self.admit()
-        if not self.active:
-            return
-        self.retire([i for i, r in enumerate(self.active) if self.rows[r].limit == 0], "length")
-        if not self.active:
-            return
-        logp, kept, tok = self.sample()
-        emit_step(self.rows, self.active, [True] * len(self.active), tok, logp, kept,
-                  self.logits, self.finish, None, self.return_logprobs, False)
-        self.stats["decode_tokens"] += len(self.active)
-        self.stats["steps"] += 1
-        keep = [i for i, r in enumerate(self.active) if self.rows[r].finish is None]
-        self.retire([i for i in range(len(self.active)) if i not in keep], None)
+        self.retire([i for i, r in enumerate(self.active)
+                     if self.rows[r].limit == 0 or self.rows[r].finish], "length")
         if self.active:
-            tok = tok[torch.as_tensor(keep, dtype=torch.long, device=self.device)]
-            self.logits = self.model(tok[:, None], cache=self.cache).logits[:, 0]
+            logp, kept, tok = self.sample()
+            emit_step(self.rows, self.active, [True] * len(self.active), tok, logp, kept,
+                      self.logits, self.finish, self._on_token, self.return_logprobs,
+                      self.store_kept)
+            self.stats["decode_tokens"] += len(self.active)
+            self.stats["steps"] += 1
+            done = [i for i, r in enumerate(self.active) if self.rows[r].finish is not None]
+            if self.return_routes:  # the drawn tokens' routes: finished rows join once more
+                self.forward(tok)
+                self.retire(done, None)
+            else:
+                tok = tok[self.retire(done, None)]
+                if self.active:
+                    self.forward(tok)
+        finished, self.finished = self.finished, []
+        return finished
+
+    def forward(self, tok: torch.Tensor) -> None:
+        """One token per running slot `[k]`: the next logits (and the fed tokens' routes)."""
+        k = len(self.active)
+        view = self.cache.rows(0, k)
+        out = self.model(tok[:, None], cache=view)
+        self.cache.set_lengths(0, view.lengths)
+        self.logits = out.logits[:, 0]
+        if self.return_routes:
+            step = torch.stack(out.routes[:self.model.cfg.n_layers], dim=2)[:, 0].cpu()
+            for i, r in enumerate(self.active):
+                self.rows[r].routes.append(step[i:i + 1])  # [1, layers, topk]
 
     def sample(self):
-        """(log-probs, kept mask, drawn tokens) `[active, vocab]`, `[active, vocab]`, `[active]`
-        for the running rows, each under its request's parameters; rows of one parameter set
-        are processed together, and rows without a generator of their own share the engine's
+        """(log-probs, kept mask, drawn tokens) `[k, vocab]`, `[k, vocab]`, `[k]` for the
+        running rows, each under its request's parameters; rows of one parameter set are
+        processed together, and rows without a generator of their own share the engine's
         (one draw over them, as `generate` does)."""
-        groups: dict[tuple, list[int]] = {}
+        groups: dict[SamplingParams, list[int]] = {}
         for i, r in enumerate(self.active):
-            groups.setdefault(self.row_params[r], []).append(i)
+            groups.setdefault(self.requests[self.rows[r].request].params, []).append(i)
         logits = self.logits
         if len(groups) == 1:
-            (key, pos), = groups.items()
-            logp, kept = sampling_distribution(logits, SamplingParams(*key))
+            logp, kept = sampling_distribution(logits, next(iter(groups)))
         else:
             logp = torch.empty_like(logits, dtype=torch.float32)
             kept = torch.empty_like(logits, dtype=torch.bool)
         tok = torch.empty(len(self.active), dtype=torch.long, device=self.device)
-        for key, pos in groups.items():
+        for params, pos in groups.items():
             index = torch.as_tensor(pos, dtype=torch.long, device=self.device)
-            params = SamplingParams(*key)
             if len(groups) > 1:
                 logp[index], kept[index] = sampling_distribution(logits[index], params)
             if params.greedy:
                 tok[index] = logits[index].float().argmax(-1)
                 continue
-            own = [i for i in pos if self.row_gen[self.active[i]] is not None]
-            shared = [i for i in pos if self.row_gen[self.active[i]] is None]
+            shared = [i for i in pos if self.rows[self.active[i]].gen is None]
             if shared:
                 at = torch.as_tensor(shared, dtype=torch.long, device=self.device)
                 tok[at] = draw(logp[at], self.gen)
-            for i in own:
-                tok[i] = draw(logp[i:i + 1], self.row_gen[self.active[i]])[0]
+            for i in pos:
+                gen = self.rows[self.active[i]].gen
+                if gen is not None:
+                    tok[i] = draw(logp[i:i + 1], gen)[0]
         return logp, kept, tok
 
-    def finish(self, row: _Row) -> str | None:
-        return _finish_reason(row, self.eos_id, self.stops, None, None)
+    def finish(self, row: _EngineRow) -> str | None:
+        req = self.requests[row.request]
+        return _finish_reason(row, self.eos_id, req.stops, req.stop_strings, self.decode)
 
-    def retire(self, positions: list[int], reason: str | None) -> None:
-        """Removes the cache rows at `positions` (their samples are done)."""
-        if not positions:
-            return
-        for i in positions:
-            if reason is not None:
-                self.rows[self.active[i]].finish = reason
-        keep = [i for i in range(len(self.active)) if i not in set(positions)]
-        self.active = [self.active[i] for i in keep]
-        if keep:
-            index = torch.as_tensor(keep, dtype=torch.long, device=self.device)
-            self.cache.select(index)
-            self.logits = self.logits.index_select(0, index)
-        else:
-            self.cache, self.logits = None, None
+    def _on_token(self, row_id: int, token: int) -> None:
+        row = self.rows[row_id]
+        callback = self.requests[row.request].on_token
+        if callback is not None:
+            callback(row.sample, token)
 
+    def retire(self, positions: list[int], reason: str | None) -> torch.Tensor:
+        """Frees the slots at `positions` (their samples are done; `reason` for those without
+        a finish reason yet): each is refilled by a running row from the end, so the running
+        slots stay 0..k-1. -> the new slot order as old slot indices `[k']` (apply it to any
+        per-slot tensor)."""
+        k = len(self.active)
+        gone = set(positions)
+        new_k = k - len(gone)
+        holes = [p for p in sorted(gone) if p < new_k]
+        movers = [i for i in range(new_k, k) if i not in gone]
+        order = list(range(new_k))
+        for src, dst in zip(movers, holes):
+            order[dst] = src
+        for p in gone:
+            row = self.rows[self.active[p]]
+            row.finish = row.finish or reason or "length"
+            req = self.requests[row.request]
+            req.retired += 1
+            if req.retired == req.n:
+                self.finished.append(row.request)
+        index = torch.as_tensor(order, dtype=torch.long, device=self.device)
+        if gone:
+            self.cache.copy_rows(movers, holes)
+            self.active = [self.active[i] for i in order]
+            self.logits = self.logits.index_select(0, index) if new_k else None
+        return index
+
+    # ------------------------------------------------------------------ admission
     def admit(self) -> None:
-        """Prefills the queued requests whose samples fit in the free rows, once per prompt,
-        forks each prompt's row to its samples and appends them to the running batch."""
-        if self.max_len is None:
-            need = max(len(r.prompt) + r.max_new_tokens for r in map(self.requests.__getitem__,
-                                                                       self.queue))
-            self.max_len = min(need + 1, self.model.cfg.max_seq_len)
+        """Prefills the queued requests whose samples fit in the free slots, once per prompt,
+        into the next slots, and copies each prompt's slot to its other samples."""
         taken, free = [], self.max_batch - len(self.active)
         while self.queue and self.requests[self.queue[0]].n <= free:
             taken.append(self.queue.popleft())
             free -= self.requests[taken[-1]].n
         if not taken:
             return
-        prompts = [self.requests[i].prompt for i in taken]
-        cache, logits = self.prefill(prompts)
-        fork = [k for k, i in enumerate(taken) for _ in range(self.requests[i].n)]
-        index = torch.as_tensor(fork, dtype=torch.long, device=self.device)
-        cache.select(index)
-        logits = logits.index_select(0, index)
         limit = self.model.cfg.max_seq_len
-        for i in taken:
+        budget = {i: min(self.requests[i].max_new_tokens, limit - len(self.requests[i].prompt))
+                  for i in taken}
+        self.reserve(max(len(self.requests[i].prompt) + budget[i] + 1 for i in taken))
+        k, m = len(self.active), len(taken)
+        logits, routes = self.prefill(k, [self.requests[i].prompt for i in taken])
+        slots = list(range(k, k + m))   # sample 0 of each prompt: where it was prefilled
+        forks, sources = [], []
+        for j, i in enumerate(taken):
+            for s in range(1, self.requests[i].n):
+                forks.append(k + m + len(forks))
+                sources.append(k + j)
+        self.cache.copy_rows(sources, forks)
+        prompt_of = list(range(m)) + [s - k for s in sources]  # new slot -> prefilled prompt
+        for slot, j in enumerate(prompt_of):
+            i = taken[j]
             req = self.requests[i]
-            for j in range(req.n):
-                req.rows.append(_Row(len(req.prompt), min(req.max_new_tokens,
-                                                          limit - len(req.prompt),
-                                                          self.max_len - len(req.prompt))))
-                self.rows.append(req.rows[-1])
-                self.row_params.append(req.params)
-                self.row_gen.append(None if req.seed is None else torch.Generator(
-                    device=self.device).manual_seed(req.seed * 1_000_003 + j))
-                self.active.append(len(self.rows) - 1)
-        if self.cache is None:
-            self.cache, self.logits = cache, logits
-        else:
-            self.cache.extend(cache)
-            self.logits = torch.cat((self.logits, logits))
+            sample = len(req.rows)
+            row = _EngineRow(len(req.prompt), budget[i], request=i, sample=sample, gen=None if
+                             req.seed is None else torch.Generator(device=self.device)
+                             .manual_seed(req.seed * 1_000_003 + sample))
+            if routes is not None:
+                row.routes.append(routes[j, :len(req.prompt)])
+            req.rows.append(len(self.rows))
+            self.rows.append(row)
+            self.active.append(len(self.rows) - 1)
+        logits = logits.index_select(0, torch.as_tensor(prompt_of, device=self.device))
+        self.logits = logits if k == 0 else torch.cat((self.logits, logits))
 
-    def prefill(self, prompts: list[list[int]]):
-        """Right-padded prompts into a new cache of `max_len` rows: (cache, last logits)."""
+    def reserve(self, need: int) -> None:
+        """A cache whose rows hold `need` tokens: allocated at the first admission (sized to
+        everything queued then), doubled when a later request needs more."""
+        limit = self.model.cfg.max_seq_len
+        if self.cache is None:
+            queued = [len(r.prompt) + r.max_new_tokens + 1
+                      for r in map(self.requests.__getitem__, self.queue)]
+            size = min(max([need, self.max_len or 0, *queued]), limit)
+            self.cache = self.model.new_cache(self.max_batch, size)
+        elif need > self.cache.max_len:
+            self.cache.grow(min(max(need, 2 * self.cache.max_len), limit))
+        self.max_len = self.cache.max_len
+
+    def prefill(self, start: int, prompts: list[list[int]]):
+        """Right-padded prompts into slots start.. (their lengths reset first): (last logits
+        `[m, vocab]`, the prompts' routes `[m, width, layers, topk]` or None)."""
         lens = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=self.device)
         width = int(lens.max())
         ids = torch.full((len(prompts), width), self.pad, dtype=torch.long, device=self.device)
         for i, p in enumerate(prompts):
             ids[i, :len(p)] = torch.as_tensor(p, dtype=torch.long)
         mask = torch.arange(width, device=self.device)[None] < lens[:, None]
-        cache = self.model.new_cache(len(prompts), self.max_len)
-        logits, _ = prefill(self.model, ids, mask, lens, cache, self.prefill_chunk, False)
+        self.cache.lengths[start:start + len(prompts)] = 0
+        view = self.cache.rows(start, start + len(prompts))
+        logits, routes = prefill(self.model, ids, mask, lens, view, self.prefill_chunk,
+                                 self.return_routes)
+        self.cache.set_lengths(start, view.lengths)
         self.stats["prefill_tokens"] += float(lens.sum())
-        return cache, logits
+        return logits, routes
+
+
+class _Inference:
+    """Eval mode and no_grad for a stretch of engine steps; restores the training flag."""
+
+    def __init__(self, model):
+        self.model, self.grad = model, torch.no_grad()
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.model.eval()
+        self.grad.__enter__()
+
+    def __exit__(self, *exc):
+        self.grad.__exit__(*exc)
+        self.model.train(self.was_training)

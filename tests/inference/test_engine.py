@@ -84,3 +84,64 @@ def test_per_request_parameters_and_seeds(micro_model):
     assert greedy_alone == greedy_crowded == ref.tokens[0]
     with pytest.raises(ValueError, match="top_p=0"):
         Engine(micro_model).add([0, 1], top_p=0.0)
+
+
+def test_routes_and_kept_sets_equal_generate(micro_model):
+    """Keep Routing and Keep Sampling Mask through the engine: greedy rows (refilled through
+    two slots, one request forked to two samples) return `generate`'s routes for prompt and
+    generated tokens, and its kept sets."""
+    ref = generate(micro_model, PROMPTS, max_new_tokens=10, temperature=0.0,
+                   return_routes=True, return_sampling_mask=True)
+    engine = Engine(micro_model, max_batch=3, temperature=0.0, return_routes=True,
+                    return_sampling_mask=True)
+    ids = [engine.add(p, n=2 if i == 2 else 1, max_new_tokens=10) for i, p in enumerate(PROMPTS)]
+    out = engine.run()
+    for i, want in enumerate(ref.routes):
+        for sample in range(len(out[ids[i]].tokens)):
+            assert out[ids[i]].tokens[sample] == ref.tokens[i]
+            assert torch.equal(out[ids[i]].routes[sample], want)
+            got, kept = out[ids[i]].kept_sets[sample], ref.kept_sets[i]
+            assert torch.equal(got.ids, kept.ids) and torch.equal(got.counts, kept.counts)
+
+
+def test_sampled_single_request_equals_generate(micro_model):
+    """One request alone draws from the engine's generator exactly as `generate` draws for
+    the same single row: tokens, log-probs and top-k kept sets equal."""
+    kw = dict(temperature=0.9, top_k=7, seed=4)
+    ref = generate(micro_model, [PROMPTS[2]], max_new_tokens=12, return_logprobs=True,
+                   return_sampling_mask=True, **kw)
+    engine = Engine(micro_model, max_batch=4, return_logprobs=True, return_sampling_mask=True,
+                    **kw)
+    engine.add(PROMPTS[2], max_new_tokens=12)
+    out = engine.run()[0]
+    assert out.tokens == ref.tokens
+    torch.testing.assert_close(out.logprobs[0], ref.logprobs[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.kept_sets[0].ids, ref.kept_sets[0].ids)
+    assert int(out.kept_sets[0].counts.max()) <= 7
+
+
+def test_driven_engine_grows_cache_cancels_and_stops(micro_model):
+    """Stepping by hand: a request added while others run (a longer one: the slot cache grows
+    and the running rows keep their state), a cancelled request, and per-request stop
+    sequences; every other output still equals `generate`'s."""
+    long_prompt = [0] + list(range(30, 90))
+    ref = generate(micro_model, [PROMPTS[0], long_prompt], max_new_tokens=20, temperature=0.0)
+    stop = ref.tokens[1][4:6]
+    engine = Engine(micro_model, max_batch=4, temperature=0.0)
+    first = engine.add(PROMPTS[0], max_new_tokens=20)
+    doomed = engine.add(PROMPTS[1], max_new_tokens=20)
+    done, seen = [], []
+    with engine.inference():
+        done += engine.step()
+        small = engine.cache.max_len
+        late = engine.add(long_prompt, max_new_tokens=20, stop=[stop],
+                          on_token=lambda s, t: seen.append(t))
+        engine.cancel(doomed)
+        while engine.busy:
+            done += engine.step()
+    assert engine.cache.max_len > small
+    assert sorted(done) == [first, doomed, late]
+    assert engine.output(doomed).finish_reasons == ["cancelled"]
+    assert engine.output(first).tokens[0] == ref.tokens[0]
+    got = engine.output(late)
+    assert got.tokens[0] == ref.tokens[1][:6] == seen and got.finish_reasons == ["stop"]
