@@ -29,7 +29,8 @@ class RolloutSection:
     top_k: int = _num(0, ">= 0")              # 0 = off
     max_new_tokens: int = _num(64, ">= 1")    # per assistant turn
     max_tool_turns: Optional[int] = _num(None, ">= 0")  # None: the domain's own
-    rollout_batch_size: int = _num(64, ">= 1")  # rows per generate call
+    rollout_batch_size: int = _num(64, ">= 1")  # rows in the rollout batch
+    rollout_engine: bool = True                # continuous batching (model/engine.py)
     speculative: bool = False                  # MTP speculative decoding in rollouts
     reward_timeout: float = _num(10.0, "> 0")  # seconds per verification; a hang scores 0
     keep_routing: bool = True                  # replay the sampled routes in training

@@ -73,6 +73,7 @@ class RolloutTask(Task):
                                     max_tool_turns=s.max_tool_turns,
                                     return_routes=s.keep_routing,
                                     speculative=s.speculative,
+                                    engine=getattr(s, "rollout_engine", True),
                                     return_sampling_mask=restricts(sampling,
                                                                    model_cfg.vocab_size))
         self.params.validate()

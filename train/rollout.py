@@ -7,8 +7,13 @@
 
 Each request is rendered in its prompt-only form (`item.prompt_text()`, i.e. `encode_messages`
 of `item.prompt_messages`; it starts with BOS, so it is tokenised with
-`add_special_tokens=False`) and sampled `n` times through `model.generation.generate`. All rows
-of a round go through `generate` together, in chunks of `batch_size` rows.
+`add_special_tokens=False`) and sampled `n` times. By default every turn of every sample goes
+through one continuous batch of `batch_size` rows (`model.engine.Engine`): the n samples of a
+request share one prefill, finished rows are refilled at once, and a sample's next turn joins
+as soon as its tool results are in. Under expert parallelism (forwards are collectives), with
+`speculative`, with `engine=False` or a scripted `generate_fn`, the rows of a round go through
+`model.generation.generate` together instead, in chunks of `batch_size` rows, a round of
+turns at a time. Both draw from `seed`, reproducibly, but not the same draws.
 
 Multi-turn (tool domains, those with `run_tool_calls`, e.g. `calculator`). Every DeepSeek-V4
 assistant turn ends with EOS, a tool-call turn too (`...</｜DSML｜tool_calls>` + EOS, spec §9.4),
@@ -56,6 +61,7 @@ import torch
 
 from data.domains.base import Domain, Item, Score, safe_verify
 from encoding import encode_messages, parse_message_from_completion_text
+from model.engine import Engine
 from model.generation import generate, token_dispatcher
 from model.sampling import KeptSets, SamplingParams
 
@@ -76,6 +82,7 @@ class RolloutParams:
     return_routes: bool = False
     return_sampling_mask: bool = False
     speculative: bool = False  # MTP drafts + one verifying forward (model/speculative.py)
+    engine: bool = True        # continuous batching (model/engine.py) where it can run
 
     def validate(self) -> None:
         SamplingParams(self.temperature, self.top_p, self.top_k).validate()
@@ -210,6 +217,9 @@ def _generate_turns(model, tokenizer, live: list[_Live], params: RolloutParams, 
     all are done."""
     max_len, eos = model.cfg.max_seq_len, tokenizer.eos_token_id
     peer = token_dispatcher(model)
+    if params.engine and generate_fn is generate and not peer.collective \
+            and not params.speculative:
+        return _engine_turns(model, tokenizer, live, params, stats, should_stop)
     device = _device(model)
     round_ = 0
     stopped = False
@@ -245,6 +255,51 @@ def _generate_turns(model, tokenizer, live: list[_Live], params: RolloutParams, 
                 _append_generated(x, tokens, out, i)
                 x.out.finish = _after_turn(x, out.finish_reasons[i], tokenizer, max_len, stats)
         round_ += 1
+
+
+def _engine_turns(model, tokenizer, live: list[_Live], params: RolloutParams, stats: dict,
+                  should_stop: Callable[[], bool]) -> bool:
+    """Every sample's turns through one continuous batch (`model.engine.Engine`, at most
+    `params.batch_size` rows): a request's n samples share one prefill of its prompt, a row
+    that ends is replaced at once, and a sample's next turn (after its tool results) joins
+    the batch as soon as its previous turn ends, without waiting for a round to finish.
+    -> whether `should_stop` cut it short (polled before every step)."""
+    engine = Engine(model, max_batch=params.batch_size, eos_id=tokenizer.eos_token_id,
+                    temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                    seed=params.seed, return_logprobs=True, return_routes=params.return_routes,
+                    return_sampling_mask=params.return_sampling_mask)
+    owners: dict[int, list[_Live]] = {}  # engine request -> its samples, in sample order
+
+    def add(prompt: list[int], samples: list[_Live]) -> None:
+        owners[engine.add(prompt, n=len(samples), max_new_tokens=params.max_new_tokens)] = \
+            samples
+        stats["generate_calls"] += 1
+        stats["prefill_tokens"] += len(prompt)
+
+    first: dict[int, list[_Live]] = {}
+    for x in live:
+        first.setdefault(x.out.request, []).append(x)
+    for group in first.values():  # the n samples of a request start from one prompt
+        for c in range(0, len(group), params.batch_size):
+            add(group[c].out.prompt_ids, group[c:c + params.batch_size])
+    t0 = time.perf_counter()
+    stopped = False
+    with engine.inference():
+        while engine.busy and not (stopped := should_stop()):
+            for request in engine.step():
+                out = engine.output(request)
+                for i, x in enumerate(owners.pop(request)):
+                    tokens = list(out.tokens[i])
+                    stats["generated_tokens"] += len(tokens)
+                    _append_generated(x, tokens, out, i)
+                    x.out.finish = _after_turn(x, out.finish_reasons[i], tokenizer,
+                                               model.cfg.max_seq_len, stats)
+                    if not x.out.finish:  # tool results appended: the next turn
+                        add(x.out.prompt_ids + x.out.response_ids, [x])
+    stats["generate_seconds"] += time.perf_counter() - t0
+    stats["rounds"] = 1.0 + max((x.out.tool_turns for x in live), default=0)
+    stats["engine_steps"] = engine.stats["steps"]
+    return stopped
 
 
 def _device(model) -> torch.device:
