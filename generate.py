@@ -4,6 +4,8 @@
                        top_p=1.0 top_k=0 seed=0]
     python generate.py ckpt=PATH input_file=prompts.txt     # prompts separated by blank lines
     python generate.py ckpt=PATH interactive=true [mode=thinking reasoning_effort=max]
+    python generate.py ckpt=PATH serve=true [port=8000 host=127.0.0.1 max_batch=32
+                       served_model_name=NAME]    # OpenAI-compatible server (serve/)
 
 PATH is a weights directory (config.json + *.safetensors: `save_pretrained`, an export, a
 release) or a training checkpoint `runs/x/checkpoints/step_N`, whose `model/` is used.
@@ -58,6 +60,11 @@ class GenerateConfig:
     batch_size: int = _num(16, ">= 1")
     csa_mode: Optional[str] = None
     speculative: bool = False
+    serve: bool = False
+    host: str = "127.0.0.1"
+    port: int = _num(8000, "[0, 65535]")
+    max_batch: int = _num(32, ">= 1")
+    served_model_name: Optional[str] = None
 
 
 def parse_overrides(argv: list[str]) -> dict[str, Any]:
@@ -69,9 +76,11 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
     problems = []
     if opts["ckpt"] is None:
         problems.append("ckpt=PATH is required")
-    modes = (opts["prompt"] is not None) + bool(opts["input_file"]) + bool(opts["interactive"])
+    modes = ((opts["prompt"] is not None) + bool(opts["input_file"]) + bool(opts["interactive"])
+             + bool(opts["serve"]))
     if modes != 1:
-        problems.append("give exactly one of prompt=..., input_file=PATH, interactive=true")
+        problems.append("give exactly one of prompt=..., input_file=PATH, interactive=true, "
+                        "serve=true")
     if opts["prompt"] is not None and not opts["prompt"].strip():
         problems.append(f"prompt={opts['prompt']!r} is empty: give the text to continue, e.g. "
                         f"prompt=\"Once upon a time\"")
@@ -126,16 +135,6 @@ def check_context(ids: list[int], max_seq_len: int, what: str) -> None:
                          f"(max_seq_len={max_seq_len}, one token needed for the reply)")
 
 
-def visible_text(tokenizer, ids: list[int]) -> str:
-    """Decoded text with BOS/EOS removed but the other special tokens (`</think>`, tool-call
-    markers) kept, so a thinking-mode reply shows where its reasoning ends."""
-    text = tokenizer.decode(ids, skip_special_tokens=False)
-    for special in (tokenizer.bos_token, tokenizer.eos_token):
-        if special:
-            text = text.replace(special, "")
-    return text
-
-
 class Streamer:
     """Prints one row's text as tokens arrive (decoding the whole reply each time, so bytes
     that only form a character together are printed once complete)."""
@@ -145,6 +144,8 @@ class Streamer:
 
     def __call__(self, row: int, token: int) -> None:
         self.ids.append(token)
+        from encoding.tokenizer import visible_text
+
         text = visible_text(self.tokenizer, self.ids)
         if text.endswith("\ufffd"):
             return
@@ -174,6 +175,8 @@ def sample(model, tokenizer, prompts: list[list[int]], opts: dict[str, Any],
 
 
 def run_prompts(model, tokenizer, texts: list[str], opts, out: TextIO, err: TextIO) -> None:
+    from encoding.tokenizer import visible_text
+
     texts = [clean_text(t, f"prompt {i + 1}", err) for i, t in enumerate(texts)]
     ids = [encode_prompt(tokenizer, t, opts) for t in texts]
     for i, p in enumerate(ids):
@@ -239,7 +242,12 @@ def main(argv: list[str] | None = None, read: Callable[[str], str] = input,
             # keep undecodable bytes (as surrogates, which clean_text replaces) instead of a
             # UnicodeDecodeError that ends the conversation
             sys.stdin.reconfigure(errors="surrogateescape")
-        if opts["interactive"]:
+        if opts["serve"]:
+            from serve import run_server
+
+            name = opts["served_model_name"] or opts["ckpt"]  # as vLLM: the path given
+            run_server(model, tokenizer, name, opts["host"], opts["port"], opts["max_batch"])
+        elif opts["interactive"]:
             run_interactive(model, tokenizer, opts, read, out, err)
         elif opts["prompt"] is not None:
             run_prompts(model, tokenizer, [opts["prompt"]], opts, out, err)

@@ -70,6 +70,17 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def visible_text(tokenizer, ids: Sequence[int]) -> str:
+    """Decoded text with BOS/EOS removed but the other special tokens (`</think>`, tool-call
+    markers) kept, so a thinking-mode reply shows where its reasoning ends (and a parser can
+    still read the tool calls)."""
+    text = tokenizer.decode(list(ids), skip_special_tokens=False)
+    for special in (tokenizer.bos_token, tokenizer.eos_token):
+        if special:
+            text = text.replace(special, "")
+    return text
+
+
 def _with_tools(
     messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None
 ) -> list[dict]:

@@ -62,6 +62,7 @@ class _Request:
     stops: list[list[int]]
     stop_strings: list[str]
     on_token: Callable[[int, int], None] | None  # (sample index, token id)
+    top_logprobs: int = 0                          # alternatives kept per generated token
     rows: list[int] = field(default_factory=list)  # row ids, one per sample, once admitted
     retired: int = 0                               # samples done and out of the batch
 
@@ -71,6 +72,7 @@ class _EngineRow(_Row):
     request: int = -1
     sample: int = 0
     gen: torch.Generator | None = None
+    top: list[tuple[list[int], list[float]]] = field(default_factory=list)  # per token
 
 
 class Engine:
@@ -110,12 +112,15 @@ class Engine:
     def add(self, prompt: list[int], n: int = 1, max_new_tokens: int = 256,
             temperature: float | None = None, top_p: float | None = None,
             top_k: int | None = None, seed: int | None = None, stop=None,
-            stop_strings=None, on_token: Callable[[int, int], None] | None = None) -> int:
+            stop_strings=None, on_token: Callable[[int, int], None] | None = None,
+            top_logprobs: int = 0) -> int:
         """Queues a request of `n` samples of `prompt`; returns its id. Sampling parameters
         default to the engine's; with `seed` the request's samples draw from their own
         generators (seed, sample index). `stop`: token sequences ending a sample (besides the
         engine's); `stop_strings`: texts (needs the engine's `decode`); `on_token(sample,
-        id)` is called for each token as it is drawn."""
+        id)` is called for each token as it is drawn. `top_logprobs`: keep the k most likely
+        tokens and their log-probs (the model's own softmax) at every generated position
+        (`top_logprobs(request)`)."""
         base = self.params
         params = SamplingParams(base.temperature if temperature is None else temperature,
                                 base.top_p if top_p is None else top_p,
@@ -128,9 +133,11 @@ class Engine:
             raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
         if stop_strings and self.decode is None:
             raise ValueError("stop_strings: the engine needs `decode` (ids -> text)")
+        if not 0 <= top_logprobs <= self.model.cfg.vocab_size:
+            raise ValueError(f"top_logprobs={top_logprobs}: must be in [0, vocab size]")
         stops = self.stops + [list(s) for s in (stop or []) if len(s)]
         self.requests.append(_Request(list(prompt), n, max_new_tokens, params, seed, stops,
-                                      list(stop_strings or []), on_token))
+                                      list(stop_strings or []), on_token, top_logprobs))
         self.queue.append(len(self.requests) - 1)
         return len(self.requests) - 1
 
@@ -145,6 +152,17 @@ class Engine:
         for r in req.rows:
             if self.rows[r].finish is None:
                 self.rows[r].finish = "cancelled"
+
+    def release(self, request: int) -> None:
+        """Forgets a finished request's outputs (a long-running server would keep every
+        request's tokens otherwise); its id is not reused."""
+        for r in self.requests[request].rows:
+            self.rows[r] = None
+        self.requests[request] = None
+
+    def top_logprobs(self, request: int) -> list[list[tuple[list[int], list[float]]]]:
+        """Per sample, per generated token: (the k likeliest ids, their log-probs)."""
+        return [self.rows[r].top for r in self.requests[request].rows]
 
     @property
     def busy(self) -> bool:
@@ -190,6 +208,7 @@ class Engine:
             emit_step(self.rows, self.active, [True] * len(self.active), tok, logp, kept,
                       self.logits, self.finish, self._on_token, self.return_logprobs,
                       self.store_kept)
+            self.keep_top_logprobs()
             self.stats["decode_tokens"] += len(self.active)
             self.stats["steps"] += 1
             done = [i for i, r in enumerate(self.active) if self.rows[r].finish is not None]
@@ -202,6 +221,21 @@ class Engine:
                     self.forward(tok)
         finished, self.finished = self.finished, []
         return finished
+
+    def keep_top_logprobs(self) -> None:
+        """The alternatives of the tokens just drawn, for the rows whose request asks."""
+        want = [self.requests[self.rows[r].request].top_logprobs for r in self.active]
+        k = max(want)
+        if not k:
+            return
+        at = [i for i, w in enumerate(want) if w]
+        logits = self.logits.index_select(0, torch.as_tensor(at, device=self.device))
+        values, ids = torch.log_softmax(logits.float(), -1).topk(k, dim=-1)
+        values, ids = values.tolist(), ids.tolist()
+        for j, i in enumerate(at):
+            row = self.rows[self.active[i]]
+            if len(row.top) < len(row.tokens):  # it drew a token this step
+                row.top.append((ids[j][:want[i]], values[j][:want[i]]))
 
     def forward(self, tok: torch.Tensor) -> None:
         """One token per running slot `[k]`: the next logits (and the fed tokens' routes)."""

@@ -32,9 +32,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 LIBRARY = ["model", "optim", "v4kernels", "data", "encoding", "train", "rl", "distill", "pipeline",
-           "bench", "generate.py"]
+           "serve", "bench", "generate.py"]
 OWN = {"model", "optim", "v4kernels", "data", "encoding", "train", "rl", "distill", "pipeline",
-       "bench", "generate", "tests", "conftest"}
+       "serve", "bench", "generate", "tests", "conftest"}
 
 
 def normalise(name: str) -> str:

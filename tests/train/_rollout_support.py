@@ -43,7 +43,7 @@ def domain_tokenizer(domain_tokenizer_file):
     return load_tokenizer(domain_tokenizer_file)
 
 
-def micro_checkpoint(root, tokenizer_file, seed: int = 0):
+def micro_checkpoint(root, tokenizer_file, seed: int = 0, max_seq_len: int = 256):
     """A random micro model saved as `root/checkpoints/step_00000001` with the domain tokenizer:
     the `init_from` of the SFT, GRPO and distillation end-to-end tests (another `seed`: another
     model of the same shapes, e.g. a distillation teacher)."""
@@ -51,7 +51,7 @@ def micro_checkpoint(root, tokenizer_file, seed: int = 0):
     from tests.inference.conftest import build_model, micro_config
 
     step = root / "checkpoints" / "step_00000001"
-    save_pretrained(build_model(micro_config(vocab_size=512, max_seq_len=256), seed), step / "model",
+    save_pretrained(build_model(micro_config(vocab_size=512, max_seq_len=max_seq_len), seed), step / "model",
                     tokenizer_file)
     finish_step_dir(step)
     return step
