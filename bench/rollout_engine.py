@@ -3,6 +3,7 @@ B prompts x G samples with ragged prompt and answer lengths, greedy on random we
 
     python bench/rollout_engine.py [--config tiny] [--prompts 16] [--group 8] [--min-new 4]
                                    [--max-new 64] [--max-batch 128] [--repeat 2] [--threads 2]
+                                   [--sample]
 
 Answers end by EOS, as in a rollout: the EOS id is the token that a probe run (greedy, the B
 prompts) first produces, between --min-new and --max-new tokens in, for the most prompts, so
@@ -11,6 +12,10 @@ the same tokens (greedy; checked). `generate` runs what GRPO runs today: all B·
 batch, every sample prefilling its prompt again, finished rows dropped. The engine prefills
 each prompt once, forks it to its G samples, and refills rows (`--max-batch` < B·G). Prints
 tokens/s (generated tokens), best of --repeat, and the ratio; one machine, one seed.
+
+`--sample`: temperature 1 instead (what GRPO runs), so the G samples of a prompt differ and end
+at different lengths (EOS made likely enough that answers average (min-new + max-new) / 2
+tokens, `sampled_eos`). The two runs draw differently, so only their tokens/s are compared.
 """
 
 from __future__ import annotations
@@ -47,15 +52,36 @@ def pick_eos(model, prompts, lo: int, hi: int) -> int:
     return max(votes, key=votes.get)
 
 
+def sampled_eos(model, prompts, args) -> int:
+    """A random model samples nearly uniformly from its vocabulary, so no token would end rows
+    at GRPO-like lengths: the EOS row of the output head (token 1) is scaled until a sampled
+    probe's answers are (min-new + max-new) / 2 tokens long on average (bisection on the
+    scale), which makes lengths ragged and context-dependent. Returns the EOS id."""
+    eos, target = 1, (args.min_new + args.max_new) / 2
+    rows = [p for p in prompts for _ in range(args.group)]
+    row = model.head.weight.data[eos].clone()
+    lo, hi = 1.0, 1000.0
+    for _ in range(12):
+        mid = (lo * hi) ** 0.5
+        model.head.weight.data[eos] = row * mid
+        out = generate(model, rows, max_new_tokens=args.max_new, temperature=1.0, seed=1,
+                       eos_id=eos)
+        mean = sum(len(t) for t in out.tokens) / len(rows)
+        lo, hi = (mid, hi) if mean > target else (lo, mid)
+    return eos
+
+
 def run_generate(model, prompts, args, eos: int):
     rows = [p for p in prompts for _ in range(args.group)]
     t0 = time.perf_counter()
-    out = generate(model, rows, max_new_tokens=args.max_new, temperature=0.0, eos_id=eos)
+    out = generate(model, rows, max_new_tokens=args.max_new, temperature=args.temperature,
+                   eos_id=eos, seed=0)
     return time.perf_counter() - t0, out.tokens
 
 
 def run_engine(model, prompts, args, eos: int):
-    engine = Engine(model, max_batch=args.max_batch, temperature=0.0, eos_id=eos)
+    engine = Engine(model, max_batch=args.max_batch, temperature=args.temperature, eos_id=eos,
+                    seed=0)
     t0 = time.perf_counter()
     ids = [engine.add(p, n=args.group, max_new_tokens=args.max_new) for p in prompts]
     out = engine.run()
@@ -72,25 +98,32 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sample", action="store_true", help="temperature 1 (see docstring)")
     args = ap.parse_args()
+    args.temperature = 1.0 if args.sample else 0.0
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = Transformer(get_config(args.config)).float().eval()
     prompts = workload(args, model.cfg.vocab_size)
-    eos = pick_eos(model, prompts, args.min_new, args.max_new)
+    eos = (sampled_eos(model, prompts, args) if args.sample
+           else pick_eos(model, prompts, args.min_new, args.max_new))
     base = min((run_generate(model, prompts, args, eos) for _ in range(args.repeat)),
                key=lambda r: r[0])
     ours = min((run_engine(model, prompts, args, eos) for _ in range(args.repeat)),
                key=lambda r: r[0])
-    if ours[1] != base[1]:
+    if not args.sample and ours[1] != base[1]:
         raise SystemExit("the engine's tokens differ from generate's")
-    tokens = sum(len(t) for t in base[1])
-    lengths = sorted(len(t) for t in base[1])
-    print(f"rollout {args.prompts} x {args.group} ({args.config}, greedy, {args.threads} "
-          f"threads, max_batch {args.max_batch}): {tokens} tokens, answers "
-          f"{lengths[0]}-{lengths[-1]} (median {lengths[len(lengths) // 2]})")
-    print(f"tokens/s: ours {tokens / ours[0]:.1f} (engine, {ours[0]:.2f} s), baseline "
-          f"{tokens / base[0]:.1f} (generate, {base[0]:.2f} s), ratio {base[0] / ours[0]:.2f}")
+    tokens, rate = [], []
+    for name, (seconds, rows) in (("generate", base), ("engine", ours)):
+        tokens.append(sum(len(t) for t in rows))
+        rate.append(tokens[-1] / seconds)
+        lengths = sorted(len(t) for t in rows)
+        print(f"{name}: {tokens[-1]} tokens in {seconds:.2f} s, answers {lengths[0]}-"
+              f"{lengths[-1]} (median {lengths[len(lengths) // 2]})")
+    print(f"rollout {args.prompts} x {args.group} ({args.config}, "
+          f"{'T=1' if args.sample else 'greedy'}, {args.threads} threads, max_batch "
+          f"{args.max_batch}) tokens/s: ours {rate[1]:.1f} (engine), baseline {rate[0]:.1f} "
+          f"(generate), ratio {rate[1] / rate[0]:.2f}")
 
 
 if __name__ == "__main__":
