@@ -3,11 +3,12 @@
 settings (`conf/pipeline.yaml`: 8 prompts x 8 samples, turns of up to 64 tokens, one tool turn).
 
     python bench/grpo_engine.py --init runs/recipe/sft_calculator/checkpoints/step_00000060 \
-        [--steps 6] [--seeds 0 1] [-- extra overrides]
+        [--steps 7] [--seeds 0 1] [-- extra overrides]
 
 Runs `python -m rl.grpo` twice per seed (engine on, then off), each `--steps` steps from the
 same checkpoint, and reads their `metrics.jsonl`: steps per minute over the steps after the
-first (start-up and the first rollout's warm-up excluded), the generation share of a step
+first (start-up and the first rollout's warm-up excluded; with 2 updates per rollout every
+other step rolls out), the generation share of a step
 (`time/generate` over `step_seconds`) and the rollout reward mean. Prints one line per run and
 the ratio of mean steps per minute.
 """
@@ -45,14 +46,14 @@ def run(init: str, engine: bool, seed: int, steps: int, extra: list[str], folder
     rows = [r for r in rows if "step_seconds" in r][1:]  # after the first step
     seconds = sum(r["step_seconds"] for r in rows)
     return {"steps_per_min": 60 * len(rows) / seconds,
-            "generate_share": sum(r["time/generate"] for r in rows) / seconds,
-            "reward": statistics.mean(r["reward/mean"] for r in rows)}
+            "generate_share": sum(r.get("time/generate", 0.0) for r in rows) / seconds,
+            "reward": statistics.mean(r["reward/mean"] for r in rows if "reward/mean" in r)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--init", required=True)
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("extra", nargs="*")
     args = ap.parse_args()

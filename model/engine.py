@@ -81,10 +81,12 @@ class Engine:
                  top_k: int = 0, seed: int | None = None, return_logprobs: bool = False,
                  return_routes: bool = False, return_sampling_mask: bool = False,
                  stop_token_sequences=None, decode: Callable[[list[int]], str] | None = None,
-                 max_len: int | None = None, prefill_chunk: int | None = DEFAULT_CHUNK):
+                 max_len: int | None = None, prefill_chunk: int | None = DEFAULT_CHUNK,
+                 admit_batch: int | None = None, admit_wait: int = 4):
         """`max_len`: the cache rows' initial size (default: what the first admitted requests
         need; grown when a later request needs more, up to the model context). `decode` (ids
-        -> text) is needed for requests with stop strings."""
+        -> text) is needed for requests with stop strings. `admit_batch` (default max_batch
+        / 8) and `admit_wait`: see `admit`."""
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch}: must be >= 1")
         self.model, self.max_batch, self.eos_id = model, max_batch, eos_id
@@ -106,7 +108,10 @@ class Engine:
         self.cache = None
         self.logits: torch.Tensor | None = None  # [k, vocab]: each slot's next-token logits
         self.finished: list[int] = []      # requests done since the last `step` returned
-        self.stats = {"prefill_tokens": 0.0, "decode_tokens": 0.0, "steps": 0.0}
+        self.stats = {"prefill_tokens": 0.0, "decode_tokens": 0.0, "steps": 0.0,
+                      "prefills": 0.0}
+        self.admit_batch = admit_batch or max(1, max_batch // 8)
+        self.admit_wait, self.held = admit_wait, 0
 
     # ------------------------------------------------------------------ requests
     def add(self, prompt: list[int], n: int = 1, max_new_tokens: int = 256,
@@ -321,8 +326,20 @@ class Engine:
     # ------------------------------------------------------------------ admission
     def admit(self) -> None:
         """Prefills the queued requests whose samples fit in the free slots, once per prompt,
-        into the next slots, and copies each prompt's slot to its other samples."""
-        taken, free = [], self.max_batch - len(self.active)
+        into the next slots, and copies each prompt's slot to its other samples.
+
+        While rows are running, a trickle of requests (fewer queued samples than
+        `admit_batch` and than the free slots) waits up to `admit_wait` steps for company:
+        a prefill forward costs about the same for one prompt as for several, so multi-turn
+        rollouts, whose next turns arrive one by one, would otherwise pay a forward each."""
+        free = self.max_batch - len(self.active)
+        waiting = sum(self.requests[i].n for i in self.queue)
+        if self.active and waiting < min(free, self.admit_batch) and \
+                self.held < self.admit_wait:
+            self.held += bool(waiting)
+            return
+        self.held = 0
+        taken = []
         while self.queue and self.requests[self.queue[0]].n <= free:
             taken.append(self.queue.popleft())
             free -= self.requests[taken[-1]].n
@@ -385,6 +402,7 @@ class Engine:
                                  self.return_routes)
         self.cache.set_lengths(start, view.lengths)
         self.stats["prefill_tokens"] += float(lens.sum())
+        self.stats["prefills"] += 1
         return logits, routes
 
 

@@ -53,6 +53,7 @@ calls `generate` with no prompts, which joins the others' forwards (`model/gener
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -179,7 +180,7 @@ def rollout(model, tokenizer, requests: Sequence[tuple[Domain, Item]], params: R
         stats["seconds"] = time.perf_counter() - start
         return RolloutResult([x.out for x in live], skipped, stats, stopped=True)
     t0 = time.perf_counter()
-    samples = [_finalise(x, tokenizer, verify_fn) for x in live]
+    samples = _finalise_all(live, tokenizer, verify_fn)
     stats["verify_seconds"] = time.perf_counter() - t0
     stats["seconds"] = time.perf_counter() - start
     return RolloutResult(samples, skipped, stats)
@@ -357,12 +358,31 @@ def _after_turn(x: _Live, reason: str, tokenizer, max_len: int, stats: dict) -> 
     return ""
 
 
-def _finalise(x: _Live, tokenizer, verify_fn: Callable) -> Sample:
+def _finalise_all(live: list[_Live], tokenizer, verify_fn: Callable) -> list[Sample]:
+    """Every sample decoded and scored. Domains whose verification runs in a process of its
+    own (`parallel_verify`, e.g. code against unit tests in the sandbox, which enforces its
+    own time limit) are scored by a pool of threads, one child process each, so a batch is
+    not verified one sample at a time; the rest in order, through `verify_fn`."""
+    parallel = [i for i, x in enumerate(live) if getattr(x.domain, "parallel_verify", False)]
+    scores: dict[int, Score] = {}
+    if parallel:
+        from concurrent.futures import ThreadPoolExecutor
+
+        texts = {i: tokenizer.decode(live[i].out.response_ids, skip_special_tokens=False)
+                 for i in parallel}
+        with ThreadPoolExecutor(max(1, min(len(parallel), os.cpu_count() or 1))) as pool:
+            done = pool.map(lambda i: safe_verify(live[i].domain, live[i].item, texts[i]),
+                            parallel)
+            scores = dict(zip(parallel, done))
+    return [_finalise(x, tokenizer, verify_fn, scores.get(i)) for i, x in enumerate(live)]
+
+
+def _finalise(x: _Live, tokenizer, verify_fn: Callable, score: Score | None = None) -> Sample:
     s = x.out
     s.logprobs = torch.tensor(x.logprobs, dtype=torch.float32)
     s.raw_logprobs = torch.tensor(x.raw, dtype=torch.float32)
     if x.kept:
         s.kept = KeptSets.cat(x.kept)
     s.text = tokenizer.decode(s.response_ids, skip_special_tokens=False)
-    s.score = verify_fn(x.domain, x.item, s.text)
+    s.score = score if score is not None else verify_fn(x.domain, x.item, s.text)
     return s

@@ -1,7 +1,8 @@
 """Domain names -> classes: `get_domain(name, **options)` and `DOMAINS`.
 
 Built-in names map to our own generators; `rg:<task>` builds a reasoning-gym task through
-`data.domains.rgym` (optional dependency, imported only then).
+`data.domains.rgym` (optional dependency, imported only then); `data:<source>` reads your own
+problems from a file or dataset (`data.domains.dataset`).
 
 Your own domains, without editing this package: put `Domain` subclasses in a module that
 calls `register_domain(cls)` at import, and name it in the environment variable
@@ -27,6 +28,7 @@ REGISTRY: dict[str, type[Domain]] = {
 }
 DOMAINS: tuple[str, ...] = tuple(REGISTRY)
 RG_PREFIX = "rg:"
+DATA_PREFIX = "data:"  # a dataset of your own problems: data/domains/dataset.py
 PLUGINS_ENV = "V4LAB_DOMAINS"
 _loaded_plugins: set[str] = set()
 
@@ -57,6 +59,10 @@ def get_domain(name: str, **options: Any) -> Domain:
     Raises ValueError for an unknown name (listing the known ones) or a bad option, and
     ImportError for `rg:` names when reasoning-gym is not installed.
     """
+    if isinstance(name, str) and name.startswith(DATA_PREFIX):
+        from data.domains.dataset import DatasetDomain  # noqa: PLC0415
+
+        return DatasetDomain(name[len(DATA_PREFIX):], **options)
     if isinstance(name, str) and name.startswith(RG_PREFIX):
         from data.domains.rgym import ReasoningGymDomain  # noqa: PLC0415
 
