@@ -2,13 +2,18 @@
 
     python -m train.evaluate ckpt=runs/tiny/checkpoints/step_00000100 domains=[strings,arith] n=200
     python -m train.evaluate ckpt=PATH domains=[calculator] options.calculator.schema=brief k=8
+    python -m train.evaluate ckpt=PATH domains=[] lm_eval_tasks=[mmlu,gsm8k] [lm_eval_limit=100
+                             num_fewshot=5 lm_eval_include=FOLDER]   # lm-evaluation-harness
 
 Overrides are `key=value` (OmegaConf dotlist, typed by `EvalConfig`; no Hydra output directory
 is created): `k` (pass@k from `samples` draws per item at `temperature`, default 4; `k=0` turns
 the sampled pass off), `samples` (default k), `difficulty`, `split` (default test), `seed`,
 `max_new_tokens` (per assistant turn), `max_tool_turns`, `batch_size`, `thinking_mode`,
 `options.<domain>.<key>` (domain constructor options), `out=results.json`, `device`, `dtype`,
-`tokenizer`. Prints a table and, with `out=`, writes the same numbers as JSON. Bad input (an
+`tokenizer`; `lm_eval_tasks` (lm-evaluation-harness tasks through v4lab's model,
+`train/lm_eval_adapter.py`; `lm_eval_include` a folder of your own task YAMLs, `lm_eval_limit`
+items per task, `num_fewshot`). Prints a table and, with `out=`, writes the same numbers as
+JSON (lm-eval's under `lm_eval`). Bad input (an
 unknown domain or option, a missing checkpoint) is one `error: ...` line and exit status 2,
 before any weights are read.
 
@@ -283,6 +288,10 @@ class EvalConfig:
     device: str = "auto"
     dtype: Optional[str] = None
     tokenizer: Optional[str] = None
+    lm_eval_tasks: List[str] = field(default_factory=list)
+    lm_eval_include: Optional[str] = None
+    lm_eval_limit: Optional[float] = _num(None, "> 0")
+    num_fewshot: Optional[int] = _num(None, ">= 0")
 
 
 def parse_config(argv: list[str]) -> EvalConfig:
@@ -306,8 +315,8 @@ def parse_config(argv: list[str]) -> EvalConfig:
 
 def build_domains(cfg: EvalConfig) -> list[Domain]:
     """The domains to evaluate, with their options; errors name the domain (before weights)."""
-    if not cfg.domains:
-        raise ValueError("domains=[]: name at least one domain")
+    if not cfg.domains and not cfg.lm_eval_tasks:
+        raise ValueError("domains=[]: name at least one domain (or lm_eval_tasks)")
     built = []
     for name in cfg.domains:
         options = dict(cfg.options.get(name) or {})
@@ -326,27 +335,51 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
         domains = build_domains(cfg)
         checkpoint_dir(cfg.ckpt), tokenizer_path(cfg.ckpt, cfg.tokenizer)  # before any weights
+        if cfg.lm_eval_tasks:
+            from .lm_eval_adapter import import_lm_eval
+
+            import_lm_eval()  # the extra, before any weights
         model, tokenizer = load_model_and_tokenizer(cfg.ckpt, cfg.tokenizer, cfg.device,
                                                     cfg.dtype)
-        result = evaluate_domains(model, tokenizer, domains, cfg.n, split=cfg.split,
-                                  seed=cfg.seed, k=cfg.k, samples=cfg.samples,
-                                  temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                  max_new_tokens=cfg.max_new_tokens,
-                                  max_tool_turns=cfg.max_tool_turns, batch_size=cfg.batch_size,
-                                  examples=cfg.examples)
+        result = run_domains(cfg, model, tokenizer, domains)
+        if cfg.lm_eval_tasks:
+            from .lm_eval_adapter import run_tasks
+
+            result["lm_eval"] = run_tasks(model, tokenizer, cfg.lm_eval_tasks,
+                                          cfg.lm_eval_include, cfg.lm_eval_limit,
+                                          cfg.num_fewshot, cfg.batch_size, cfg.max_new_tokens)
     except (FileNotFoundError, ValueError, ImportError) as e:
         return fail(str(e))
+    report(cfg, result)
+    return 0
+
+
+def run_domains(cfg: EvalConfig, model, tokenizer, domains: list[Domain]) -> dict[str, Any]:
+    if not domains:
+        return {"settings": {}, "domains": {}, "stats": {}}
+    return evaluate_domains(model, tokenizer, domains, cfg.n, split=cfg.split, seed=cfg.seed,
+                            k=cfg.k, samples=cfg.samples, temperature=cfg.temperature,
+                            top_p=cfg.top_p, top_k=cfg.top_k,
+                            max_new_tokens=cfg.max_new_tokens,
+                            max_tool_turns=cfg.max_tool_turns, batch_size=cfg.batch_size,
+                            examples=cfg.examples)
+
+
+def report(cfg: EvalConfig, result: dict[str, Any]) -> None:
     result["settings"]["ckpt"] = cfg.ckpt
-    for note in capped_notes(result):
-        sys.stderr.write(note + "\n")
-    print(format_table(result))
-    s = result["stats"]
-    print(f"generated {s['generated_tokens']:.0f} tokens in {s['seconds']:.1f}s "
-          f"({s['generated_tokens'] / max(s['generate_seconds'], 1e-9):.1f} tok/s in generate)")
+    if result["domains"]:
+        for note in capped_notes(result):
+            sys.stderr.write(note + "\n")
+        print(format_table(result))
+        s = result["stats"]
+        print(f"generated {s['generated_tokens']:.0f} tokens in {s['seconds']:.1f}s "
+              f"({s['generated_tokens'] / max(s['generate_seconds'], 1e-9):.1f} tok/s in "
+              f"generate)")
+    for task, metrics in result.get("lm_eval", {}).items():
+        print(f"lm-eval {task}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     if cfg.out:
         _write_json(cfg.out, result)
         print(f"wrote {cfg.out}")
-    return 0
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
