@@ -24,16 +24,14 @@ from typing import Any
 
 import torch
 
-INSTALL_HINT = "pip install 'v4lab[eval]'  (lm-eval)"
+from data.optional import require
 
 
 def import_lm_eval():
-    try:
-        import lm_eval
-        from lm_eval.api.model import LM
-    except ImportError as error:
-        raise ImportError(f"lm_eval_tasks need lm-eval, which is not installed: "
-                          f"{INSTALL_HINT}") from error
+    """lm_eval and its model base class, or ImportError naming the extra."""
+    lm_eval = require("lm_eval", "lm_eval_tasks", "eval", "lm-eval>=0.4.5")
+    from lm_eval.api.model import LM
+
     return lm_eval, LM
 
 

@@ -37,11 +37,11 @@ import sys
 from typing import Any, Mapping
 
 from data.domains.base import SPLITS, AnswerDomain, Item, Score, draw_rng, split_of
+from data.optional import require
 
 PREFIX = "data:"
 VERIFIERS = ("exact", "math", "code")
 PROMPT_COLUMNS = ("prompt", "question", "problem")
-MATH_HINT = "pip install 'v4lab[math]'  (math-verify)"
 
 
 def load_table(source: str, split: str) -> list[dict[str, Any]]:
@@ -277,11 +277,7 @@ def _tests(value: Any) -> list[str]:
 
 
 def _math_verify():
-    try:
-        import math_verify
-    except ImportError as error:
-        raise ImportError(f"verifier=math needs math-verify, which is not installed: "
-                          f"{MATH_HINT}") from error
+    math_verify = require("math_verify", "verifier=math", "math", "math-verify>=0.7")
     import logging  # it warns on every call that its own timeout is off (ours applies)
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)

@@ -24,19 +24,15 @@ import random
 from typing import Any, Mapping
 
 from data.domains.base import AnswerDomain, Item, Score
+from data.optional import require
 
 RG_SIZE = 1_000_000  # virtual dataset size; entries are generated per index, lazily
-INSTALL_HINT = "pip install 'v4lab[domains]'  (reasoning-gym>=0.1.25)"
 
 
 def import_reasoning_gym():
-    """The reasoning_gym module, or ImportError naming the extra to install."""
-    try:
-        import reasoning_gym  # noqa: PLC0415 - optional and slow to import
-    except ImportError as error:
-        raise ImportError(f"rg: domains need reasoning-gym, which is not installed: "
-                          f"{INSTALL_HINT}") from error
-    return reasoning_gym
+    """The reasoning_gym module (optional and slow to import), or ImportError naming the
+    extra to install."""
+    return require("reasoning_gym", "rg: domains", "domains", "reasoning-gym>=0.1.25")
 
 
 def _extract(content: str) -> str:
