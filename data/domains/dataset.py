@@ -2,7 +2,8 @@
 
     grpo.domains=[data:problems.jsonl]        # or .json / .parquet / .csv, a `save_to_disk`
                                               # folder, or a name `datasets.load_dataset` takes
-    '+grpo.domain_options={data:problems.jsonl: {prompt: question, verifier: math}}'
+    "grpo.domains=['data:problems.jsonl?prompt=question&verifier=math']"   # options inline
+    grpo.domain_options: {"data:problems.jsonl": {verifier: math}}       # or in a YAML file
 
 The same entry works for SFT (the reference reply is the `solution` column where a row has
 one, else the answer), GRPO, distillation, evaluation and the recipe. Options:
@@ -42,6 +43,31 @@ from data.optional import require
 PREFIX = "data:"
 VERIFIERS = ("exact", "math", "code")
 PROMPT_COLUMNS = ("prompt", "question", "problem")
+
+
+def inline_options(spec: str) -> tuple[str, dict[str, Any]]:
+    """"problems.jsonl?verifier=math&test_fraction=0.2" -> ("problems.jsonl", {"verifier":
+    "math", "test_fraction": 0.2}): options in the domain entry itself, since a Hydra override
+    cannot name a `domain_options` key that holds a path. Numbers, true/false and none are
+    typed."""
+    from urllib.parse import parse_qsl
+
+    source, _, query = spec.partition("?")
+    options: dict[str, Any] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        lowered = value.lower()
+        if lowered in ("true", "false", "none", "null"):
+            options[key] = {"true": True, "false": False}.get(lowered)
+            continue
+        for kind in (int, float):
+            try:
+                options[key] = kind(value)
+                break
+            except ValueError:
+                continue
+        else:
+            options[key] = value
+    return source, options
 
 
 def load_table(source: str, split: str) -> list[dict[str, Any]]:

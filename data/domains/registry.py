@@ -60,9 +60,13 @@ def get_domain(name: str, **options: Any) -> Domain:
     ImportError for `rg:` names when reasoning-gym is not installed.
     """
     if isinstance(name, str) and name.startswith(DATA_PREFIX):
-        from data.domains.dataset import DatasetDomain  # noqa: PLC0415
+        from data.domains.dataset import DatasetDomain, inline_options  # noqa: PLC0415
 
-        return DatasetDomain(name[len(DATA_PREFIX):], **options)
+        source, inline = inline_options(name[len(DATA_PREFIX):])
+        try:
+            return DatasetDomain(source, **{**inline, **options})
+        except TypeError as error:
+            raise ValueError(f"domain {name!r}: bad options: {error}") from None
     if isinstance(name, str) and name.startswith(RG_PREFIX):
         from data.domains.rgym import ReasoningGymDomain  # noqa: PLC0415
 

@@ -120,6 +120,17 @@ def test_bad_input_is_one_clear_error_or_a_counted_skip(tmp_path, math_file, cap
         build_domains([f"data:{tmp_path / 'nope.jsonl'}"], {}, "chat", "grpo")
 
 
+def test_options_inline_in_the_entry(math_file):
+    (domain, weight), = build_domains([f"data:{math_file}?verifier=exact&test_fraction=0.5"
+                                       f"&system=Be%20brief:3"], {}, "chat", "grpo")
+    assert weight == 3 and domain.verifier == "exact" and domain.test_fraction == 0.5
+    assert domain.sample("train", 0).prompt_messages[0]["content"] == "Be brief"
+    with pytest.raises(ValueError, match="verifier='magic'"):
+        build_domains([f"data:{math_file}?verifier=magic"], {}, "chat", "grpo")
+    with pytest.raises(ValueError, match="bad options"):
+        build_domains([f"data:{math_file}?colour=red"], {}, "chat", "grpo")
+
+
 def test_unreachable_dataset_name_is_an_error(monkeypatch):
     import datasets
 
