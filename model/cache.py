@@ -243,6 +243,23 @@ class ModelCache:
         for t in self._all_tensors():
             t.index_copy_(0, dst_t, t.index_select(0, src_t))
 
+    def take(self, rows: list[int]) -> "ModelCache":
+        """A new cache holding copies of `rows` (a finished sample's state, kept aside)."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
+        out = self.rows(0, self.batch)
+        out.lengths = self.lengths.index_select(0, index)
+        out.layers = {i: _map_layer(layer, lambda t: t.index_select(0, index))
+                      for i, layer in self.layers.items()}
+        return out
+
+    def put(self, slots: list[int], other: "ModelCache") -> None:
+        """Rows of `other` (same layers; grown to this cache's `max_len` first if shorter)
+        copied into `slots`."""
+        other.grow(self.max_len)
+        index = torch.as_tensor(slots, dtype=torch.long, device=self.lengths.device)
+        for mine, theirs in zip(self._all_tensors(), other._all_tensors()):
+            mine.index_copy_(0, index, theirs)
+
     def grow(self, max_len: int) -> None:
         """Reallocates for rows of up to `max_len` tokens, keeping what every row holds (the
         compressed entries and indexer keys grow; the window and the compressor tails do

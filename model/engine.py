@@ -63,6 +63,8 @@ class _Request:
     stop_strings: list[str]
     on_token: Callable[[int, int], None] | None  # (sample index, token id)
     top_logprobs: int = 0                          # alternatives kept per generated token
+    keep: bool = False                             # park finished samples for a next turn
+    parent: int | None = None                      # the parked row this one continues
     rows: list[int] = field(default_factory=list)  # row ids, one per sample, once admitted
     retired: int = 0                               # samples done and out of the batch
 
@@ -73,6 +75,14 @@ class _EngineRow(_Row):
     sample: int = 0
     gen: torch.Generator | None = None
     top: list[tuple[list[int], list[float]]] = field(default_factory=list)  # per token
+
+
+def _length(row: _Row) -> int:
+    """Tokens in a row's transcript: its context at admission plus what it generated."""
+    return row.prompt_len + len(row.tokens)
+
+
+_EngineRow.length = property(_length)
 
 
 class Engine:
@@ -108,6 +118,7 @@ class Engine:
         self.cache = None
         self.logits: torch.Tensor | None = None  # [k, vocab]: each slot's next-token logits
         self.finished: list[int] = []      # requests done since the last `step` returned
+        self.parked: dict[int, object] = {}  # row id -> its one-row ModelCache (keep=True)
         self.stats = {"prefill_tokens": 0.0, "decode_tokens": 0.0, "steps": 0.0,
                       "prefills": 0.0}
         self.admit_batch = admit_batch or max(1, max_batch // 8)
@@ -118,20 +129,36 @@ class Engine:
             temperature: float | None = None, top_p: float | None = None,
             top_k: int | None = None, seed: int | None = None, stop=None,
             stop_strings=None, on_token: Callable[[int, int], None] | None = None,
-            top_logprobs: int = 0) -> int:
+            top_logprobs: int = 0, keep: bool = False,
+            parent: tuple[int, int] | None = None) -> int:
         """Queues a request of `n` samples of `prompt`; returns its id. Sampling parameters
         default to the engine's; with `seed` the request's samples draw from their own
         generators (seed, sample index). `stop`: token sequences ending a sample (besides the
         engine's); `stop_strings`: texts (needs the engine's `decode`); `on_token(sample,
         id)` is called for each token as it is drawn. `top_logprobs`: keep the k most likely
         tokens and their log-probs (the model's own softmax) at every generated position
-        (`top_logprobs(request)`)."""
+        (`top_logprobs(request)`).
+
+        Multi-turn without prefilling the transcript again: a request added with `keep=True`
+        parks each finished sample's cache row; `add(tokens, parent=(request, sample))` then
+        continues that sample, feeding only `tokens` (e.g. a tool result) after what its row
+        holds, and `drop(request, sample)` forgets a parked row that will not continue. The
+        continuation's routes cover the whole transcript (the parent's, then its own)."""
         base = self.params
         params = SamplingParams(base.temperature if temperature is None else temperature,
                                 base.top_p if top_p is None else top_p,
                                 base.top_k if top_k is None else top_k)
         params.validate()
+        row = None
+        if parent is not None:
+            row = self.parked_row(*parent)
+            if n != 1:
+                raise ValueError(f"n={n}: a continuation has one sample")
         _check_prompts([prompt], self.model.cfg)
+        if row is not None and self.rows[row].length + len(prompt) >= self.model.cfg.max_seq_len:
+            raise ValueError(f"parent={parent}: {self.rows[row].length} + {len(prompt)} tokens "
+                             f"leave no room in the model context "
+                             f"(max_seq_len={self.model.cfg.max_seq_len})")
         if not 1 <= n <= self.max_batch:
             raise ValueError(f"n={n}: must be in [1, max_batch={self.max_batch}]")
         if max_new_tokens < 0:
@@ -142,7 +169,8 @@ class Engine:
             raise ValueError(f"top_logprobs={top_logprobs}: must be in [0, vocab size]")
         stops = self.stops + [list(s) for s in (stop or []) if len(s)]
         self.requests.append(_Request(list(prompt), n, max_new_tokens, params, seed, stops,
-                                      list(stop_strings or []), on_token, top_logprobs))
+                                      list(stop_strings or []), on_token, top_logprobs, keep,
+                                      row))
         self.queue.append(len(self.requests) - 1)
         return len(self.requests) - 1
 
@@ -159,11 +187,24 @@ class Engine:
                 self.rows[r].finish = "cancelled"
 
     def release(self, request: int) -> None:
-        """Forgets a finished request's outputs (a long-running server would keep every
-        request's tokens otherwise); its id is not reused."""
+        """Forgets a finished request's outputs and parked rows (a long-running server would
+        keep every request's tokens otherwise); its id is not reused."""
         for r in self.requests[request].rows:
+            self.parked.pop(r, None)
             self.rows[r] = None
         self.requests[request] = None
+
+    def parked_row(self, request: int, sample: int) -> int:
+        req = self.requests[request] if 0 <= request < len(self.requests) else None
+        row = req.rows[sample] if req is not None and sample < len(req.rows) else None
+        if row is None or row not in self.parked:
+            raise ValueError(f"parent=({request}, {sample}): no parked sample there (add the "
+                             f"request with keep=True, let it finish, continue it once)")
+        return row
+
+    def drop(self, request: int, sample: int) -> None:
+        """Forgets a parked sample that will not continue."""
+        self.parked.pop(self.parked_row(request, sample))
 
     def top_logprobs(self, request: int) -> list[list[tuple[list[int], list[float]]]]:
         """Per sample, per generated token: (the k likeliest ids, their log-probs)."""
@@ -313,6 +354,8 @@ class Engine:
             row = self.rows[self.active[p]]
             row.finish = row.finish or reason or "length"
             req = self.requests[row.request]
+            if req.keep and row.finish != "cancelled":  # its state waits for a next turn
+                self.parked[self.active[p]] = self.cache.take([p])
             req.retired += 1
             if req.retired == req.n:
                 self.finished.append(row.request)
@@ -345,34 +388,60 @@ class Engine:
             free -= self.requests[taken[-1]].n
         if not taken:
             return
+        feeds, context = self.feeds(taken)
         limit = self.model.cfg.max_seq_len
-        budget = {i: min(self.requests[i].max_new_tokens, limit - len(self.requests[i].prompt))
-                  for i in taken}
-        self.reserve(max(len(self.requests[i].prompt) + budget[i] + 1 for i in taken))
+        budget = [min(self.requests[i].max_new_tokens, limit - c) for i, c in zip(taken, context)]
+        self.reserve(max(c + b + 1 for c, b in zip(context, budget)))
         k, m = len(self.active), len(taken)
-        logits, routes = self.prefill(k, [self.requests[i].prompt for i in taken])
-        slots = list(range(k, k + m))   # sample 0 of each prompt: where it was prefilled
+        parents = [self.requests[i].parent for i in taken]
+        for j, row in enumerate(parents):  # a continuation resumes its parked state
+            if row is not None:
+                self.cache.put([k + j], self.parked.pop(row))
+        logits, routes = self.prefill(k, feeds, [row is None for row in parents])
         forks, sources = [], []
         for j, i in enumerate(taken):
-            for s in range(1, self.requests[i].n):
+            for _ in range(1, self.requests[i].n):
                 forks.append(k + m + len(forks))
                 sources.append(k + j)
         self.cache.copy_rows(sources, forks)
         prompt_of = list(range(m)) + [s - k for s in sources]  # new slot -> prefilled prompt
-        for slot, j in enumerate(prompt_of):
-            i = taken[j]
-            req = self.requests[i]
-            sample = len(req.rows)
-            row = _EngineRow(len(req.prompt), budget[i], request=i, sample=sample, gen=None if
-                             req.seed is None else torch.Generator(device=self.device)
-                             .manual_seed(req.seed * 1_000_003 + sample))
-            if routes is not None:
-                row.routes.append(routes[j, :len(req.prompt)])
-            req.rows.append(len(self.rows))
-            self.rows.append(row)
-            self.active.append(len(self.rows) - 1)
+        for j in prompt_of:
+            self.new_row(taken[j], context[j], budget[j], parents[j],
+                         None if routes is None else routes[j, :len(feeds[j])])
         logits = logits.index_select(0, torch.as_tensor(prompt_of, device=self.device))
         self.logits = logits if k == 0 else torch.cat((self.logits, logits))
+
+    def feeds(self, taken: list[int]) -> tuple[list[list[int]], list[int]]:
+        """Per request: the tokens its prefill feeds (the prompt; for a continuation also
+        the parent's last token when its row has not been fed it) and the transcript length
+        after them."""
+        feeds, context = [], []
+        for i in taken:
+            req = self.requests[i]
+            if req.parent is None:
+                feeds.append(req.prompt)
+                context.append(len(req.prompt))
+                continue
+            parent = self.rows[req.parent]
+            held = int(self.parked[req.parent].lengths[0])
+            feeds.append(parent.tokens[held - parent.length:] + req.prompt
+                         if held < parent.length else list(req.prompt))
+            context.append(parent.length + len(req.prompt))
+        return feeds, context
+
+    def new_row(self, request: int, context: int, budget: int, parent: int | None,
+                routes: torch.Tensor | None) -> None:
+        """The bookkeeping of a newly admitted sample (its slot: the next running one)."""
+        req = self.requests[request]
+        sample = len(req.rows)
+        row = _EngineRow(context, budget, request=request, sample=sample, gen=None if
+                         req.seed is None else torch.Generator(device=self.device)
+                         .manual_seed(req.seed * 1_000_003 + sample))
+        if routes is not None:  # a continuation's routes start with its parent's
+            row.routes = ([] if parent is None else list(self.rows[parent].routes)) + [routes]
+        req.rows.append(len(self.rows))
+        self.rows.append(row)
+        self.active.append(len(self.rows) - 1)
 
     def reserve(self, need: int) -> None:
         """A cache whose rows hold `need` tokens: allocated at the first admission (sized to
@@ -387,16 +456,19 @@ class Engine:
             self.cache.grow(min(max(need, 2 * self.cache.max_len), limit))
         self.max_len = self.cache.max_len
 
-    def prefill(self, start: int, prompts: list[list[int]]):
-        """Right-padded prompts into slots start.. (their lengths reset first): (last logits
-        `[m, vocab]`, the prompts' routes `[m, width, layers, topk]` or None)."""
+    def prefill(self, start: int, prompts: list[list[int]], fresh: list[bool]):
+        """Right-padded prompts into slots start.. (the `fresh` ones from position 0, the
+        others after what their rows hold): (last logits `[m, vocab]`, the prompts' routes
+        `[m, width, layers, topk]` or None)."""
         lens = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=self.device)
         width = int(lens.max())
         ids = torch.full((len(prompts), width), self.pad, dtype=torch.long, device=self.device)
         for i, p in enumerate(prompts):
             ids[i, :len(p)] = torch.as_tensor(p, dtype=torch.long)
         mask = torch.arange(width, device=self.device)[None] < lens[:, None]
-        self.cache.lengths[start:start + len(prompts)] = 0
+        for j, new in enumerate(fresh):
+            if new:
+                self.cache.lengths[start + j] = 0
         view = self.cache.rows(start, start + len(prompts))
         logits, routes = prefill(self.model, ids, mask, lens, view, self.prefill_chunk,
                                  self.return_routes)

@@ -262,8 +262,9 @@ def _engine_turns(model, tokenizer, live: list[_Live], params: RolloutParams, st
                   should_stop: Callable[[], bool]) -> bool:
     """Every sample's turns through one continuous batch (`model.engine.Engine`, at most
     `params.batch_size` rows): a request's n samples share one prefill of its prompt, a row
-    that ends is replaced at once, and a sample's next turn (after its tool results) joins
-    the batch as soon as its previous turn ends, without waiting for a round to finish.
+    that ends is replaced at once, and a sample's next turn joins the batch as soon as its
+    tool results are in, without waiting for a round to finish, continuing its own parked
+    cache row (only the tool-result tokens are prefilled, not the transcript again).
     -> whether `should_stop` cut it short (polled before every step)."""
     engine = Engine(model, max_batch=params.batch_size, eos_id=tokenizer.eos_token_id,
                     temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
@@ -271,11 +272,11 @@ def _engine_turns(model, tokenizer, live: list[_Live], params: RolloutParams, st
                     return_sampling_mask=params.return_sampling_mask)
     owners: dict[int, list[_Live]] = {}  # engine request -> its samples, in sample order
 
-    def add(prompt: list[int], samples: list[_Live]) -> None:
-        owners[engine.add(prompt, n=len(samples), max_new_tokens=params.max_new_tokens)] = \
-            samples
+    def add(prompt: list[int], samples: list[_Live], parent=None) -> None:
+        keep = is_tool_domain(samples[0].domain)  # its samples may get a next turn
+        owners[engine.add(prompt, n=len(samples), max_new_tokens=params.max_new_tokens,
+                          keep=keep, parent=parent)] = samples
         stats["generate_calls"] += 1
-        stats["prefill_tokens"] += len(prompt)
 
     first: dict[int, list[_Live]] = {}
     for x in live:
@@ -293,10 +294,14 @@ def _engine_turns(model, tokenizer, live: list[_Live], params: RolloutParams, st
                     tokens = list(out.tokens[i])
                     stats["generated_tokens"] += len(tokens)
                     _append_generated(x, tokens, out, i)
+                    before = len(x.out.response_ids)
                     x.out.finish = _after_turn(x, out.finish_reasons[i], tokenizer,
                                                model.cfg.max_seq_len, stats)
-                    if not x.out.finish:  # tool results appended: the next turn
-                        add(x.out.prompt_ids + x.out.response_ids, [x])
+                    if not x.out.finish:  # the tool results continue the sample's own row
+                        add(x.out.response_ids[before:], [x], parent=(request, i))
+                    elif is_tool_domain(x.domain):
+                        engine.drop(request, i)
+    stats["prefill_tokens"] = engine.stats["prefill_tokens"]
     stats["generate_seconds"] += time.perf_counter() - t0
     stats["rounds"] = 1.0 + max((x.out.tool_turns for x in live), default=0)
     stats["engine_steps"] = engine.stats["steps"]

@@ -145,3 +145,36 @@ def test_driven_engine_grows_cache_cancels_and_stops(micro_model):
     assert engine.output(first).tokens[0] == ref.tokens[0]
     got = engine.output(late)
     assert got.tokens[0] == ref.tokens[1][:6] == seen and got.finish_reasons == ["stop"]
+
+
+@pytest.mark.parametrize("routes", [False, True])
+def test_continued_sample_equals_the_transcript_prefilled_again(micro_model, routes):
+    """A parked sample continued with a few more tokens (a tool result) generates what a fresh
+    request over the whole transcript generates, with the transcript's routes, while feeding
+    only the new tokens (and the parent's last token, when its row was not fed it)."""
+    engine = Engine(micro_model, max_batch=4, temperature=0.0, return_routes=routes,
+                    return_logprobs=True)
+    first = engine.add(PROMPTS[2], n=2, max_new_tokens=6, keep=True)
+    other = engine.add(PROMPTS[0], max_new_tokens=9)
+    tool = [7, 8, 9, 10]
+    with engine.inference():
+        while first not in engine.step():
+            pass
+        turn = engine.output(first).tokens[0]
+        before = engine.stats["prefill_tokens"]
+        nxt = engine.add(tool, parent=(first, 0), max_new_tokens=8, keep=True)
+        engine.drop(first, 1)
+        with pytest.raises(ValueError, match="no parked sample"):
+            engine.add(tool, parent=(first, 1))
+        while engine.busy:
+            engine.step()
+    fed = engine.stats["prefill_tokens"] - before
+    assert fed == len(tool) + (0 if routes else 1)
+    transcript = PROMPTS[2] + turn + tool
+    ref = generate(micro_model, [transcript], max_new_tokens=8, temperature=0.0,
+                   return_routes=routes, return_logprobs=True)
+    got = engine.output(nxt)
+    assert got.tokens == ref.tokens and engine.output(other).finish_reasons == ["length"]
+    torch.testing.assert_close(got.raw_logprobs[0], ref.raw_logprobs[0], rtol=1e-5, atol=1e-5)
+    if routes:
+        assert torch.equal(got.routes[0], ref.routes[0])
