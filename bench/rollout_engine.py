@@ -3,7 +3,7 @@ B prompts x G samples with ragged prompt and answer lengths, greedy on random we
 
     python bench/rollout_engine.py [--config tiny] [--prompts 16] [--group 8] [--min-new 4]
                                    [--max-new 64] [--max-batch 128] [--repeat 2] [--threads 2]
-                                   [--sample]
+                                   [--sample] [--compile]
 
 Answers end by EOS, as in a rollout: the EOS id is the token that a probe run (greedy, the B
 prompts) first produces, between --min-new and --max-new tokens in, for the most prompts, so
@@ -16,6 +16,9 @@ tokens/s (generated tokens), best of --repeat, and the ratio; one machine, one s
 `--sample`: temperature 1 instead (what GRPO runs), so the G samples of a prompt differ and end
 at different lengths (EOS made likely enough that answers average (min-new + max-new) / 2
 tokens, `sampled_eos`). The two runs draw differently, so only their tokens/s are compared.
+
+`--compile`: the engine's decode step through `torch.compile` (`Engine(compile=True)`); one
+untimed engine run compiles first and its time is printed as the compile time.
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ def run_generate(model, prompts, args, eos: int):
 
 def run_engine(model, prompts, args, eos: int):
     engine = Engine(model, max_batch=args.max_batch, temperature=args.temperature, eos_id=eos,
-                    seed=0)
+                    seed=0, compile=args.compile)
     t0 = time.perf_counter()
     ids = [engine.add(p, n=args.group, max_new_tokens=args.max_new) for p in prompts]
     out = engine.run()
@@ -99,6 +102,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sample", action="store_true", help="temperature 1 (see docstring)")
+    ap.add_argument("--compile", action="store_true", help="compiled decode step")
     args = ap.parse_args()
     args.temperature = 1.0 if args.sample else 0.0
     torch.set_num_threads(args.threads)
@@ -109,6 +113,9 @@ def main() -> None:
            else pick_eos(model, prompts, args.min_new, args.max_new))
     base = min((run_generate(model, prompts, args, eos) for _ in range(args.repeat)),
                key=lambda r: r[0])
+    if args.compile:
+        seconds = run_engine(model, prompts, args, eos)[0]
+        print(f"compile: first engine run {seconds:.1f} s (compiling the decode step)")
     ours = min((run_engine(model, prompts, args, eos) for _ in range(args.repeat)),
                key=lambda r: r[0])
     if not args.sample and ours[1] != base[1]:

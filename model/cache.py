@@ -123,6 +123,9 @@ class ModelCache:
                                    zeros(batch, coff * ratio + 1, coff * width, dt=torch.float32))
 
         self.layer_ids = range(cfg.n_layers) if layer_ids is None else layer_ids
+        # the compression ratios a step tracks (the indexer's CSA_RATIO always)
+        self.ratios = tuple(sorted({cfg.compress_ratios[i] for i in self.layer_ids
+                                    if cfg.compress_ratios[i]} | {CSA_RATIO}))
         self.layers: dict[int, LayerCache] = {}  # layer id -> its cache
         for i in self.layer_ids:
             ratio, kind = cfg.compress_ratios[i], cfg.layer_kind(i)
@@ -148,6 +151,8 @@ class ModelCache:
             raise ValueError(f"cache holds {self.batch} rows, input_ids has {batch}")
         start = self.lengths
         expected = start[:, None] + torch.arange(seq, device=start.device)  # [batch, seq]
+        if getattr(self, "static", False):
+            return self._static_step(start, expected, input_ids, token_mask)
         if positions is not None and not torch.equal(positions.to(expected.device), expected):
             raise ValueError("positions: with a cache they must continue each row, i.e. equal "
                              f"cache.lengths[:, None] + arange(seq) = {expected.tolist()}; got "
@@ -164,12 +169,25 @@ class ModelCache:
             row = int(end.argmax())
             raise ValueError(f"cache full: row {row} would hold {end_max} tokens, "
                              f"max_len={self.max_len} (create the cache with a larger max_len)")
-        ratios = {r for r in (self.cfg.compress_ratios[i] for i in self.layer_ids) if r}
-        ratios |= {CSA_RATIO}
+        ratios = self.ratios  # computed at construction: loops over the config break a graph
         return CacheStep(start=start, positions=expected, valid=valid, end=end,
                          fresh=start_max == 0, n_entries={r: end_max // r for r in ratios},
                          completes={r: any(e // r > s // r for s, e in zip(starts, ends))
                                     for r in ratios})
+
+    def _static_step(self, start, positions, input_ids, token_mask) -> CacheStep:
+        """The step without a host synchronisation and with shapes fixed by the cache alone
+        (`static=True`, for a captured or compiled decode step): every compressed entry slot
+        is read (the invisible ones masked, as always), pooling runs every step (it writes only
+        the blocks that complete), and the caller guarantees what `begin` otherwise checks
+        (positions continue each row, right padding, room in the rows)."""
+        valid = (torch.ones_like(input_ids, dtype=torch.bool) if token_mask is None
+                 else token_mask.to(torch.bool))
+        ratios = self.ratios  # computed at construction: loops over the config break a graph
+        return CacheStep(start=start, positions=positions, valid=valid,
+                         end=start + valid.sum(1), fresh=False,
+                         n_entries={r: self.max_len // r for r in ratios},
+                         completes={r: True for r in ratios})
 
     def commit(self, step: CacheStep) -> None:
         self.lengths = step.end
@@ -224,6 +242,7 @@ class ModelCache:
         view = object.__new__(ModelCache)
         view.cfg, view.max_len, view.dtype, view.layer_ids = (self.cfg, self.max_len,
                                                               self.dtype, self.layer_ids)
+        view.ratios = self.ratios
         view.lengths = self.lengths[start:stop].clone()
         view.layers = {i: _map_layer(layer, lambda t: t[start:stop])
                        for i, layer in self.layers.items()}

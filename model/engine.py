@@ -31,6 +31,11 @@ of every generated token (the last one is fed once more, as `generate` does); wi
 `return_sampling_mask` the kept sets (None for a request whose parameters keep the whole
 vocabulary). Greedy decoding equals `generate`'s token for token.
 
+`compile=True` runs the decode step through `torch.compile` with a dynamic batch size
+(`compiled_decode_step`; CUDA graphs on a GPU through `mode="reduce-overhead"`), on a cache
+view marked `static`: no host synchronisation and shapes set by the cache alone. Prefills stay
+eager. Tokens equal the eager step's (tested).
+
 Sampling parameters are the engine's unless a request gives its own (rows are grouped by
 parameters each step). Draws come from the engine's generator (`seed`), so they depend on which
 rows share a step (the schedule is deterministic, so a run is reproducible), unless a request
@@ -92,11 +97,13 @@ class Engine:
                  return_routes: bool = False, return_sampling_mask: bool = False,
                  stop_token_sequences=None, decode: Callable[[list[int]], str] | None = None,
                  max_len: int | None = None, prefill_chunk: int | None = DEFAULT_CHUNK,
-                 admit_batch: int | None = None, admit_wait: int = 4):
+                 admit_batch: int | None = None, admit_wait: int = 4,
+                 compile: bool | str = False):
         """`max_len`: the cache rows' initial size (default: what the first admitted requests
         need; grown when a later request needs more, up to the model context). `decode` (ids
         -> text) is needed for requests with stop strings. `admit_batch` (default max_batch
-        / 8) and `admit_wait`: see `admit`."""
+        / 8) and `admit_wait`: see `admit`. `compile`: the decode step through
+        `torch.compile` (see `compiled_decode_step`; a string names the backend)."""
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch}: must be >= 1")
         self.model, self.max_batch, self.eos_id = model, max_batch, eos_id
@@ -123,6 +130,9 @@ class Engine:
                       "prefills": 0.0}
         self.admit_batch = admit_batch or max(1, max_batch // 8)
         self.admit_wait, self.held = admit_wait, 0
+        self.compiled = bool(compile)
+        backend = compile if isinstance(compile, str) else "inductor"
+        self.decode_fn = compiled_decode_step(self.device, backend) if compile else decode_step
 
     # ------------------------------------------------------------------ requests
     def add(self, prompt: list[int], n: int = 1, max_new_tokens: int = 256,
@@ -287,11 +297,12 @@ class Engine:
         """One token per running slot `[k]`: the next logits (and the fed tokens' routes)."""
         k = len(self.active)
         view = self.cache.rows(0, k)
-        out = self.model(tok[:, None], cache=view)
-        self.cache.set_lengths(0, view.lengths)
-        self.logits = out.logits[:, 0]
-        if self.return_routes:
-            step = torch.stack(out.routes[:self.model.cfg.n_layers], dim=2)[:, 0].cpu()
+        view.static = self.compiled
+        self.logits, lengths, routes = self.decode_fn(self.model, tok, view,
+                                                      self.return_routes)
+        self.cache.set_lengths(0, lengths)
+        if routes is not None:
+            step = routes.cpu()
             for i, r in enumerate(self.active):
                 self.rows[r].routes.append(step[i:i + 1])  # [1, layers, topk]
 
@@ -476,6 +487,41 @@ class Engine:
         self.stats["prefill_tokens"] += float(lens.sum())
         self.stats["prefills"] += 1
         return logits, routes
+
+
+def decode_step(model, tok: torch.Tensor, view, routes: bool):
+    """The decode step: tokens `[k]` into the cache rows `view` -> (next logits `[k, vocab]`,
+    the rows' new lengths `[k]`, the fed tokens' routes `[k, layers, topk]` or None)."""
+    out = model(tok[:, None], cache=view)
+    fed = torch.stack(out.routes[:model.cfg.n_layers], dim=2)[:, 0] if routes else None
+    return out.logits[:, 0], view.lengths, fed
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def compiled_decode_step(device: torch.device, backend: str = "inductor") -> Callable:
+    """`decode_step` through `torch.compile`, one per device type and backend (`inductor`;
+    `aot_eager` traces the same graph without generating kernels), shared by every engine (a
+    new engine per rollout reuses the compiled graph of the same model). The engine marks the
+    view `static` (`ModelCache._static_step`: no host synchronisation, shapes set by the cache
+    alone), so the step traces as one graph with a dynamic batch size; it guarantees what the
+    static step does not check (one token per row, room in every row). On CUDA,
+    `mode="reduce-overhead"` captures the graph as CUDA graphs. Compiling takes minutes on a
+    CPU (reported separately by the benchmarks) and pays off over long runs."""
+    key = f"{device.type}/{backend}"
+    if key not in _COMPILED:
+        mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
+        compiled = torch.compile(decode_step, dynamic=True, mode=mode, backend=backend)
+
+        def step(*args):
+            # no duck sizing: the first batch often equals the cache's row count, and equal
+            # sizes would be traced as one symbol (a recompile when the batch shrinks)
+            with torch.fx.experimental._config.patch(use_duck_shape=False):
+                return compiled(*args)
+
+        _COMPILED[key] = step
+    return _COMPILED[key]
 
 
 class _Inference:

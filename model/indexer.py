@@ -64,7 +64,8 @@ class Indexer(nn.Module):
         queries (and recomputed in backward) so no `[seq, heads, n]` tensor is whole."""
         batch, seq = q.shape[:2]
         n = keys.shape[1]
-        chunk = max(1, CHUNK_ELEMENTS // max(1, batch * self.n_heads * n))
+        chunk = seq if torch.compiler.is_compiling() else \
+            max(1, CHUNK_ELEMENTS // max(1, batch * self.n_heads * n))  # compiled: no guard
         outs = []
         for s0 in range(0, seq, chunk):
             args = (q[:, s0:s0 + chunk], w[:, s0:s0 + chunk], keys)

@@ -78,7 +78,8 @@ def sparse_attention_ref(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tenso
     k = indices.shape[-1]
     qf, kvf = q.float(), kv.float()
     sink_f = sink.float().view(1, 1, h, 1)
-    step = max(1, chunk_elems // max(1, b * k * c))
+    # while compiling, one chunk: a step computed from a dynamic batch size is a guard
+    step = s if torch.compiler.is_compiling() else max(1, chunk_elems // max(1, b * k * c))
     outs, lses = [], []
     for s0 in range(0, s, step):
         idx = indices[:, s0:s0 + step].long()                             # [b, cs, k]
