@@ -343,7 +343,7 @@ def _after_turn(x: _Live, reason: str, tokenizer, max_len: int, stats: dict) -> 
     if x.out.tool_turns >= x.max_tool_turns:
         return "tool-limit"
     try:
-        results = x.domain.run_tool_calls(message)
+        results = x.domain.run_tool_calls(message, item=x.item)
         environment = encode_messages(results, x.item.thinking_mode,
                                       context=x.history + [message])
     except Exception as error:  # noqa: BLE001 - a broken environment ends one sample only

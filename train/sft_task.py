@@ -34,10 +34,20 @@ from .recipe import RecipeSchedule
 from .task import EvalResult, LossOutput, Task, held_out_loss, labelled_tokens, lm_objective
 
 
+def check_references(domain: Any, key: str) -> None:
+    """SFT trains on reference replies: a domain without them (an outside environment) is
+    refused before any work."""
+    if not getattr(domain, "references", True):
+        raise ValueError(f"{key}: {domain.name!r} has no reference answers to train on; use it "
+                         f"for GRPO, distillation or evaluation")
+
+
 def build_domains(sft: SFTSection) -> list[tuple[Any, float]]:
     """(Domain, weight) for each `sft.domains` entry (`data.domains.spec`), and `sft.files`
     checked: SFT needs domains or files."""
     built = spec.build_domains(sft.domains, sft.domain_options, sft.thinking_mode, "sft")
+    for domain, _ in built:
+        check_references(domain, "sft.domains")
     files = list(sft.files or [])
     if not built and not files:
         raise ValueError("sft.domains=[] and sft.files=[]: give domains (e.g. "

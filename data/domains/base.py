@@ -42,7 +42,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Sequence
 
-from encoding import encode_messages, parse_message_from_completion_text
+from encoding import ParseError, encode_messages, parse_message_from_completion_text
 from encoding.special_tokens import EOS
 from encoding.validate import THINKING_MODES
 
@@ -237,6 +237,33 @@ class Domain(ABC):
                f"thinking_mode={self.thinking_mode!r})"
 
 
+class IndexedRows:
+    """For a domain whose problems are held rows, `self.rows[split]` (a table, a taskset)
+    rather than drawn: `sample` indexes a seeded permutation of the split, `distinct` gives
+    each row once. Mixed in before `Domain`; `item_key` is a row's canonical key."""
+
+    rows: dict[str, list[dict[str, Any]]]
+
+    def item_key(self, problem: Mapping[str, Any]) -> str:
+        raise NotImplementedError
+
+    def sample(self, split: str, index: int, seed: int = 0) -> Item:
+        """Row `order[index mod n]` of `split`, `order` a permutation fixed by the seed."""
+        if split not in SPLITS:
+            raise ValueError(f"{self.name}: split={split!r}: choose one of {SPLITS}")
+        rows = self.rows[split]
+        order = list(range(len(rows)))
+        draw_rng(self.name, seed, split).shuffle(order)
+        problem = rows[order[index % len(rows)]]
+        return self.make_item(problem, self.item_key(problem), split, index, seed)
+
+    def distinct(self, split: str, n: int, seed: int = 0) -> list[Item]:
+        return [self.sample(split, i, seed) for i in range(min(n, len(self.rows[split])))]
+
+    def draw(self, rng):  # rows are indexed, not drawn (`sample` is overridden)
+        raise NotImplementedError
+
+
 def parse_answer_turn(text: str, thinking_mode: str) -> tuple[dict[str, Any] | None, str]:
     """Read one assistant turn with encoding's lenient parser and apply the format gate.
 
@@ -251,6 +278,18 @@ def parse_answer_turn(text: str, thinking_mode: str) -> tuple[dict[str, Any] | N
     if message["parse_issues"]:
         first = message["parse_issues"][0]
         return None, f"{first['kind']}: {first['message']}"[:200]
+    return message, ""
+
+
+def parse_tool_turn(turn: str, thinking_mode: str) -> tuple[dict[str, Any] | None, str]:
+    """A turn that tool results follow: (message, "") when it parses strictly and calls at
+    least one tool, else (None, reason)."""
+    try:
+        message = parse_message_from_completion_text(turn, thinking_mode, strict=True)
+    except ParseError as error:
+        return None, f"malformed tool-call turn: {error}"[:200]
+    if not message["tool_calls"]:
+        return None, "a turn without a tool call is followed by a tool result"
     return message, ""
 
 

@@ -44,9 +44,9 @@ import json
 import random
 from typing import Any, Mapping
 
-from data.domains.base import Domain, Item, Score, parse_answer_turn
+from data.domains.base import Domain, Item, Score, parse_answer_turn, parse_tool_turn
 from data.domains.expr import ExprError, evaluate, format_value, parse_number
-from encoding import ParseError, encode_messages, parse_message_from_completion_text
+from encoding import encode_messages
 from encoding.special_tokens import EOS, USER
 
 TOOL_NAME = "calculator"
@@ -124,8 +124,10 @@ class CalculatorDomain(Domain):
             message["tool_call_id"] = call_id
         return message
 
-    def run_tool_calls(self, assistant_message: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """The tool messages answering every call of a (parsed) assistant message, in order."""
+    def run_tool_calls(self, assistant_message: Mapping[str, Any],
+                       item: Item | None = None) -> list[dict[str, Any]]:
+        """The tool messages answering every call of a (parsed) assistant message, in order
+        (`item`, the problem being solved, is not needed: the calculator is stateless)."""
         return [self.execute(call) for call in assistant_message.get("tool_calls") or ()]
 
     # ---- problems --------------------------------------------------------------------------
@@ -196,12 +198,9 @@ class CalculatorDomain(Domain):
                 expected = evaluate(item.problem["expression"]).value
                 ok = value == expected
                 return Score.graded(ok, "correct" if ok else f"wrong value {format_value(value)}")
-            try:
-                message = parse_message_from_completion_text(turn, mode, strict=True)
-            except ParseError as error:
-                return Score.invalid(f"malformed tool-call turn: {error}"[:200])
-            if not message["tool_calls"]:
-                return Score.invalid("a turn without a tool call is followed by a tool result")
+            message, why = parse_tool_turn(turn, mode)
+            if message is None:
+                return Score.invalid(why)
             tool_turns += 1
             if tool_turns > self.max_tool_turns:
                 return Score.invalid(f"more than {self.max_tool_turns} tool-call turns")

@@ -37,7 +37,7 @@ import re
 import sys
 from typing import Any, Mapping
 
-from data.domains.base import SPLITS, AnswerDomain, Item, Score, draw_rng, split_of
+from data.domains.base import SPLITS, AnswerDomain, IndexedRows, Item, Score, split_of
 from data.optional import require
 
 PREFIX = "data:"
@@ -113,7 +113,7 @@ def _check_json_lines(path: str) -> None:
                     raise ValueError(f"line {number}: not a JSON object ({error})") from None
 
 
-class DatasetDomain(AnswerDomain):
+class DatasetDomain(IndexedRows, AnswerDomain):
     """Rows of a table as items (see the module docstring)."""
 
     levels = (None,)
@@ -213,21 +213,8 @@ class DatasetDomain(AnswerDomain):
                              f"{shown}{' ...' if len(self.skipped) > 3 else ''}\n")
 
     # ---- items ---------------------------------------------------------------------------
-    def sample(self, split: str, index: int, seed: int = 0) -> Item:
-        """Row `order[index mod n]` of `split`, `order` a permutation fixed by the seed."""
-        if split not in SPLITS:
-            raise ValueError(f"{self.name}: split={split!r}: choose one of {SPLITS}")
-        rows = self.rows[split]
-        order = list(range(len(rows)))
-        draw_rng(self.name, seed, split).shuffle(order)
-        problem = rows[order[index % len(rows)]]
-        return self.make_item(problem, problem["prompt"], split, index, seed)
-
-    def distinct(self, split: str, n: int, seed: int = 0) -> list[Item]:
-        return [self.sample(split, i, seed) for i in range(min(n, len(self.rows[split])))]
-
-    def draw(self, rng):  # rows are indexed, not drawn (`sample` is overridden)
-        raise NotImplementedError
+    def item_key(self, problem: Mapping[str, Any]) -> str:
+        return problem["prompt"]
 
     def user_text(self, problem: Mapping[str, Any]) -> str:
         try:

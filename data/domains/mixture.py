@@ -34,8 +34,12 @@ def _resolve(entry: Spec, i: int) -> tuple[Domain, float]:
     if isinstance(what, Domain):
         if options:
             raise ValueError(f"mixture[{i}]: options given for an already built domain")
-        return what, float(weight)
-    return get_domain(what, **options), float(weight)
+        domain = what
+    else:
+        domain = get_domain(what, **options)
+    if not getattr(domain, "references", True):
+        raise ValueError(f"mixture[{i}]: {domain.name!r} has no reference answers for SFT")
+    return domain, float(weight)
 
 
 def allocate(weights: Sequence[float], n: int) -> list[int]:

@@ -2,7 +2,8 @@
 
 Built-in names map to our own generators; `rg:<task>` builds a reasoning-gym task through
 `data.domains.rgym` (optional dependency, imported only then); `data:<source>` reads your own
-problems from a file or dataset (`data.domains.dataset`).
+problems from a file or dataset (`data.domains.dataset`); `vf:<taskset-id>` runs an
+environment written for the `verifiers` package (`data.domains.environment`).
 
 Your own domains, without editing this package: put `Domain` subclasses in a module that
 calls `register_domain(cls)` at import, and name it in the environment variable
@@ -29,6 +30,7 @@ REGISTRY: dict[str, type[Domain]] = {
 DOMAINS: tuple[str, ...] = tuple(REGISTRY)
 RG_PREFIX = "rg:"
 DATA_PREFIX = "data:"  # a dataset of your own problems: data/domains/dataset.py
+VF_PREFIX = "vf:"  # an environment written for `verifiers`: data/domains/environment.py
 PLUGINS_ENV = "V4LAB_DOMAINS"
 _loaded_plugins: set[str] = set()
 
@@ -65,6 +67,17 @@ def get_domain(name: str, **options: Any) -> Domain:
         source, inline = inline_options(name[len(DATA_PREFIX):])
         try:
             return DatasetDomain(source, **{**inline, **options})
+        except TypeError as error:
+            raise ValueError(f"domain {name!r}: bad options: {error}") from None
+    if isinstance(name, str) and name.startswith(VF_PREFIX):
+        from data.domains.dataset import inline_options  # noqa: PLC0415
+        from data.domains.environment import VerifiersDomain  # noqa: PLC0415
+
+        taskset, inline = inline_options(name[len(VF_PREFIX):])
+        if not taskset:
+            raise ValueError(f"domain {name!r}: give a verifiers taskset id, e.g. 'vf:my_env'")
+        try:
+            return VerifiersDomain(taskset, **{**inline, **options})
         except TypeError as error:
             raise ValueError(f"domain {name!r}: bad options: {error}") from None
     if isinstance(name, str) and name.startswith(RG_PREFIX):

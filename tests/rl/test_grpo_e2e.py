@@ -198,3 +198,20 @@ def test_band_stop_declines_with_exit_3_and_no_checkpoint(base_ckpt, tmp_path):
     band = json.loads((run / "band.json").read_text())
     assert band == {**band, "in_band": False, "side": "solves none", "varied_groups": 0.0}
     assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+
+
+def test_a_verifiers_environment_for_a_few_grpo_steps(domain_tokenizer_file, tmp_path):  # noqa: F811
+    """An environment written for `verifiers` (tests/helpers/vf_adder.py) as the GRPO domain:
+    v4lab's policy generates, the environment's toolset and rubric act and judge, and every
+    sample is scored (the random model earns nothing, so the updates are held)."""
+    pytest.importorskip("verifiers.v1")
+    base = micro_checkpoint(tmp_path / "base", domain_tokenizer_file, max_seq_len=1024)
+    run = tmp_path / "vf"  # the V4 tools block makes the prompts ~500 tokens
+    out = run_grpo(base, run, "steps=2", "grpo.domains=[vf:tests.helpers.vf_adder]",
+                   "grpo.max_new_tokens=8", "grpo.eval_n=2", timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    steps = [r for r in rows(run) if "reward/mean" in r]
+    assert len(steps) == 2
+    for r in steps:
+        assert r["reward/mean"] == 0 and "reward/pass@1/vf:tests.helpers.vf_adder" in r
+        assert r["time/score"] > 0
