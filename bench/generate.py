@@ -4,6 +4,7 @@ memory at long context vs a dense KV cache.
     python bench/generate.py [--config tiny] [--batch 2] [--prompt 256] [--new 32]
                              [--device cpu] [--dtype float32] [--context 32768]
                              [--hf-shapes 1x512x64,8x64x64,32x32x32] [--repeat 3] [--no-hf]
+                             [--compile]
 
 Speed: greedy decoding of `--new` tokens after a `--prompt`-token prompt per row, (a) with
 `model.generation.generate` (one cached prefill, then one token per row per step) and (b) by
@@ -18,6 +19,11 @@ decoding of each `--hf-shapes` entry (batch x prompt -> new) by both, alternatin
 counted too, but transformers breaks indexer top-k ties arbitrarily (model/INFERENCE.md,
 "transformers vs the reference", item 9), so token equality is checked against our own recompute
 path above and the transformers count is informational.
+
+`--compile`: a third column, the rollout engine (`model.engine.Engine`, one request per row)
+with its decode step through `torch.compile` (`compile=True`); its first call per shape
+compiles (untimed, its seconds printed); decode time is a full run's minus a one-token run's,
+as for transformers. Its tokens are checked against `generate`'s.
 
 Memory: bytes per token of a `--context`-token sequence for the released shapes (and the run
 config), measured on a cache allocated on the meta device, against a dense bf16 shared-KV (MQA)
@@ -89,16 +95,37 @@ def against_transformers(args) -> None:
     print(f"# vs transformers {transformers.__version__} `generate` (greedy, KV cache), "
           f"{args.config} on {args.device} ({args.dtype}), best of {args.repeat}")
     for row in compare_with_transformers(args.config, args.device, getattr(torch, args.dtype),
-                                         shapes, args.repeat):
+                                         shapes, args.repeat, args.compile):
         batch, plen, new = row["shape"]
         print(f"decode tok/s {batch}x{plen}->{new}: ours {row['ours']:.1f}, baseline "
               f"transformers {row['transformers']:.1f}, ratio "
               f"{row['ours'] / row['transformers']:.2f}x (rows equal to our recompute "
               f"{row['same_recompute']}/{batch}, to transformers {row['same_hf']}/{batch})")
+        if "compiled" in row:
+            print(f"decode tok/s {batch}x{plen}->{new}: ours compiled engine "
+                  f"{row['compiled']:.1f} (compile {row['compile_s']:.0f} s, tokens equal to "
+                  f"generate: {row['compiled_equal']}), baseline transformers "
+                  f"{row['transformers']:.1f}, ratio {row['compiled'] / row['transformers']:.2f}x")
+
+
+def compiled_engine(model, prompts: torch.Tensor, new: int) -> tuple[float, list[list[int]]]:
+    """Decode seconds and tokens of the compiled engine (docstring: `--compile`)."""
+    from model.engine import Engine
+
+    def run(n):
+        engine = Engine(model, max_batch=prompts.shape[0], temperature=0.0, compile=True)
+        ids = [engine.add(p, max_new_tokens=n) for p in prompts.tolist()]
+        t0 = time.perf_counter()
+        out = engine.run()
+        return time.perf_counter() - t0, [out[i].tokens[0] for i in ids]
+
+    total, tokens = run(new)
+    return total - run(1)[0], tokens
 
 
 def compare_with_transformers(config: str, device: str, dtype: torch.dtype,
-                              shapes: list[tuple[int, int, int]], repeat: int) -> list[dict]:
+                              shapes: list[tuple[int, int, int]], repeat: int,
+                              compile: bool = False) -> list[dict]:
     """Greedy decode tok/s of ours and transformers' `generate` on the same exported weights,
     per (batch, prompt, new) shape, alternating, best of `repeat` (docstring)."""
     import transformers
@@ -145,6 +172,14 @@ def compare_with_transformers(config: str, device: str, dtype: torch.dtype,
                      "transformers": batch * new / max(t_hf, 1e-9),
                      "same_recompute": sum(a == b for a, b in zip(ours_tokens, ref)),
                      "same_hf": sum(a == b for a, b in zip(ours_tokens, hf_tokens))})
+        if compile:
+            t0 = time.perf_counter()
+            compiled_engine(model, prompts, new)  # compiles (a batch of 1 is its own graph)
+            rows[-1]["compile_s"] = time.perf_counter() - t0
+            best = min((compiled_engine(model, prompts, new) for _ in range(repeat)),
+                       key=lambda r: r[0])
+            rows[-1]["compiled"] = batch * new / best[0]
+            rows[-1]["compiled_equal"] = best[1] == ours_tokens
     return rows
 
 
@@ -172,6 +207,8 @@ def main() -> None:
                    help="batch x prompt x new, comma-separated, for the transformers comparison")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    p.add_argument("--compile", action="store_true",
+                   help="add the compiled engine to the transformers comparison")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -31,6 +31,7 @@ class RolloutSection:
     max_tool_turns: Optional[int] = _num(None, ">= 0")  # None: the domain's own
     rollout_batch_size: int = _num(64, ">= 1")  # rows in the rollout batch
     rollout_engine: bool = True                # continuous batching (model/engine.py)
+    rollout_compile: bool = False              # the engine's decode step via torch.compile
     speculative: bool = False                  # MTP speculative decoding in rollouts
     reward_timeout: float = _num(10.0, "> 0")  # seconds per verification; a hang scores 0
     keep_routing: bool = True                  # replay the sampled routes in training

@@ -74,6 +74,7 @@ class RolloutTask(Task):
                                     return_routes=s.keep_routing,
                                     speculative=s.speculative,
                                     engine=getattr(s, "rollout_engine", True),
+                                    compile=getattr(s, "rollout_compile", False),
                                     return_sampling_mask=restricts(sampling,
                                                                    model_cfg.vocab_size))
         self.params.validate()

@@ -84,6 +84,7 @@ class RolloutParams:
     return_sampling_mask: bool = False
     speculative: bool = False  # MTP drafts + one verifying forward (model/speculative.py)
     engine: bool = True        # continuous batching (model/engine.py) where it can run
+    compile: bool = False      # the engine's decode step through torch.compile (minutes once)
 
     def validate(self) -> None:
         SamplingParams(self.temperature, self.top_p, self.top_k).validate()
@@ -269,7 +270,7 @@ def _engine_turns(model, tokenizer, live: list[_Live], params: RolloutParams, st
     engine = Engine(model, max_batch=params.batch_size, eos_id=tokenizer.eos_token_id,
                     temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                     seed=params.seed, return_logprobs=True, return_routes=params.return_routes,
-                    return_sampling_mask=params.return_sampling_mask)
+                    return_sampling_mask=params.return_sampling_mask, compile=params.compile)
     owners: dict[int, list[_Live]] = {}  # engine request -> its samples, in sample order
 
     def add(prompt: list[int], samples: list[_Live], parent=None) -> None:
