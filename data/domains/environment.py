@@ -38,6 +38,7 @@ import inspect
 import json
 import re
 import threading
+from collections import OrderedDict
 from typing import Any, Mapping
 
 from data.domains.base import (Domain, IndexedRows, Item, Score, parse_answer_turn,
@@ -47,6 +48,7 @@ from encoding import encode_messages
 from encoding.special_tokens import ASSISTANT, EOS, TOOL_RESULT_END, TOOL_RESULT_START, USER
 
 PREFIX = "vf:"
+LIVE_SERVERS = 256  # tasks whose toolsets stay set up (a rollout's prompts, and then some)
 RESULT = re.compile(re.escape(TOOL_RESULT_START) + "(.*?)" + re.escape(TOOL_RESULT_END), re.S)
 
 
@@ -73,7 +75,8 @@ class VerifiersDomain(IndexedRows, Domain):
         self.tool_seconds, self.score_seconds = tool_seconds, score_seconds
         self._loop = asyncio.new_event_loop()  # toolsets keep their resources on one loop
         self._lock = threading.Lock()
-        self._servers: dict[str, Any] = {}
+        self._servers: OrderedDict[str, Any] = OrderedDict()  # task key -> its live toolsets
+        self._schemas: dict[str, list[dict[str, Any]]] = {}  # task class + config -> tools
         self.tasks: dict[str, Any] = {}
         self.rows = {"train": [], "test": []}
         for task in self._load(taskset, limit):
@@ -94,7 +97,9 @@ class VerifiersDomain(IndexedRows, Domain):
             taskset = taskset.take(limit)
         elif not taskset.bounded:
             raise ValueError(f"{self.name}: the taskset is infinite; give `limit`")
-        self._shared_toolsets = type(taskset).toolsets(taskset.config)
+        self._shared_toolsets = type(taskset).toolsets(taskset.config)  # set up once, here
+        for toolset in self._shared_toolsets:
+            self._run(toolset.setup(), self.tool_seconds)
         return list(taskset)
 
     def _add(self, task: Any) -> None:
@@ -105,25 +110,45 @@ class VerifiersDomain(IndexedRows, Domain):
         if task.key in self.tasks:
             raise ValueError(f"{where}: key {task.key[:12]} repeats an earlier task")
         self.tasks[task.key] = task
-        tools = self._run(self._server(task).list_tools(), self.tool_seconds)
         problem = {"key": task.key, "idx": task.data.idx, "id": task.data.id,
-                   "prompt": _prompt_messages(task.data), "tools": [_schema(t) for t in tools]}
+                   "prompt": _prompt_messages(task.data), "tools": self._tools(task)}
         self.rows[split_of(self.name, task.key, self.test_fraction)].append(problem)
 
-    def _server(self, task: Any):
-        """The task's in-memory MCP server with its toolsets (and the taskset's) registered."""
-        if task.key not in self._servers:
-            from mcp.server.mcpserver import MCPServer
+    def _tools(self, task: Any) -> list[dict[str, Any]]:
+        """The tool schemas of a task's toolsets (set by its class and config, so listed once
+        per pair, without setting the toolsets up)."""
+        kind = f"{type(task).__qualname__}:{task.config.model_dump_json()}"
+        if kind not in self._schemas:
+            server, _ = self._register(task)
+            tools = self._run(server.list_tools(), self.tool_seconds)
+            self._schemas[kind] = [_schema(t) for t in tools]
+        return self._schemas[kind]
 
-            server = MCPServer(type(task).__name__)
-            for toolset in [*self._shared_toolsets, *type(task).toolsets(task.config)]:
-                if toolset._state_cls is not _vf().State:
-                    raise ValueError(f"{self.name}: toolset {type(toolset).__name__} keeps "
-                                     f"shared state, which needs verifiers' HTTP state channel")
+    def _register(self, task: Any):
+        from mcp.server.mcpserver import MCPServer
+
+        server = MCPServer(type(task).__name__)
+        toolsets = [*self._shared_toolsets, *type(task).toolsets(task.config)]
+        for toolset in toolsets:
+            if toolset._state_cls is not _vf().State:
+                raise ValueError(f"{self.name}: toolset {type(toolset).__name__} keeps shared "
+                                 f"state, which needs verifiers' HTTP state channel")
+            toolset.register(server)
+        return server, toolsets
+
+    def _server(self, task: Any):
+        """The task's in-memory MCP server, its own toolsets set up for it (`setup`, then
+        `setup_task`, as `verifiers` does per rollout; the taskset's shared ones were set up
+        once), kept for the most recent tasks."""
+        if task.key not in self._servers:
+            server, toolsets = self._register(task)
+            for toolset in toolsets[len(self._shared_toolsets):]:  # the task's own
                 self._run(toolset.setup(), self.tool_seconds)
                 self._run(toolset.setup_task(task), self.tool_seconds)
-                toolset.register(server)
             self._servers[task.key] = server
+            while len(self._servers) > LIVE_SERVERS:
+                self._servers.popitem(last=False)
+        self._servers.move_to_end(task.key)
         return self._servers[task.key]
 
     def _run(self, coroutine, seconds: float):

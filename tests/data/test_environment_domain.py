@@ -49,8 +49,8 @@ def test_items_split_deterministically_with_the_environment_tools(adder):
     assert [d.problem["key"] for d in adder.distinct("test", 99)] == \
         [again.sample("test", i).problem["key"] for i in range(len(keys["test"]))]
     system, user = item.prompt_messages
-    assert system["tools"][0]["function"]["name"] == "add"
-    assert system["tools"][0]["function"]["parameters"]["required"] == ["a", "b"]
+    assert [t["function"]["name"] for t in system["tools"]] == ["hint", "add"]
+    assert system["tools"][1]["function"]["parameters"]["required"] == ["a", "b"]
     assert user == {"role": "user", "content": adder.tasks[item.problem["key"]].data.prompt}
     assert "## Tools" in item.prompt_text()
 
@@ -61,8 +61,15 @@ def test_the_toolset_answers_calls_and_errors_are_results(adder):
              {"function": {"name": "mul", "arguments": "{}"}},
              {"function": {"name": "add", "arguments": '{"a": "x"}'}},
              {"function": {"name": "add", "arguments": "not json"}}]
+    from tests.helpers.vf_adder import HintTools
+
+    setups = HintTools.setups
     out = adder.run_tool_calls({"tool_calls": calls}, item=item)
     assert out[0] == {"role": "tool", "content": "42", "tool_call_id": "c1"}
+    hint = {"tool_calls": [{"function": {"name": "hint", "arguments": "{}"}}]}
+    for other in adder.generate("test", 3):  # the shared toolset answers every task...
+        assert adder.run_tool_calls(hint, item=other)[0]["content"] == "add the two numbers"
+    assert HintTools.setups == setups  # ...set up once, when the domain was built
     assert [m["content"].split(":")[0] for m in out[1:]] == ["error"] * 3
     assert "Unknown tool: mul" in out[1]["content"]
 

@@ -3,7 +3,8 @@ would write one, for the `vf:` domain's tests: `vf:tests.helpers.vf_adder`.
 
 Each task asks for a sum; the `add` tool (a `Toolset`) computes it; the rubric pays 0.5 for
 calling the tool and 0.5 for the right final reply, and records the number of tool calls as a
-metric. `broken` and `judged` variants exercise the refusals."""
+metric. A taskset-wide `hint` tool is shared by every task. `vf_judged` (a task needing a
+container) exercises the refusals."""
 
 import verifiers.v1 as vf
 
@@ -37,7 +38,25 @@ class AddTask(vf.Task[AddData, vf.State, vf.TaskConfig]):
         return float(len(trace.tool_messages))
 
 
+class HintTools(vf.Toolset):
+    """A taskset-wide toolset (one instance for every task): `setup` runs once."""
+
+    setups = 0
+
+    async def setup(self) -> None:
+        HintTools.setups += 1
+
+    @vf.tool
+    def hint(self) -> str:
+        """A hint for any task."""
+        return "add the two numbers"
+
+
 class AdderTaskset(vf.Taskset[AddTask, vf.TasksetConfig]):
+    @classmethod
+    def toolsets(cls, config):
+        return [HintTools(vf.ToolsetConfig())]
+
     def load(self):
         for a in range(12):
             for b in (3, 17):
