@@ -184,26 +184,43 @@ def test_compiled_decode_step_equals_eager():
     """`compile=...`: the static, sync-free decode step traced by `torch.compile` as one graph
     with a dynamic batch (rows finish and are refilled) gives the eager engine's greedy tokens,
     routes, and log-probs within 1e-4 (fp32; a compiler may fuse and reorder reductions, ~1e-6
-    relative on values of order 1-10). The `aot_eager` backend traces and runs the same
-    graph as inductor without generating C++ kernels, which take minutes on this CPU;
-    `python bench/rollout_engine.py --compile` checks inductor's tokens against `generate`.
-    A two-layer model (sliding window, then CSA with its indexer) keeps the trace short."""
+    relative on values of order 1-10); after the weights change in place (a training step)
+    the same graph serves the new weights, still equal to eager. The `aot_eager` backend
+    traces and runs the same graph as inductor without generating C++ kernels, which take
+    minutes on this CPU; `python bench/rollout_engine.py --compile` checks inductor's tokens
+    against `generate`. A two-layer model (sliding window, then CSA with its indexer) keeps
+    the trace short."""
+    from torch._dynamo.utils import counters
+
     from tests.inference.conftest import build_model, micro_config
 
     model = build_model(micro_config(compress_ratios=(0, 4, 0), n_layers=2, n_mtp_layers=1,
                                       n_hash_layers=1))
-    runs = []
-    for compile in (False, "aot_eager"):
+
+    def run(compile):
         engine = Engine(model, max_batch=3, temperature=0.0, compile=compile,
                         return_logprobs=True, return_routes=True)
         # equal budgets: the batch goes 3 -> 2 and never to 1 (a second trace, specialised)
         ids = [engine.add(p, n=2 if i == 1 else 1, max_new_tokens=9)
                for i, p in enumerate(PROMPTS[:4])]
         out = engine.run()
-        runs.append([out[i] for i in ids])
-    for eager, compiled in zip(*runs):
-        assert compiled.tokens == eager.tokens
-        for a, b in zip(eager.raw_logprobs, compiled.raw_logprobs):
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
-        for a, b in zip(eager.routes, compiled.routes):
-            assert torch.equal(a, b)
+        return [out[i] for i in ids]
+
+    def check(eager_run, compiled_run):
+        for eager, compiled in zip(eager_run, compiled_run):
+            assert compiled.tokens == eager.tokens
+            for a, b in zip(eager.raw_logprobs, compiled.raw_logprobs):
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+            for a, b in zip(eager.routes, compiled.routes):
+                assert torch.equal(a, b)
+
+    before = run(False)
+    check(before, run("aot_eager"))
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.25)
+    after = run(False)
+    assert [r.tokens for r in after] != [r.tokens for r in before]
+    check(after, run("aot_eager"))
+    assert counters["stats"]["unique_graphs"] == graphs  # no recompile for new weights
