@@ -5,6 +5,7 @@ by `python -m train.evaluate` before and after each stage.
 
     python bench/dataset_domains.py --base runs/tiny/checkpoints/step_00000100 \
         [--kind math code] [--sft-steps 150] [--grpo-steps 20] [--n 100] [--runs runs/bench_data]
+        [--grpo-extra optim.lr=1e-4 ...]
 
 Math: two-step word problems ("Ann has 7 pens and buys 5 more; she gives away 3. How many
 pens does she have now?"), the answer an integer, the solution a one-line worked step ending
@@ -104,7 +105,8 @@ def run_set(kind: str, domain: str, args, runs: Path) -> None:
                            "grpo.max_new_tokens=48", "grpo.prompts_per_step=8",
                            "grpo.group_size=8", "grpo.updates=2", "data.micro_batch=16",
                            "data.seq_len=256", "optim.name=adamw", "optim.lr=3e-5",
-                           "grpo.adv_norm=mean_std", "grpo.eval_n=0", "logging.eval_every=0"],
+                           "grpo.adv_norm=mean_std", "grpo.eval_n=0", "logging.eval_every=0",
+                           *args.grpo_extra],
                           runs / f"{kind}_grpo", args.grpo_steps)
     final = evaluate(grpo, domain, n, runs / f"{kind}_grpo.json")
     print(f"{kind}: GRPO pass@1 {final['pass@1']:.3f} (format-valid "
@@ -120,6 +122,7 @@ def main() -> None:
     ap.add_argument("--grpo-steps", type=int, default=20)
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--runs", default="runs/bench_data")
+    ap.add_argument("--grpo-extra", nargs="*", default=[], help="more GRPO overrides")
     args = ap.parse_args()
     runs = Path(args.runs).resolve()
     runs.mkdir(parents=True, exist_ok=True)
