@@ -71,6 +71,15 @@ class VerifiersDomain(IndexedRows, Domain):
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
                                   or limit < 1):
             raise ValueError(f"{self.name}: limit={limit!r}: expected an int >= 1")
+        for option, value, low in (("test_fraction", test_fraction, 0), ("tool_seconds",
+                                   tool_seconds, 0), ("score_seconds", score_seconds, 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= low \
+                    or (option == "test_fraction" and value >= 1):
+                raise ValueError(f"{self.name}: {option}={value!r}: out of range")
+        if isinstance(max_tool_turns, bool) or not isinstance(max_tool_turns, int) \
+                or max_tool_turns < 1:
+            raise ValueError(f"{self.name}: max_tool_turns={max_tool_turns!r}: expected an "
+                             f"int >= 1")
         self.test_fraction, self.max_tool_turns = test_fraction, max_tool_turns
         self.tool_seconds, self.score_seconds = tool_seconds, score_seconds
         self._loop = asyncio.new_event_loop()  # toolsets keep their resources on one loop

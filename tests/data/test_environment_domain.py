@@ -146,6 +146,10 @@ def test_unsupported_environments_and_sft_are_refused():
         build_domains(["vf:no_such_env"], {}, "chat", "grpo")
     with pytest.raises(ValueError, match="limit=0"):
         build_domains([f"{ADDER}?limit=0"], {}, "chat", "grpo")
+    with pytest.raises(ValueError, match="test_fraction=1.5: out of range"):
+        build_domains([f"{ADDER}?test_fraction=1.5"], {}, "chat", "grpo")
+    with pytest.raises(ValueError, match="bad options"):
+        build_domains([f"{ADDER}?colour=red"], {}, "chat", "grpo")
     with pytest.raises(ValueError, match="'test' split has no tasks"):
         build_domains([f"{ADDER}?limit=1"], {}, "chat", "grpo")
     from train.config import SFTSection
