@@ -7,7 +7,10 @@ new `tokenizers` release cannot retrain it differently), a micro model initialis
 a pre-training corpus written by this test, and the domains' seeded generators. On the machine
 and torch the numbers were recorded with (`fingerprint` in the file) they must agree bitwise;
 elsewhere (another CPU's kernels or another torch) to 1e-4 relative, with a note of the
-difference. Re-record after a change that is meant to move them:
+difference, or 1e-7 absolute: distillation's first loss is a KL of ~1e-4 between nearly equal
+distributions, a difference of fp32 log-probs of order 1-10 whose rounding (~1e-7 relative,
+so ~1e-6 per token, averaged over tokens) moves it by ~1e-8 on an AVX-512 CPU against the
+AVX2 recording; a changed batch or model moves these losses by far more than 1e-7. Re-record after a change that is meant to move them:
 `V4LAB_RECORD_GOLDEN=1 pytest tests/train/test_same_numbers.py`.
 """
 
@@ -98,5 +101,5 @@ def test_fixed_seed_runs_log_the_recorded_losses(tmp_path):
         if golden["fingerprint"] == fingerprint():
             assert got[stage] == want, (stage, got[stage], want)  # bitwise
         else:
-            assert got[stage] == pytest.approx(want, rel=1e-4), (
+            assert got[stage] == pytest.approx(want, rel=1e-4, abs=1e-7), (
                 stage, got[stage], want, golden["fingerprint"], fingerprint())
