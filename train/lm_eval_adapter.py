@@ -20,7 +20,9 @@ lm-eval is an optional extra: `pip install 'v4lab[eval]'`.
 
 from __future__ import annotations
 
+import os
 from typing import Any
+from unittest import mock
 
 import torch
 
@@ -151,9 +153,12 @@ def run_tasks(model, tokenizer, tasks: list[str], include: str | None = None,
         raise ValueError(f"lm_eval_tasks: unknown task(s) {unknown}"
                          + (f" (none in lm-eval or in {include})" if include else
                             " (give lm_eval_include=FOLDER for your own task files)"))
-    result = lm_eval.simple_evaluate(model=make_lm(model, tokenizer, batch_size, max_gen_toks),
-                                     tasks=tasks, task_manager=manager, limit=limit,
-                                     num_fewshot=num_fewshot, log_samples=False,
-                                     bootstrap_iters=0)
+    # one process evaluates everything (rank 0 of 1): a LOCAL_RANK left by a launcher would
+    # make lm-eval treat this process as a tensor-parallel follower and return no results
+    with mock.patch.dict(os.environ, {"LOCAL_RANK": "0"}):
+        result = lm_eval.simple_evaluate(
+            model=make_lm(model, tokenizer, batch_size, max_gen_toks), tasks=tasks,
+            task_manager=manager, limit=limit, num_fewshot=num_fewshot, log_samples=False,
+            bootstrap_iters=0)
     return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
             for task, metrics in result["results"].items()}

@@ -45,9 +45,10 @@ def test_config_errors_fail_fast(override, message, tmp_path):
     assert message in out.stderr + out.stdout
 
 
-def test_deepspeed_local_rank_is_stripped():
+def test_deepspeed_local_rank_is_stripped(monkeypatch):
     import os
-    os.environ.pop("LOCAL_RANK", None)
+    monkeypatch.setenv("LOCAL_RANK", "0")  # recorded, so the value set below is undone after
+    monkeypatch.delenv("LOCAL_RANK")
     assert strip_launcher_args(["--local_rank=3", "steps=2"]) == ["steps=2"]
     assert os.environ["LOCAL_RANK"] == "3"
     assert strip_launcher_args(["steps=2", "--local_rank", "1"]) == ["steps=2"]
