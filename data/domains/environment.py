@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import json
 import re
 import threading
@@ -253,7 +254,7 @@ class VerifiersDomain(IndexedRows, Domain):
         from verifiers.v1.trace import AgentInfo, TraceTask
 
         task = self.tasks[item.problem["key"]]
-        messages, ids = [], iter(range(1 << 30))
+        messages, ids = [], itertools.count()
         for message in item.problem["prompt"]:
             cls = vf.SystemMessage if message["role"] == "system" else vf.UserMessage
             messages.append((cls(content=message["content"]), False))
