@@ -15,7 +15,8 @@ dtype=bfloat16|float32, chat=true (wrap prompt/input_file prompts as one user me
 chat encoding; default: raw text after BOS), bos=false, stop="text" (an extra stop string),
 batch_size=N (input_file), csa_mode=dense|sparse, speculative=true (the MTP block drafts each
 next token and the following forward verifies it: the same output distribution, greedy output
-unchanged; the drafts accepted are reported with the speeds).
+unchanged; the drafts accepted are reported with the speeds; with serve=true the server's engine
+drafts with it, `model/speculative_engine.py`).
 
 Interactive mode is a multi-turn chat encoded with `encoding/` (`mode=chat` or `thinking`);
 `/clear` starts a new conversation and `/exit` quits. Tokens are printed as they come (one
@@ -246,7 +247,8 @@ def main(argv: list[str] | None = None, read: Callable[[str], str] = input,
             from serve import run_server
 
             name = opts["served_model_name"] or opts["ckpt"]  # as vLLM: the path given
-            run_server(model, tokenizer, name, opts["host"], opts["port"], opts["max_batch"])
+            run_server(model, tokenizer, name, opts["host"], opts["port"], opts["max_batch"],
+                       speculative=opts["speculative"])
         elif opts["interactive"]:
             run_interactive(model, tokenizer, opts, read, out, err)
         elif opts["prompt"] is not None:

@@ -11,6 +11,11 @@ rounding). Acceptance depends on how well the MTP block predicts, so it needs tr
 the default is the README's main job; prompts are slices of the Python standard library's
 sources (the default corpus), tokenised with the checkpoint's tokenizer. One warm-up run per
 mode comes first. Prints `name: ours …, baseline …, ratio …` lines.
+
+`--engine`: the same comparison inside the rollout engine, `model.engine.Engine` against
+`model.speculative_engine.SpeculativeEngine` (one request per prompt, `max_batch` = batch);
+tokens/s there are generated tokens over the whole run (the prefill, identical in both, is
+included), best of two runs.
 """
 
 from __future__ import annotations
@@ -47,6 +52,29 @@ def run(model, prompts, new: int, temperature: float, speculative: bool):
                     speculative=speculative)
 
 
+def run_engine(model, prompts, new: int, temperature: float, speculative: bool):
+    """(generated tokens / wall seconds, tokens, acceptance) of the engine, best of two."""
+    import time
+
+    from model.engine import Engine
+    from model.speculative_engine import SpeculativeEngine
+
+    best = None
+    for _ in range(2):
+        engine = (SpeculativeEngine if speculative else Engine)(
+            model, max_batch=len(prompts), temperature=temperature, seed=0)
+        t0 = time.perf_counter()
+        ids = [engine.add(p, max_new_tokens=new) for p in prompts]
+        out = engine.run()
+        seconds = time.perf_counter() - t0
+        tokens = [out[i].tokens[0] for i in ids]
+        rate = sum(map(len, tokens)) / seconds
+        accepted = engine.stats.get("accepted", 0) / max(engine.stats.get("drafted", 0), 1)
+        if best is None or rate > best[0]:
+            best = (rate, tokens, accepted)
+    return best
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,6 +83,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--configs", default="1x64x64,8x64x64,32x32x32")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--engine", action="store_true", help="inside the rollout engine")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -69,6 +98,15 @@ def main() -> None:
         batch, length, new = (int(x) for x in spec.split("x"))
         prompts = corpus_prompts(tokenizer, batch, length)
         for name, temperature in (("greedy", 0.0), ("sampled", 1.0)):
+            if args.engine:
+                base, plain_tokens, _ = run_engine(model, prompts, new, temperature, False)
+                ours, tokens, accepted = run_engine(model, prompts, new, temperature, True)
+                same = (f", identical rows {sum(a == b for a, b in zip(tokens, plain_tokens))}"
+                        f"/{batch}" if temperature == 0 else "")
+                print(f"speculative engine tok/s {spec} {name}: ours {ours:.1f}, baseline "
+                      f"(the engine without drafts) {base:.1f}, ratio {ours / base:.2f}x; MTP "
+                      f"acceptance {accepted:.2f}{same}", flush=True)
+                continue
             plain = run(model, prompts, new, temperature, False)
             fast = run(model, prompts, new, temperature, True)
             ours = fast.stats["decode_tokens"] / fast.stats["decode_s"]

@@ -260,11 +260,11 @@ class Engine:
         self.retire([i for i, r in enumerate(self.active)
                      if self.rows[r].limit == 0 or self.rows[r].finish], "length")
         if self.active:
-            logp, kept, tok = self.sample()
+            logp, kept, tok = self.sample(self.logits)
             emit_step(self.rows, self.active, [True] * len(self.active), tok, logp, kept,
                       self.logits, self.finish, self._on_token, self.return_logprobs,
                       self.store_kept)
-            self.keep_top_logprobs()
+            self.keep_top_logprobs(self.logits)
             self.stats["decode_tokens"] += len(self.active)
             self.stats["steps"] += 1
             done = [i for i, r in enumerate(self.active) if self.rows[r].finish is not None]
@@ -278,20 +278,22 @@ class Engine:
         finished, self.finished = self.finished, []
         return finished
 
-    def keep_top_logprobs(self) -> None:
-        """The alternatives of the tokens just drawn, for the rows whose request asks."""
-        want = [self.requests[self.rows[r].request].top_logprobs for r in self.active]
-        k = max(want)
+    def keep_top_logprobs(self, logits: torch.Tensor, slots: list[int] | None = None) -> None:
+        """The alternatives of the tokens just drawn from `logits` `[n, vocab]` (for the
+        running slots `slots`, default all), for the rows whose request asks."""
+        slots = range(len(logits)) if slots is None else slots
+        want = [self.requests[self.rows[self.active[i]].request].top_logprobs for i in slots]
+        k = max(want, default=0)
         if not k:
             return
-        at = [i for i, w in enumerate(want) if w]
-        logits = self.logits.index_select(0, torch.as_tensor(at, device=self.device))
-        values, ids = torch.log_softmax(logits.float(), -1).topk(k, dim=-1)
+        at = [j for j, w in enumerate(want) if w]
+        picked = logits.index_select(0, torch.as_tensor(at, device=self.device))
+        values, ids = torch.log_softmax(picked.float(), -1).topk(k, dim=-1)
         values, ids = values.tolist(), ids.tolist()
-        for j, i in enumerate(at):
-            row = self.rows[self.active[i]]
-            if len(row.top) < len(row.tokens):  # it drew a token this step
-                row.top.append((ids[j][:want[i]], values[j][:want[i]]))
+        for n, j in enumerate(at):
+            row = self.rows[self.active[slots[j]]]
+            if len(row.top) < len(row.tokens):  # it drew a token from these logits
+                row.top.append((ids[n][:want[j]], values[n][:want[j]]))
 
     def forward(self, tok: torch.Tensor) -> None:
         """One token per running slot `[k]`: the next logits (and the fed tokens' routes)."""
@@ -306,37 +308,52 @@ class Engine:
             for i, r in enumerate(self.active):
                 self.rows[r].routes.append(step[i:i + 1])  # [1, layers, topk]
 
-    def sample(self):
-        """(log-probs, kept mask, drawn tokens) `[k, vocab]`, `[k, vocab]`, `[k]` for the
-        running rows, each under its request's parameters; rows of one parameter set are
-        processed together, and rows without a generator of their own share the engine's
-        (one draw over them, as `generate` does)."""
+    def sample(self, logits: torch.Tensor, slots: list[int] | None = None):
+        """(log-probs, kept mask, drawn tokens) `[n, vocab]`, `[n, vocab]`, `[n]` for the
+        running slots `slots` (default all; `logits` `[n, vocab]` in that order), each under
+        its request's parameters."""
+        logp, kept, groups = self.distribution(logits, slots)
+        return logp, kept, self.draw(logp, logits, groups, slots)
+
+    def distribution(self, logits: torch.Tensor, slots: list[int] | None = None):
+        """Each row's sampling distribution under its request's parameters: (log-probs
+        `[n, vocab]`, kept mask `[n, vocab]`, {parameters: row indices}); rows of one
+        parameter set are processed together."""
+        slots = range(len(logits)) if slots is None else slots
         groups: dict[SamplingParams, list[int]] = {}
-        for i, r in enumerate(self.active):
-            groups.setdefault(self.requests[self.rows[r].request].params, []).append(i)
-        logits = self.logits
+        for j, i in enumerate(slots):
+            groups.setdefault(self.requests[self.rows[self.active[i]].request].params,
+                              []).append(j)
         if len(groups) == 1:
             logp, kept = sampling_distribution(logits, next(iter(groups)))
-        else:
-            logp = torch.empty_like(logits, dtype=torch.float32)
-            kept = torch.empty_like(logits, dtype=torch.bool)
-        tok = torch.empty(len(self.active), dtype=torch.long, device=self.device)
+            return logp, kept, groups
+        logp = torch.empty_like(logits, dtype=torch.float32)
+        kept = torch.empty_like(logits, dtype=torch.bool)
         for params, pos in groups.items():
             index = torch.as_tensor(pos, dtype=torch.long, device=self.device)
-            if len(groups) > 1:
-                logp[index], kept[index] = sampling_distribution(logits[index], params)
+            logp[index], kept[index] = sampling_distribution(logits[index], params)
+        return logp, kept, groups
+
+    def draw(self, logp: torch.Tensor, logits: torch.Tensor, groups, slots=None) -> torch.Tensor:
+        """One token per row `[n]`: the argmax of `logits` for greedy parameters, else a draw
+        from `logp`; rows without a generator of their own share the engine's (one draw over
+        them, as `generate` does)."""
+        slots = range(len(logits)) if slots is None else slots
+        tok = torch.empty(len(logits), dtype=torch.long, device=self.device)
+        for params, pos in groups.items():
+            index = torch.as_tensor(pos, dtype=torch.long, device=self.device)
             if params.greedy:
                 tok[index] = logits[index].float().argmax(-1)
                 continue
-            shared = [i for i in pos if self.rows[self.active[i]].gen is None]
+            gens = [self.rows[self.active[slots[j]]].gen for j in pos]
+            shared = [j for j, g in zip(pos, gens) if g is None]
             if shared:
                 at = torch.as_tensor(shared, dtype=torch.long, device=self.device)
                 tok[at] = draw(logp[at], self.gen)
-            for i in pos:
-                gen = self.rows[self.active[i]].gen
+            for j, gen in zip(pos, gens):
                 if gen is not None:
-                    tok[i] = draw(logp[i:i + 1], gen)[0]
-        return logp, kept, tok
+                    tok[j] = draw(logp[j:j + 1], gen)[0]
+        return tok
 
     def finish(self, row: _EngineRow) -> str | None:
         req = self.requests[row.request]
@@ -366,7 +383,7 @@ class Engine:
             row.finish = row.finish or reason or "length"
             req = self.requests[row.request]
             if req.keep and row.finish != "cancelled":  # its state waits for a next turn
-                self.parked[self.active[p]] = self.cache.take([p])
+                self.parked[self.active[p]] = self.park(p)
             req.retired += 1
             if req.retired == req.n:
                 self.finished.append(row.request)
@@ -374,8 +391,13 @@ class Engine:
         if gone:
             self.cache.copy_rows(movers, holes)
             self.active = [self.active[i] for i in order]
-            self.logits = self.logits.index_select(0, index) if new_k else None
+            if self.logits is not None:
+                self.logits = self.logits.index_select(0, index) if new_k else None
         return index
+
+    def park(self, slot: int):
+        """A finished sample's cache row, kept aside for its next turn."""
+        return self.cache.take([slot])
 
     # ------------------------------------------------------------------ admission
     def admit(self) -> None:
@@ -419,7 +441,12 @@ class Engine:
         for j in prompt_of:
             self.new_row(taken[j], context[j], budget[j], parents[j],
                          None if routes is None else routes[j, :len(feeds[j])])
-        logits = logits.index_select(0, torch.as_tensor(prompt_of, device=self.device))
+        self.admitted(k, logits.index_select(0, torch.as_tensor(prompt_of, device=self.device)),
+                      prompt_of)
+
+    def admitted(self, k: int, logits: torch.Tensor, prompt_of: list[int]) -> None:
+        """The new slots k.. are filled: `logits` `[new, vocab]` are their next-token logits,
+        `prompt_of` the prefilled prompt each slot was copied from."""
         self.logits = logits if k == 0 else torch.cat((self.logits, logits))
 
     def feeds(self, taken: list[int]) -> tuple[list[list[int]], list[int]]:
@@ -448,8 +475,11 @@ class Engine:
         row = _EngineRow(context, budget, request=request, sample=sample, gen=None if
                          req.seed is None else torch.Generator(device=self.device)
                          .manual_seed(req.seed * 1_000_003 + sample))
-        if routes is not None:  # a continuation's routes start with its parent's
-            row.routes = ([] if parent is None else list(self.rows[parent].routes)) + [routes]
+        if routes is not None:  # a continuation's routes start with its parent's, up to the
+            # tokens its row held (a speculative row re-feeds the ones it had to forget)
+            held = context - routes.shape[0]
+            row.routes = ([] if parent is None else
+                          [torch.cat(self.rows[parent].routes)[:held]]) + [routes]
         req.rows.append(len(self.rows))
         self.rows.append(row)
         self.active.append(len(self.rows) - 1)
@@ -462,21 +492,19 @@ class Engine:
             queued = [len(r.prompt) + r.max_new_tokens + 1
                       for r in map(self.requests.__getitem__, self.queue)]
             size = min(max([need, self.max_len or 0, *queued]), limit)
-            self.cache = self.model.new_cache(self.max_batch, size)
+            self.cache = self.new_slot_cache(size)
         elif need > self.cache.max_len:
             self.cache.grow(min(max(need, 2 * self.cache.max_len), limit))
         self.max_len = self.cache.max_len
+
+    def new_slot_cache(self, size: int):
+        return self.model.new_cache(self.max_batch, size)
 
     def prefill(self, start: int, prompts: list[list[int]], fresh: list[bool]):
         """Right-padded prompts into slots start.. (the `fresh` ones from position 0, the
         others after what their rows hold): (last logits `[m, vocab]`, the prompts' routes
         `[m, width, layers, topk]` or None)."""
-        lens = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=self.device)
-        width = int(lens.max())
-        ids = torch.full((len(prompts), width), self.pad, dtype=torch.long, device=self.device)
-        for i, p in enumerate(prompts):
-            ids[i, :len(p)] = torch.as_tensor(p, dtype=torch.long)
-        mask = torch.arange(width, device=self.device)[None] < lens[:, None]
+        ids, mask, lens = self.padded(prompts)
         for j, new in enumerate(fresh):
             if new:
                 self.cache.lengths[start + j] = 0
@@ -487,6 +515,15 @@ class Engine:
         self.stats["prefill_tokens"] += float(lens.sum())
         self.stats["prefills"] += 1
         return logits, routes
+
+    def padded(self, prompts: list[list[int]]):
+        """Right-padded ids `[m, width]`, their mask and lengths `[m]`."""
+        lens = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=self.device)
+        width = int(lens.max())
+        ids = torch.full((len(prompts), width), self.pad, dtype=torch.long, device=self.device)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.as_tensor(p, dtype=torch.long)
+        return ids, torch.arange(width, device=self.device)[None] < lens[:, None], lens
 
 
 def decode_step(model, tok: torch.Tensor, view, routes: bool):

@@ -23,14 +23,21 @@ DEFAULT_CHUNK = 8192  # tokens per prefill forward: prompts up to this length ru
 
 
 def prefill(model, ids: torch.Tensor, mask: torch.Tensor, lens: torch.Tensor, cache,
-            chunk: int | None, return_routes: bool
+            chunk: int | None, return_routes: bool, on_chunk=None
             ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """Right-padded prompts `ids` `[batch, width]` (`mask` marks real tokens, `lens` their
     counts) into `cache`; -> the logits after each row's last prompt token `[batch, vocab]`,
-    and (`return_routes`) the main layers' routes `[batch, width, n_layers, topk]` on CPU."""
+    and (`return_routes`) the main layers' routes `[batch, width, n_layers, topk]` on CPU.
+    `on_chunk(output, start, stop)`: called after each forward over the columns
+    [start, stop), its output with the main streams kept (the speculative engine feeds
+    them to the MTP block chunk by chunk)."""
     width = ids.shape[1]
+    keep = on_chunk is not None
     if chunk is None or chunk >= width:
-        out = model(ids, token_mask=mask, cache=cache, logits_index=(lens - 1)[:, None])
+        out = model(ids, token_mask=mask, cache=cache, logits_index=(lens - 1)[:, None],
+                    keep_streams=keep)
+        if keep:
+            on_chunk(out, 0, width)
         return out.logits[:, 0], _routes(model, out) if return_routes else None
     if chunk < 1:
         raise ValueError(f"prefill_chunk={chunk}: must be >= 1 (or None for one forward)")
@@ -41,7 +48,9 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor, lens: torch.Tensor, ca
         inside = (last >= start) & (last < stop)                         # rows ending here
         index = (last - start).clamp(0, stop - start - 1)[:, None]      # [batch, 1]
         out = model(ids[:, start:stop], token_mask=mask[:, start:stop], cache=cache,
-                    logits_index=index)
+                    logits_index=index, keep_streams=keep)
+        if keep:
+            on_chunk(out, start, stop)
         step = out.logits[:, 0]                                          # [batch, vocab]
         logits = step if logits is None else torch.where(inside[:, None], step, logits)
         if return_routes:

@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from model.engine import Engine
+from model.speculative_engine import SpeculativeEngine
 
 from .protocol import APIError, ChatRequest, CompletionRequest
 from .text import ChatStream, ChoiceText, chat_message, chat_prompt, finish_reason
@@ -36,15 +37,18 @@ from .worker import EngineWorker
 class Server:
     """What the routes share: the model, its tokenizer, the engine thread."""
 
-    def __init__(self, model, tokenizer, name: str, max_batch: int = 32):
+    def __init__(self, model, tokenizer, name: str, max_batch: int = 32,
+                 speculative: bool = False):
         self.model, self.tokenizer, self.name, self.max_batch = model, tokenizer, name, max_batch
+        self.engine_class = SpeculativeEngine if speculative else Engine
         self.context = model.cfg.max_seq_len
         self.worker = EngineWorker(self.make_engine)
 
     def make_engine(self) -> Engine:
-        return Engine(self.model, max_batch=self.max_batch, eos_id=self.tokenizer.eos_token_id,
-                      return_logprobs=True, decode=lambda ids: self.tokenizer.decode(
-                          ids, skip_special_tokens=False))
+        return self.engine_class(self.model, max_batch=self.max_batch,
+                                 eos_id=self.tokenizer.eos_token_id, return_logprobs=True,
+                                 decode=lambda ids: self.tokenizer.decode(
+                                     ids, skip_special_tokens=False))
 
     def check(self, req, prompts: list[list[int]], limit: int | None) -> int:
         """The model name, the prompts against the context, n against the batch; -> the

@@ -10,8 +10,9 @@ of `item.prompt_messages`; it starts with BOS, so it is tokenised with
 `add_special_tokens=False`) and sampled `n` times. By default every turn of every sample goes
 through one continuous batch of `batch_size` rows (`model.engine.Engine`): the n samples of a
 request share one prefill, finished rows are refilled at once, and a sample's next turn joins
-as soon as its tool results are in. Under expert parallelism (forwards are collectives), with
-`speculative`, with `engine=False` or a scripted `generate_fn`, the rows of a round go through
+as soon as its tool results are in; with `speculative` the MTP block drafts inside it
+(`model.speculative_engine`). Under expert parallelism (forwards are collectives), with
+`engine=False` or a scripted `generate_fn`, the rows of a round go through
 `model.generation.generate` together instead, in chunks of `batch_size` rows, a round of
 turns at a time. Both draw from `seed`, reproducibly, but not the same draws.
 
@@ -63,6 +64,7 @@ import torch
 from data.domains.base import Domain, Item, Score, safe_verify
 from encoding import encode_messages, parse_message_from_completion_text
 from model.engine import Engine
+from model.speculative_engine import SpeculativeEngine
 from model.generation import generate, token_dispatcher
 from model.sampling import KeptSets, SamplingParams
 
@@ -219,8 +221,7 @@ def _generate_turns(model, tokenizer, live: list[_Live], params: RolloutParams, 
     all are done."""
     max_len, eos = model.cfg.max_seq_len, tokenizer.eos_token_id
     peer = token_dispatcher(model)
-    if params.engine and generate_fn is generate and not peer.collective \
-            and not params.speculative:
+    if params.engine and generate_fn is generate and not peer.collective:
         return _engine_turns(model, tokenizer, live, params, stats, should_stop)
     device = _device(model)
     round_ = 0
@@ -267,7 +268,8 @@ def _engine_turns(model, tokenizer, live: list[_Live], params: RolloutParams, st
     tool results are in, without waiting for a round to finish, continuing its own parked
     cache row (only the tool-result tokens are prefilled, not the transcript again).
     -> whether `should_stop` cut it short (polled before every step)."""
-    engine = Engine(model, max_batch=params.batch_size, eos_id=tokenizer.eos_token_id,
+    engine_class = SpeculativeEngine if params.speculative else Engine
+    engine = engine_class(model, max_batch=params.batch_size, eos_id=tokenizer.eos_token_id,
                     temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                     seed=params.seed, return_logprobs=True, return_routes=params.return_routes,
                     return_sampling_mask=params.return_sampling_mask, compile=params.compile)
@@ -306,6 +308,9 @@ def _engine_turns(model, tokenizer, live: list[_Live], params: RolloutParams, st
     stats["generate_seconds"] += time.perf_counter() - t0
     stats["rounds"] = 1.0 + max((x.out.tool_turns for x in live), default=0)
     stats["engine_steps"] = engine.stats["steps"]
+    for key in ("drafted", "accepted"):  # speculative: the MTP drafts and how many held
+        if key in engine.stats:
+            stats[key] = engine.stats[key]
     return stopped
 
 

@@ -166,3 +166,30 @@ def test_bad_requests_are_4xx_with_a_message_and_the_server_goes_on(served):
     ok = client.completions.create(model=NAME, prompt="hi", max_tokens=3)
     assert ok.choices[0].finish_reason in ("stop", "length")
     assert json.loads(ok.model_dump_json())["usage"]["completion_tokens"] >= 1
+
+
+def test_speculative_server_gives_the_same_greedy_reply_with_drafts(served):
+    """`speculative=true`: the server's engine drafts with the MTP block
+    (`model/speculative_engine.py`); the greedy reply (two samples of one prefill, streamed
+    and not) is `generate`'s. Served in process through FastAPI's test client."""
+    from fastapi.testclient import TestClient
+
+    from serve.app import Server, build_app
+
+    _, _, model, tokenizer = served
+    server = Server(model, tokenizer, NAME, max_batch=4, speculative=True)
+    prompt = [0] + tokenizer.encode("the dog ran far", add_special_tokens=False)
+    ref = generate(model, [prompt], max_new_tokens=10, temperature=0.0,
+                   eos_id=tokenizer.eos_token_id)
+    want = tokenizer.decode(ref.tokens[0], skip_special_tokens=False) \
+        .replace(tokenizer.eos_token, "")
+    with TestClient(build_app(server)) as http:
+        body = dict(model=NAME, prompt=prompt, max_tokens=10, temperature=0, n=2)
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert [c["text"] for c in r.json()["choices"]] == [want, want]
+        streamed = http.post("/v1/completions", json={**body, "n": 1, "stream": True})
+        chunks = [json.loads(line[6:]) for line in streamed.text.splitlines()
+                  if line.startswith("data: {")]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == want
+    assert server.worker.engine.stats["drafted"] > 0

@@ -162,19 +162,23 @@ def test_real_model_outputs_are_aligned_and_reproducible(domain_tokenizer):
 
 def test_speculative_rollout_equals_the_plain_one_under_greedy(domain_tokenizer):
     """`RolloutParams(speculative=True)` (GRPO's and distillation's `speculative` key) reaches
-    `generate`, and a greedy rollout, tool turns included, is the same sample for sample:
-    tokens, routes and log-probs (the equivalence itself: tests/inference/test_speculative.py)."""
+    the engine's MTP drafting (`model/speculative_engine.py`; `generate`'s with engine=False),
+    and a greedy rollout is the same sample for sample: tokens, routes and log-probs (the
+    equivalence itself, continued tool turns included: tests/inference/test_speculative*.py)."""
     model = build_model(micro_config(vocab_size=512, max_seq_len=512))
     requests = [(d, d.sample("test", i)) for d in (get_domain("strings"),
                                                    get_domain("calculator", schema="brief"))
                 for i in range(2)]
     kw = dict(temperature=0.0, max_new_tokens=12, batch_size=4, return_routes=True)
     plain = rollout(model, domain_tokenizer, requests, RolloutParams(**kw))
-    fast = rollout(model, domain_tokenizer, requests, RolloutParams(speculative=True, **kw))
-    for a, b in zip(plain.samples, fast.samples):
-        assert a.response_ids == b.response_ids and a.loss_mask == b.loss_mask
-        assert torch.equal(a.routes, b.routes)
-        torch.testing.assert_close(a.raw_logprobs, b.raw_logprobs, rtol=0, atol=1e-4)
+    for engine in (True, False):
+        fast = rollout(model, domain_tokenizer, requests,
+                       RolloutParams(speculative=True, engine=engine, **kw))
+        assert engine == ("drafted" in fast.stats) and fast.stats.get("drafted", 1) > 0
+        for a, b in zip(plain.samples, fast.samples):
+            assert a.response_ids == b.response_ids and a.loss_mask == b.loss_mask
+            assert torch.equal(a.routes, b.routes)
+            torch.testing.assert_close(a.raw_logprobs, b.raw_logprobs, rtol=0, atol=1e-4)
 
 
 def test_bad_params_are_errors():
