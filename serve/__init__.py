@@ -1,7 +1,7 @@
 """An OpenAI-compatible server on a checkpoint: `python generate.py ckpt=PATH serve=true
-[host=127.0.0.1 port=8000 max_batch=32 served_model_name=NAME
-speculative=false]` (or `python -m serve ...` with
-the same keys). Routes and behaviour: `serve/app.py`; the engine thread: `serve/worker.py`."""
+[host=127.0.0.1 port=8000 max_batch=32 served_model_name=NAME speculative=false]` (or
+`python -m serve ...` with the same keys). Routes and behaviour: `serve/app.py`; the engine
+thread: `serve/worker.py`."""
 
 from __future__ import annotations
 
