@@ -108,12 +108,14 @@ def against_transformers(args) -> None:
                   f"{row['transformers']:.1f}, ratio {row['compiled'] / row['transformers']:.2f}x")
 
 
-def compiled_engine(model, prompts: torch.Tensor, new: int) -> tuple[float, list[list[int]]]:
-    """Decode seconds and tokens of the compiled engine (docstring: `--compile`)."""
+def compiled_engine(model, prompts: torch.Tensor, new: int, compile: bool | str = True
+                    ) -> tuple[float, list[list[int]]]:
+    """Decode seconds and tokens of the engine, its step compiled by default (docstring:
+    `--compile`; a string names the backend, False runs it eager)."""
     from model.engine import Engine
 
     def run(n):
-        engine = Engine(model, max_batch=prompts.shape[0], temperature=0.0, compile=True)
+        engine = Engine(model, max_batch=prompts.shape[0], temperature=0.0, compile=compile)
         ids = [engine.add(p, max_new_tokens=n) for p in prompts.tolist()]
         t0 = time.perf_counter()
         out = engine.run()

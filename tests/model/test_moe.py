@@ -204,6 +204,30 @@ def test_grouped_mm_path_matches_padded_path_forward():
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_cpu_inference_takes_the_grouped_path_and_compiles_through_it():
+    """Without autograd on a CPU the experts run `_grouped_mm` over exactly their rows (where
+    this torch's CPU kernel runs), as an opaque op under `torch.compile`: the same output as
+    the padded path eagerly and compiled; with autograd they stay on the padded path."""
+    from model.moe import cpu_grouped_mm, cpu_inference_grouped_mm
+
+    moe = make_moe(std=0.5)
+    x = torch.randn(3, 5, DIM)
+    with torch.no_grad():
+        if not cpu_inference_grouped_mm(x, moe.experts.w1):
+            pytest.skip("this torch's CPU _grouped_mm does not run fp32")
+        grouped = moe(x, None).out
+        moe.experts.impl = "padded"
+        padded = moe(x, None).out
+        moe.experts.impl = "auto"
+        compiled = torch.compile(lambda t: moe(t, None).out, backend="aot_eager",
+                                 fullgraph=True)(x)
+    torch.testing.assert_close(grouped, padded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled, padded, rtol=1e-5, atol=1e-5)
+    assert not cpu_inference_grouped_mm(x, moe.experts.w1)  # grad enabled here
+    with torch.no_grad():
+        assert not cpu_inference_grouped_mm(torch.randn(2, 3), torch.randn(E, 4, 3))
+
+
 def test_grouped_mm_path_matches_padded_path_backward():
     """Where this torch's CPU _grouped_mm backward runs (fp32, 16-byte aligned rows), the
     gradients must match the padded path's; skipped where it does not."""
