@@ -34,7 +34,8 @@ vocabulary). Greedy decoding equals `generate`'s token for token.
 `compile=True` runs the decode step through `torch.compile` with a dynamic batch size
 (`compiled_decode_step`; CUDA graphs on a GPU through `mode="reduce-overhead"`), on a cache
 view marked `static`: no host synchronisation and shapes set by the cache alone. Prefills stay
-eager. Tokens equal the eager step's (tested).
+eager. Tokens equal the eager step's (tested). On CUDA the batch is padded to bucket sizes
+(`buckets`), so CUDA graphs are recorded for a handful of sizes.
 
 Sampling parameters are the engine's unless a request gives its own (rows are grouped by
 parameters each step). Draws come from the engine's generator (`seed`), so they depend on which
@@ -98,12 +99,18 @@ class Engine:
                  stop_token_sequences=None, decode: Callable[[list[int]], str] | None = None,
                  max_len: int | None = None, prefill_chunk: int | None = DEFAULT_CHUNK,
                  admit_batch: int | None = None, admit_wait: int = 4,
-                 compile: bool | str = False):
+                 compile: bool | str = False, buckets: bool | None = None):
         """`max_len`: the cache rows' initial size (default: what the first admitted requests
         need; grown when a later request needs more, up to the model context). `decode` (ids
         -> text) is needed for requests with stop strings. `admit_batch` (default max_batch
         / 8) and `admit_wait`: see `admit`. `compile`: the decode step through
-        `torch.compile` (see `compiled_decode_step`; a string names the backend)."""
+        `torch.compile` (see `compiled_decode_step`; a string names the backend). `buckets`
+        (default: on for a compiled step on CUDA): the decode batch is padded with free slots
+        to the next power of two from 2 (or max_batch), so CUDA graphs are recorded for at
+        most log2(max_batch) + 1 batch sizes instead of one per size the batch passes through
+        (what vLLM's capture sizes do), and a lone row does not need a graph of its own (a
+        batch of 1 is specialised by the compiler); the padding rows decode a pad token at
+        position 0 of a free slot and are discarded."""
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch}: must be >= 1")
         self.model, self.max_batch, self.eos_id = model, max_batch, eos_id
@@ -133,6 +140,10 @@ class Engine:
         self.compiled = bool(compile)
         backend = compile if isinstance(compile, str) else "inductor"
         self.decode_fn = compiled_decode_step(self.device, backend) if compile else decode_step
+        if buckets is None:
+            buckets = bool(compile) and self.device.type == "cuda"
+        self.buckets = sorted({min(2 ** i, max_batch) for i in range(1, max_batch.bit_length()
+                                                                     + 1)}) if buckets else None
 
     # ------------------------------------------------------------------ requests
     def add(self, prompt: list[int], n: int = 1, max_new_tokens: int = 256,
@@ -298,11 +309,15 @@ class Engine:
     def forward(self, tok: torch.Tensor) -> None:
         """One token per running slot `[k]`: the next logits (and the fed tokens' routes)."""
         k = len(self.active)
-        view = self.cache.rows(0, k)
+        n = k if self.buckets is None else next(b for b in self.buckets if b >= k)
+        view = self.cache.rows(0, n)
         view.static = self.compiled
-        self.logits, lengths, routes = self.decode_fn(self.model, tok, view,
-                                                      self.return_routes)
-        self.cache.set_lengths(0, lengths)
+        if n > k:  # padding rows (`buckets`): free slots, a pad token at position 0
+            tok = torch.cat((tok, tok.new_full((n - k,), self.pad)))
+            view.lengths[k:] = 0
+        logits, lengths, routes = self.decode_fn(self.model, tok, view, self.return_routes)
+        self.logits = logits[:k]
+        self.cache.set_lengths(0, lengths[:k])
         if routes is not None:
             step = routes.cpu()
             for i, r in enumerate(self.active):

@@ -180,6 +180,40 @@ def test_continued_sample_equals_the_transcript_prefilled_again(micro_model, rou
         assert torch.equal(got.routes[0], ref.routes[0])
 
 
+def test_bucketed_batches_pad_with_free_slots_and_change_nothing(micro_model):
+    """`buckets=True` (the default for CUDA graphs): each decode forward runs a power-of-two
+    batch, free slots decoding a pad token at position 0; the real rows' tokens, log-probs
+    and routes are those of the unpadded engine (1e-5: the same fp32 computation in a batch
+    of another size), through refills and a parked row's continuation."""
+    seen = []
+
+    def run(buckets):
+        engine = Engine(micro_model, max_batch=7, temperature=0.0, buckets=buckets,
+                        return_logprobs=True, return_routes=True)
+        if buckets:
+            step = engine.decode_fn
+            engine.decode_fn = lambda m, tok, view, r: seen.append(len(tok)) or step(m, tok,
+                                                                                   view, r)
+        ids = [engine.add(p, n=2, max_new_tokens=5 + 2 * i, keep=i == 0)
+               for i, p in enumerate(PROMPTS)]
+        with engine.inference():
+            while ids[0] not in engine.step():
+                pass
+            ids.append(engine.add([3, 4, 5], parent=(ids[0], 1), max_new_tokens=6))
+            while engine.busy:
+                engine.step()
+        return [engine.output(i) for i in ids]
+
+    plain, padded = run(False), run(True)
+    assert set(seen) <= {2, 4, 7} and len(set(seen)) > 1 and len(seen) > 10
+    for a, b in zip(plain, padded):
+        assert a.tokens == b.tokens
+        for x, y in zip(a.raw_logprobs, b.raw_logprobs):
+            torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
+        for x, y in zip(a.routes, b.routes):
+            assert torch.equal(x, y)
+
+
 def test_compiled_decode_step_equals_eager():
     """`compile=...`: the static, sync-free decode step traced by `torch.compile` as one graph
     with a dynamic batch (rows finish and are refilled) gives the eager engine's greedy tokens,
@@ -198,9 +232,10 @@ def test_compiled_decode_step_equals_eager():
     model = build_model(micro_config(compress_ratios=(0, 4, 0), n_layers=2, n_mtp_layers=1,
                                       n_hash_layers=1))
 
-    def run(compile):
-        engine = Engine(model, max_batch=3, temperature=0.0, compile=compile,
-                        return_logprobs=True, return_routes=True)
+    def run(compile, buckets=None):
+        engine = Engine(model, max_batch=4 if buckets else 3, temperature=0.0,
+                        compile=compile, return_logprobs=True, return_routes=True,
+                        buckets=buckets)
         # equal budgets: the batch goes 3 -> 2 and never to 1 (a second trace, specialised)
         ids = [engine.add(p, n=2 if i == 1 else 1, max_new_tokens=9)
                for i, p in enumerate(PROMPTS[:4])]
@@ -219,6 +254,9 @@ def test_compiled_decode_step_equals_eager():
     check(before, run("eager"))
     graphs = counters["stats"]["unique_graphs"]
     assert graphs == 1
+    # buckets at max_batch 4: the batch goes 4 -> 1, run as 4 -> 2: the same graph
+    check(before, run("eager", buckets=True))
+    assert counters["stats"]["unique_graphs"] == graphs
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.25)
