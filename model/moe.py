@@ -224,10 +224,11 @@ def experts_grouped_mm(x: Tensor, counts: Tensor, weights: Tensor | None, w1: Te
                        align: int = GROUPED_MM_ALIGN, mm=None) -> Tensor:
     """Grouped SwiGLU with `torch._grouped_mm` (one kernel per projection over all experts).
 
-    `Experts` picks it automatically only on CUDA bf16 (see `grouped_mm_usable`): it needs
-    16-byte aligned strides, and on CPU it is no faster and what it supports (backward, bf16)
-    varies by torch version. The tests compare it with the padded path where it runs. Each expert's rows are copied into a group padded to a
-    multiple of `align` rows; the buffer size is the static bound N + E*(align-1) (rounded up
+    `Experts` picks it for training only on CUDA bf16 (see `grouped_mm_usable`): it needs
+    16-byte aligned strides, and on CPU what it supports (backward, bf16) varies by torch
+    version; CPU inference uses its forward (`cpu_inference_grouped_mm`). The tests compare
+    it with the padded path where it runs. Each expert's rows are copied into a group padded
+    to a multiple of `align` rows; the buffer size is the static bound N + E*(align-1) (rounded up
     to `align`), so nothing here syncs with the host. The last group absorbs the slack rows
     (zeros in, zeros out), keeping every group boundary aligned.
     Same arguments and result as `experts_padded`; `mm` replaces `torch._grouped_mm` (the CPU

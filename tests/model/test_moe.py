@@ -208,7 +208,7 @@ def test_cpu_inference_takes_the_grouped_path_and_compiles_through_it():
     """Without autograd on a CPU the experts run `_grouped_mm` over exactly their rows (where
     this torch's CPU kernel runs), as an opaque op under `torch.compile`: the same output as
     the padded path eagerly and compiled; with autograd they stay on the padded path."""
-    from model.moe import cpu_grouped_mm, cpu_inference_grouped_mm
+    from model.moe import cpu_inference_grouped_mm
 
     moe = make_moe(std=0.5)
     x = torch.randn(3, 5, DIM)
