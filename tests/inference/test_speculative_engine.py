@@ -217,3 +217,23 @@ def test_drafts_equal_speculative_generate_on_first_and_continued_turns(model, r
         assert (engine.stats["drafted"] - before["drafted"],
                 engine.stats["accepted"] - before["accepted"]) == \
             (ref.stats["drafted"], ref.stats["accepted"]), eos
+
+
+def test_slot_caches_grow_together_for_a_longer_request_and_a_parked_row(model):
+    """Both slot caches (main and MTP) are sized for the first requests and grown together
+    when a longer one arrives; a row parked before the growth continues after it."""
+    engine = SpeculativeEngine(model, max_batch=3, temperature=0.0, return_routes=True)
+    a = engine.add([0, 5, 9], max_new_tokens=5, keep=True)
+    engine.run()
+    small = engine.cache.max_len
+    long_prompt = [0] + [3, 7, 11, 2] * 20
+    b = engine.add(long_prompt, max_new_tokens=40)
+    c = engine.add([1, 2], parent=(a, 0), max_new_tokens=30)
+    out = engine.run()
+    assert engine.cache.max_len == engine.cache.mtp.max_len > small
+    for got, transcript, new in ((out[b], long_prompt, 40),
+                                 (out[c], [0, 5, 9] + out[a].tokens[0] + [1, 2], 30)):
+        ref = generate(model, [transcript], max_new_tokens=new, temperature=0.0,
+                       return_routes=True)
+        assert got.tokens == ref.tokens and torch.equal(got.routes[0], ref.routes[0])
+    both_paths_ran(engine.stats)
