@@ -137,6 +137,13 @@ class ModelCache:
                 layer.index_keys = zeros(batch, max_len // CSA_RATIO + 1, d)
                 layer.index_state = state(CSA_RATIO, d, overlap=True)
             self.layers[i] = layer
+        # ratio -> (layer id, tensor) holding max_len // ratio + 1 entry slots (see _static_step)
+        self.entry_source = {}
+        for i, layer in self.layers.items():
+            if layer.entries is not None:
+                self.entry_source.setdefault(cfg.compress_ratios[i], (i, "entries"))
+            if layer.index_keys is not None:
+                self.entry_source.setdefault(CSA_RATIO, (i, "index_keys"))
 
     @property
     def batch(self) -> int:
@@ -186,8 +193,17 @@ class ModelCache:
         ratios = self.ratios  # computed at construction: loops over the config break a graph
         return CacheStep(start=start, positions=positions, valid=valid,
                          end=start + valid.sum(1), fresh=False,
-                         n_entries={r: self.max_len // r for r in ratios},
+                         n_entries={r: self._entry_slots(r) for r in ratios},
                          completes={r: True for r in ratios})
+
+    def _entry_slots(self, ratio: int):
+        """max_len // ratio, read from a cache tensor's size where one holds that ratio: under
+        `torch.compile(dynamic=True)` a size is a symbol and `max_len` a constant, so a cache
+        of another length (a later rollout's, a grown one) reuses the compiled step."""
+        source = self.entry_source.get(ratio)
+        if source is None:
+            return self.max_len // ratio
+        return getattr(self.layers[source[0]], source[1]).shape[1] - 1
 
     def commit(self, step: CacheStep) -> None:
         self.lengths = step.end
@@ -242,7 +258,7 @@ class ModelCache:
         view = object.__new__(ModelCache)
         view.cfg, view.max_len, view.dtype, view.layer_ids = (self.cfg, self.max_len,
                                                               self.dtype, self.layer_ids)
-        view.ratios = self.ratios
+        view.ratios, view.entry_source = self.ratios, self.entry_source
         view.lengths = self.lengths[start:stop].clone()
         view.layers = {i: _map_layer(layer, lambda t: t[start:stop])
                        for i, layer in self.layers.items()}

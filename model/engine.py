@@ -34,8 +34,8 @@ vocabulary). Greedy decoding equals `generate`'s token for token.
 `compile=True` runs the decode step through `torch.compile` with a dynamic batch size
 (`compiled_decode_step`; CUDA graphs on a GPU through `mode="reduce-overhead"`), on a cache
 view marked `static`: no host synchronisation and shapes set by the cache alone. Prefills stay
-eager. Tokens equal the eager step's (tested). On CUDA the batch is padded to bucket sizes
-(`buckets`), so CUDA graphs are recorded for a handful of sizes.
+eager. Tokens equal the eager step's (tested). The batch is padded to bucket sizes
+(`bucket_sizes`): on CUDA to a handful, so CUDA graphs are recorded for a handful of sizes.
 
 Sampling parameters are the engine's unless a request gives its own (rows are grouped by
 parameters each step). Draws come from the engine's generator (`seed`), so they depend on which
@@ -104,13 +104,9 @@ class Engine:
         need; grown when a later request needs more, up to the model context). `decode` (ids
         -> text) is needed for requests with stop strings. `admit_batch` (default max_batch
         / 8) and `admit_wait`: see `admit`. `compile`: the decode step through
-        `torch.compile` (see `compiled_decode_step`; a string names the backend). `buckets`
-        (default: on for a compiled step on CUDA): the decode batch is padded with free slots
-        to the next power of two from 2 (or max_batch), so CUDA graphs are recorded for at
-        most log2(max_batch) + 1 batch sizes instead of one per size the batch passes through
-        (what vLLM's capture sizes do), and a lone row does not need a graph of its own (a
-        batch of 1 is specialised by the compiler); the padding rows decode a pad token at
-        position 0 of a free slot and are discarded."""
+        `torch.compile` (see `compiled_decode_step`; a string names the backend). `buckets`:
+        decode batch sizes padded with free slots (`bucket_sizes`; the padding rows decode a
+        pad token at position 0 of a free slot and are discarded)."""
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch}: must be >= 1")
         self.model, self.max_batch, self.eos_id = model, max_batch, eos_id
@@ -140,10 +136,7 @@ class Engine:
         self.compiled = bool(compile)
         backend = compile if isinstance(compile, str) else "inductor"
         self.decode_fn = compiled_decode_step(self.device, backend) if compile else decode_step
-        if buckets is None:
-            buckets = bool(compile) and self.device.type == "cuda"
-        self.buckets = sorted({min(2 ** i, max_batch) for i in range(1, max_batch.bit_length()
-                                                                     + 1)}) if buckets else None
+        self.buckets = bucket_sizes(max_batch, buckets, bool(compile), self.device.type)
 
     # ------------------------------------------------------------------ requests
     def add(self, prompt: list[int], n: int = 1, max_new_tokens: int = 256,
@@ -543,10 +536,30 @@ class Engine:
 
 def decode_step(model, tok: torch.Tensor, view, routes: bool):
     """The decode step: tokens `[k]` into the cache rows `view` -> (next logits `[k, vocab]`,
-    the rows' new lengths `[k]`, the fed tokens' routes `[k, layers, topk]` or None)."""
-    out = model(tok[:, None], cache=view)
+    the rows' new lengths `[k]`, the fed tokens' routes `[k, layers, topk]` or None). It
+    calls the model's `forward` itself, without the module's hooks: a training wrapper's
+    bookkeeping hooks (DeepSpeed's throughput timer reads a step counter) would be traced into
+    a compiled step and recompile it after every optimizer step."""
+    out = model.forward(tok[:, None], cache=view)
     fed = torch.stack(out.routes[:model.cfg.n_layers], dim=2)[:, 0] if routes else None
     return out.logits[:, 0], view.lengths, fed
+
+
+def bucket_sizes(max_batch: int, buckets: bool | None, compiled: bool,
+                 device_type: str) -> list[int] | None:
+    """The batch sizes a decode forward runs at (a batch is padded up to the next one), or None
+    (no padding). `buckets=True` (the default for a compiled step on CUDA): 2, 4, 8, then
+    multiples of 8 and max_batch, as vLLM's CUDA-graph capture sizes, so `reduce-overhead`
+    records a graph per bucket (at most max_batch / 8 + 4) instead of one per size a
+    continuous batch passes through, wasting under 8 rows. A compiled step elsewhere (the
+    default None) pads only a lone row to 2: the compiler specialises size 1, so a batch
+    shrinking to one row would compile a second graph. False: never pad."""
+    if buckets is False or (buckets is None and not compiled) or max_batch == 1:
+        return None
+    if buckets is None and device_type != "cuda":
+        return list(range(2, max_batch + 1))
+    sizes = {2, 4, 8, *range(16, max_batch + 1, 8), max_batch}
+    return sorted(s for s in sizes if s <= max_batch)
 
 
 _COMPILED: dict[str, Callable] = {}

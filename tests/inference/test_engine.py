@@ -220,7 +220,8 @@ def test_compiled_decode_step_equals_eager():
     routes, and log-probs within 1e-4 (fp32; a compiler may fuse and reorder reductions, ~1e-6
     relative on values of order 1-10); after the weights change in place (a training step)
     the same graph serves the new weights, still equal to eager; the whole step is one graph
-    (no graph break, no recompile as the batch shrinks). The `eager` backend runs the graph
+    (no graph break, no recompile as the batch shrinks, none when a wrapper's hook state
+    changes: DeepSpeed's forward pre-hook reads its step counter). The `eager` backend runs the graph
     Dynamo captures (what inductor would compile) without generating C++ kernels, which take
     minutes on this CPU; `python bench/generate.py --compile` and `python
     bench/rollout_engine.py --compile` check inductor's tokens against `generate`. A
@@ -250,10 +251,24 @@ def test_compiled_decode_step_equals_eager():
             for a, b in zip(eager.routes, compiled.routes):
                 assert torch.equal(a, b)
 
+    class Timer:  # a training wrapper's hook state, as DeepSpeed's throughput timer
+        global_step_count = 0
+
+    timer = Timer()
+
+    def bookkeeping(module, args, kwargs):
+        if timer.global_step_count >= 0:
+            timer.global_step_count += 0
+        return None
+
+    model.register_forward_pre_hook(bookkeeping, with_kwargs=True)
     before = run(False)
     check(before, run("eager"))
     graphs = counters["stats"]["unique_graphs"]
     assert graphs == 1
+    timer.global_step_count = 7  # an optimizer step: not traced, so no recompile
+    check(before, run("eager"))
+    assert counters["stats"]["unique_graphs"] == graphs
     # buckets at max_batch 4: the batch goes 4 -> 1, run as 4 -> 2: the same graph
     check(before, run("eager", buckets=True))
     assert counters["stats"]["unique_graphs"] == graphs
