@@ -258,6 +258,9 @@ class SpeculativeEngine(Engine):
     def verify(self, draft, q_logp, p_logp, check, groups):
         """(accepted `[k]` bool, the replacement token `[k]`): the speculative-sampling rule
         per row under its request's parameters (module docstring)."""
+        target = check.float().argmax(-1)
+        if all(params.greedy for params in groups):  # no draws: accept iff it is the argmax
+            return draft == target, target
         k = len(draft)
         greedy = torch.zeros(k, dtype=torch.bool, device=self.device)
         for params, pos in groups.items():
@@ -266,7 +269,7 @@ class SpeculativeEngine(Engine):
         u = self.uniform(k)
         pick = draft[:, None]
         sampled = u.log() < (p_logp.gather(1, pick) - q_logp.gather(1, pick))[:, 0]
-        accept = torch.where(greedy, draft == check.float().argmax(-1), sampled)
+        accept = torch.where(greedy, draft == target, sampled)
         p, q = p_logp.exp(), q_logp.exp()
         residual = (p - q).clamp(min=0)
         residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
