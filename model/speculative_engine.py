@@ -42,6 +42,7 @@ import torch
 
 from .engine import Engine
 from .generation import emit_step
+from .prefill import prefill
 
 
 class PairedCache:
@@ -150,7 +151,6 @@ class SpeculativeEngine(Engine):
             inside = ((last >= a) & (last < b))[:, None, None]
             self.tail = here if self.tail is None else torch.where(inside, here, self.tail)
 
-        from .prefill import prefill
         logits, routes = prefill(self.model, ids, mask, lens, view, self.prefill_chunk,
                                  self.return_routes, on_chunk=read)
         main.set_lengths(start, view.lengths)
