@@ -414,6 +414,14 @@ class FrozenModel(NamedTuple):
     tokenizer_file: str | None
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t`, copied if it does not start on a 64-byte boundary: a tensor memory-mapped from a
+    safetensors file starts wherever the file's header left it, and GEMM kernels take other
+    code paths on such pointers (the CPU `_grouped_mm`'s sums differ from an aligned copy's in
+    the last bit, so a frozen teacher would not reproduce the same weights' logits exactly)."""
+    return t if t.data_ptr() % 64 == 0 else t.clone()
+
+
 def load_frozen_model(path: str | os.PathLike, device: torch.device | str,
                       dtype: torch.dtype | None = None, ep_groups: ep.EPGroups | None = None,
                       what: str = "frozen model") -> FrozenModel:
@@ -435,7 +443,8 @@ def load_frozen_model(path: str | os.PathLike, device: torch.device | str,
         ep.validate(cfg, ep_groups.ep_size * ep_groups.expert_dp_size, ep_groups.ep_size)
         ep.shard_model(model, ep_groups)
         ep_rank, ep_size = ep_groups.ep_rank, ep_groups.ep_size
-    state = read_local_state(src, ep_rank, ep_size, device, dtype)
+    state = {k: _aligned(v) for k, v in read_local_state(src, ep_rank, ep_size, device,
+                                                          dtype).items()}
     model.load_state_dict(state, assign=True, strict=True)
     model.set_csa_mode(cfg.csa_mode)
     model.to(device)

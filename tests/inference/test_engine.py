@@ -263,9 +263,10 @@ def test_compiled_decode_step_equals_eager():
 
     model.register_forward_pre_hook(bookkeeping, with_kwargs=True)
     before = run(False)
+    earlier = counters["stats"]["unique_graphs"]  # other tests in this process compile too
     check(before, run("eager"))
     graphs = counters["stats"]["unique_graphs"]
-    assert graphs == 1
+    assert graphs == earlier + 1
     timer.global_step_count = 7  # an optimizer step: not traced, so no recompile
     check(before, run("eager"))
     assert counters["stats"]["unique_graphs"] == graphs
